@@ -10,6 +10,7 @@ import json
 import math
 import pickle
 import warnings
+import zipfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -551,7 +552,8 @@ def state_dict_from_hf(tensors: dict) -> dict:
 def load_pickle(file: Path) -> dict:
     """torch.load restricted to tensors and plain containers: a pickle that would run code is refused unrun."""
     try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        # Mapping the file keeps the pickle's tensors out of memory until used; only zip-format files allow it.
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
     except pickle.UnpicklingError as e:
         raise LoadError(f"refused to load {file}: it is a pickle that holds more than tensors and plain data, and "
                         f"unpickling it could run code ({str(e).splitlines()[0]}). Load it only if you trust it, "
