@@ -136,7 +136,7 @@ class CausalSelfAttention(nn.Module):
             # Flash / memory-efficient kernels where the device has them. A single query row needs no causal mask:
             # everything in the cache is in its past.
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, is_causal=not decoding and T > 1,
+                q, k, v, attn_mask=attn_mask, is_causal=not decoding,
                 dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -263,9 +263,7 @@ class GPT(nn.Module):
 
     def prefill(self, idx: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
         """Run the (B, T) prompt, writing its keys and values into the cache; logits (B, V) for the next token."""
-        T = idx.size(1)
-        kv_cache.length = T
-        x = self._hidden(idx, torch.arange(T, device=idx.device), kv_cache)
+        x = self._hidden(idx, torch.arange(idx.size(1), device=idx.device), kv_cache)
         return self.lm_head(x[:, -1, :])
 
     def decode_step(self, token: torch.Tensor, input_pos: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:

@@ -220,3 +220,15 @@ def test_nucleus_edge_cases():
 def test_temperature_zero_is_argmax():
     logits = torch.randn(64, 1000)
     assert torch.equal(sample_next_token(logits, 0.0, 5, 0.5), logits.argmax(-1))
+
+
+def test_compiled_decode_equals_eager():
+    """compile=True: the decode step compiled over the static cache, prefill compiled for any length."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=53, n_layer=1, n_head=2, n_embd=16)).eval()
+    idx = prompts(2, 6, 53)
+    for length in (6, 4):  # a second prompt length reuses the compiled decode step and cache
+        expected = model.generate(idx[:, :length], 40, temperature=0)
+        assert torch.equal(model.generate(idx[:, :length], 40, temperature=0, compile=True), expected)
+    options = dict(temperature=1.0, top_k=10, num_samples=2, seed=5)
+    assert torch.equal(model.generate(idx[:1], 20, compile=True, **options), model.generate(idx[:1], 20, **options))
