@@ -356,6 +356,7 @@ class GPT(nn.Module):
         if use_kv_cache:
             kv_cache, prefill, decode_step = self._generation_phases(
                 B, min(block_size, T + max_new_tokens), device, compile)
+            input_pos = torch.tensor([T - 1], device=device)  # advanced on the device: no host copy per step
         token = None
         for step in range(max_new_tokens):
             n = T + step  # tokens known; the newest sits at position n - 1
@@ -363,7 +364,8 @@ class GPT(nn.Module):
                 logits = prefill(prompt, kv_cache).repeat_interleave(num_samples, dim=0)
             elif use_kv_cache and n <= block_size:
                 kv_cache.length = n
-                logits = decode_step(token[:, None], torch.tensor([n - 1], device=device), kv_cache)
+                input_pos += 1
+                logits = decode_step(token[:, None], input_pos, kv_cache)
             else:
                 logits = self(seq[:, max(0, n - block_size):n])[0][:, -1, :]
             next_token = sample_next_token(logits, temperature, top_k, top_p, generator)
