@@ -119,7 +119,8 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
         rows = x.numel() // x.size(-1)
-        if x.device.type != "cpu" or x.dtype != torch.float32 or rows > 2 or torch.get_num_threads() < 2:
+        if (torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype != torch.float32 or rows > 2
+                or torch.get_num_threads() < 2):  # (a compiled graph has its own kernels for this)
             return F.linear(x, w, b)
         n, k = w.shape
         half = n // 2
@@ -245,6 +246,12 @@ class GPT(nn.Module):
         self.config.block_size = block_size
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
+    def _positions(self, idx: torch.Tensor) -> torch.Tensor:
+        T = idx.size(1)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
+        return torch.arange(T, device=idx.device)
+
     def _hidden(self, idx, input_pos, kv_cache=None, decoding=False, attn_mask=None, probs_out=None):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(input_pos))
         for block in self.transformer.h:
@@ -258,10 +265,7 @@ class GPT(nn.Module):
         With targets: logits for every position and the mean cross-entropy (targets of -1 are ignored). Without:
         logits for the last position only, shape (B, 1, V), unless all_logits=True asks for every position.
         """
-        T = idx.size(1)
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
-        x = self._hidden(idx, torch.arange(T, device=idx.device))
+        x = self._hidden(idx, self._positions(idx))
         if targets is not None:
             logits = self.lm_head(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
@@ -284,7 +288,7 @@ class GPT(nn.Module):
     def forward_with_attention(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits for every position and the attention probabilities, shape (n_layer, B, n_head, T, T)."""
         probs = []
-        x = self._hidden(idx, torch.arange(idx.size(1), device=idx.device), probs_out=probs)
+        x = self._hidden(idx, self._positions(idx), probs_out=probs)
         return self.lm_head(x), torch.stack(probs)
 
     # ------------------------------------------------------------------------------------------------------------
