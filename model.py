@@ -219,12 +219,14 @@ class GPT(nn.Module):
         ))
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self._compiled = {}
+        if self.lm_head.weight.is_meta:  # built to be filled from a checkpoint: random values would be wasted work
+            return
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections so the residual stream's variance does not grow with depth.
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        self._compiled = {}
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -401,6 +403,7 @@ class GPT(nn.Module):
 def check_generation_args(idx: torch.Tensor, max_new_tokens: int, temperature: float, top_k: Optional[int],
                           top_p: Optional[float], num_samples: int, vocab_size: int) -> None:
     """Raise ValueError naming the first argument that is out of its range."""
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p, num_samples)
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.long:
         raise ValueError("idx must be a (batch, length) tensor of token ids (torch.long); "
                          "for a single prompt use ids[None]")
@@ -410,6 +413,11 @@ def check_generation_args(idx: torch.Tensor, max_new_tokens: int, temperature: f
     if int(idx.min()) < 0 or int(idx.max()) >= vocab_size:
         raise ValueError(f"idx holds token ids outside the vocabulary: they must be in 0..{vocab_size - 1}, "
                          f"got {int(idx.min())}..{int(idx.max())}")
+
+
+def check_sampling_args(max_new_tokens: int, temperature: float, top_k: Optional[int], top_p: Optional[float],
+                        num_samples: int) -> None:
+    """The checks on generation's numbers alone, for callers that validate before any model or prompt exists."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if temperature < 0:

@@ -176,11 +176,10 @@ def main() -> int:
     prompt = read_prompt(start)  # before the slow imports: a mistake here answers at once
 
     import torch
-    from model import GPT, LoadError, check_generation_args, resolve_checkpoint
+    from model import GPT, LoadError, check_sampling_args, resolve_checkpoint
 
-    try:  # model.generate_stream's own checks, run now (on a stand-in prompt) so no model loads in vain
-        check_generation_args(torch.zeros(1, 1, dtype=torch.long), max_new_tokens, temperature, top_k, top_p,
-                              num_samples, vocab_size=1)
+    try:  # model.generate_stream's own checks, run now so that no model loads in vain
+        check_sampling_args(max_new_tokens, temperature, top_k, top_p, num_samples)
     except ValueError as e:
         raise UsageError(e) from None
     dev = pick_device(device)
