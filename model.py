@@ -136,6 +136,15 @@ class Linear(nn.Linear):
         return y.view(*x.shape[:-1], n)
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding without its own N(0, 1) draw: GPT._init_weights draws GPT-2's N(0, 0.02) over it anyway, and a
+    model built on the meta device to be filled from a checkpoint needs none (torch's meta normal_ alone costs a
+    second of start-up, importing its compiler)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -211,8 +220,8 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            wte=Embedding(config.vocab_size, config.n_embd),
+            wpe=Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
