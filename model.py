@@ -553,8 +553,10 @@ def config_from_hf(config_file: Path) -> GPTConfig:
                      n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=0.0, bias=True)
 
 
-def read_hf_weights(folder: Path) -> dict:
-    """Tensors of a Hugging Face folder under their file names: safetensors (sharded too), else the pickle."""
+def read_hf_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of a Hugging Face folder as the files name them: safetensors (sharded too), else the
+    pickle. Each safetensors tensor is read through a mapping of its own that closes once the caller has copied
+    it, so the file's pages are never held in memory beside the whole copied model."""
     from safetensors import safe_open
 
     index = folder / "model.safetensors.index.json"
@@ -562,12 +564,15 @@ def read_hf_weights(folder: Path) -> dict:
         files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
     else:
         files = sorted(folder.glob("*.safetensors"))
-    if files:
-        tensors = {}
-        for file in files:
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            names = list(f.keys())
+        for name in names:
             with safe_open(file, framework="pt") as f:
-                tensors.update((key, f.get_tensor(key)) for key in f.keys())
-        return tensors
+                tensor = f.get_tensor(name)
+            yield name, tensor
+    if files:
+        return
     index = folder / "pytorch_model.bin.index.json"
     if index.exists():
         files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
@@ -575,25 +580,24 @@ def read_hf_weights(folder: Path) -> dict:
         files = sorted(folder.glob("pytorch_model*.bin"))
     if not files:
         raise LoadError(f"{folder} has config.json but no weights: it needs model.safetensors or pytorch_model.bin")
-    tensors = {}
     for file in files:
-        tensors.update(load_pickle(file))
-    return tensors
+        yield from load_pickle(file).items()
 
 
-def state_dict_from_hf(tensors: dict) -> dict:
+def state_dict_from_hf(tensors: Iterator[tuple[str, torch.Tensor]]) -> dict:
     """Hugging Face GPT-2 names to ours: add the 'transformer.' prefix where missing, drop the mask buffers and
-    the tied head, and transpose the Conv1D weights (stored in, out) to Linear's (out, in)."""
+    the tied head, and transpose the Conv1D weights (stored in, out) to Linear's (out, in). Every tensor is
+    copied once into float32 memory of the model's own, so nothing stays tied to the checkpoint file."""
     state_dict = {}
-    for name in list(tensors):
-        tensor = tensors.pop(name)  # pop as we go: the converted copy replaces the original, never both in full
+    for name, tensor in tensors:
         if name.endswith(SKIPPED_BUFFERS) or name == "lm_head.weight":
             continue
         if not name.startswith("transformer."):
             name = "transformer." + name
         if name.endswith(CONV1D_WEIGHTS) and tensor.dim() == 2:
-            tensor = tensor.t().contiguous()
-        state_dict[name] = tensor.float()
+            tensor = tensor.t()
+        state_dict[name] = tensor.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        del tensor  # the last reference to the file's mapping of this tensor: it closes before the next read
     if "transformer.wte.weight" in state_dict:
         state_dict["lm_head.weight"] = state_dict["transformer.wte.weight"]
     return state_dict
