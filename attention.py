@@ -1,12 +1,13 @@
 """
 Attention pictures: every head of a few layers over one sequence, as an animated GIF (one frame per head).
 
+    python attention.py [config/file.py ...] [--key=value ...]      (--help lists every setting)
+    python attention.py --init_from=gpt2                                   # assets/attention.gif
+    python attention.py --init_from=path/to/model --png=frame.png --frame=2
+
 Starting from <|endoftext|>, the model writes up to --length tokens (or reads --text), then a single forward pass
 through the manual attention path collects the attention probabilities. Frame n shows head n of the chosen layers
 side by side as heat maps of query position (rows) against key position (columns).
-
-    python attention.py --init_from=gpt2                                   # assets/attention.gif
-    python attention.py --init_from=path/to/model --png=frame.png --frame=2
 
 Probabilities span orders of magnitude, so the colours follow a log scale over a fixed range, shared by every
 panel and frame so that frames compare directly; the blank triangle above the diagonal is the causal mask.
@@ -15,11 +16,12 @@ picture on one machine. Greedy decoding (--temperature=0) is not the default: sm
 of one token, and every head then looks alike over the looping part.
 """
 
-import argparse
+from __future__ import annotations
+
 import math
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,8 +32,28 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MultipleLocator
 from PIL import Image
 
-from model import GPT, LoadError, check_generation_args, resolve_checkpoint
+from configurator import configure
+from model import GPT, LoadError, check_sampling_args, resolve_checkpoint
 from tokenizer import EOT, EOT_ID, TokenizerError, load_tokenizer
+
+if TYPE_CHECKING:
+    import tiktoken
+
+# -----------------------------------------------------------------------------
+init_from: str = 'gpt2'  # gpt2, gpt2-medium, gpt2-large, gpt2-xl, a hub repo id, a model folder or a nanoGPT ckpt.pt
+text: str | None = None  # draw attention over this text (after <|endoftext|>); None draws generated text
+length: int = 256  # tokens in the sequence, <|endoftext|> included, at most the model's context
+layers: str = '1,2,3,4'  # 1-based layers drawn side by side in every frame, e.g. 1,2,3,4 or all
+heads: str = 'all'  # 1-based heads, one frame each, e.g. 1,5,9 or all
+duration: int = 1000  # milliseconds per frame
+out: str = 'assets/attention.gif'  # where to write the GIF
+png: str | None = None  # also write one frame as a PNG here; None writes none
+frame: int | None = None  # the head (1-based) whose frame --png shows; None: the first of --heads
+temperature: float = 0.8  # sampling temperature, 0 for greedy
+top_k: int | None = 200  # sample from the top_k most likely tokens only; None keeps all
+seed: int = 1337  # random seed for sampling: the same seed gives the same picture on the same machine
+tiktoken_file: str | None = None  # GPT-2's gpt2.tiktoken rank file, for offline use (else the model's vocab.json)
+# -----------------------------------------------------------------------------
 
 # The colour range. Below 1e-4 a key gets less than a fortieth of even a uniform share over 256 positions, which
 # reads as "nothing" at a glance; 1 is the most a key can get.
@@ -42,95 +64,54 @@ DPI = 100
 
 
 class UsageError(Exception):
-    """A bad option or input; the message says what is wrong and what to do instead."""
+    """A bad setting or input; the message says what is wrong and what to do instead."""
 
 
-def parse_indices(spec: str) -> Optional[list[int]]:
-    """'1,2,4' to [1, 2, 4] (1-based, as the titles show them); 'all' to None."""
+def parse_indices(name: str, spec: str) -> Optional[list[int]]:
+    """Setting name's '1,2,4' to [1, 2, 4] (1-based, as the titles show them); 'all' to None."""
     if spec.strip().lower() == "all":
         return None
     try:
         indices = [int(part) for part in spec.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{spec}' is not a comma-separated list of numbers such as 1,2,3,4 "
-                                         f"(or 'all')") from None
+        raise UsageError(f"--{name}: '{spec}' is not a comma-separated list of numbers such as 1,2,3,4 "
+                         f"(or 'all')") from None
     if len(set(indices)) != len(indices):
-        raise argparse.ArgumentTypeError(f"'{spec}' names a number twice")
+        raise UsageError(f"--{name}: '{spec}' names a number twice")
     return indices
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Draw the attention probabilities of a GPT-2 model as an animated GIF: frame n shows head n "
-                    "of the chosen layers over a sequence generated from <|endoftext|> (or given by --text).")
-    p.add_argument("--init_from", default="gpt2",
-                   help="model: gpt2 (default), gpt2-medium, ..., a hub repo id, a local model folder or a nanoGPT "
-                        "ckpt.pt")
-    p.add_argument("--text", default=None,
-                   help="draw attention over this text (after <|endoftext|>) instead of generated text")
-    p.add_argument("--length", type=int, default=256,
-                   help="tokens in the sequence, <|endoftext|> included, at most the model's context (default 256)")
-    p.add_argument("--layers", type=parse_indices, default=[1, 2, 3, 4],
-                   help="1-based layers drawn side by side in every frame, e.g. 1,2,3,4 or all (default 1,2,3,4)")
-    p.add_argument("--heads", type=parse_indices, default=None,
-                   help="1-based heads, one frame each, e.g. 1,5,9 (default: all)")
-    p.add_argument("--duration", type=int, default=1000, help="milliseconds per frame (default 1000)")
-    p.add_argument("--out", default="assets/attention.gif",
-                   help="where to write the GIF (default assets/attention.gif)")
-    p.add_argument("--png", default=None, help="also write one frame as a PNG here")
-    p.add_argument("--frame", type=int, default=None,
-                   help="the head (1-based) whose frame --png shows (default: the first of --heads)")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, 0 for greedy (default 0.8)")
-    p.add_argument("--top_k", type=int, default=200, help="sample from the k most likely tokens only (default 200)")
-    p.add_argument("--seed", type=int, default=1337, help="random seed for sampling (default 1337)")
-    p.add_argument("--tiktoken_file", default=None, help="GPT-2's gpt2.tiktoken rank file, for offline use")
-    return p
+def check_indices(name: str, indices: Optional[list[int]], count: int) -> list[int]:
+    """indices (None for all) checked against the model's count of layers or heads, numbered 1 to count."""
+    if indices is None:
+        return list(range(1, count + 1))
+    bad = [i for i in indices if not 1 <= i <= count]
+    if bad:
+        raise UsageError(f"--{name} names {', '.join(map(str, bad))}, but the model has {count} {name}, "
+                         f"numbered 1 to {count}")
+    return indices
 
 
-def check_args(args: argparse.Namespace, block_size: int, n_layer: int, n_head: int) -> None:
-    """Raise UsageError for options the model cannot honour; fill in --heads and --frame defaults."""
-    if not 1 <= args.length <= block_size:
-        raise UsageError(f"--length={args.length} is outside this model's context: use a length from 1 to "
-                         f"{block_size} (its block_size)")
-    args.layers = args.layers or list(range(1, n_layer + 1))
-    args.heads = args.heads or list(range(1, n_head + 1))
-    for option, values, count, what in [("--layers", args.layers, n_layer, "layers"),
-                                        ("--heads", args.heads, n_head, "heads")]:
-        bad = [v for v in values if not 1 <= v <= count]
-        if bad:
-            raise UsageError(f"{option} names {', '.join(map(str, bad))}, but the model has {count} {what}, "
-                             f"numbered 1 to {count}")
-    if args.frame is not None and not 1 <= args.frame <= n_head:
-        raise UsageError(f"--frame={args.frame} is not a head of this model: it has {n_head} heads, numbered 1 "
-                         f"to {n_head}")
-    args.frame = args.frame if args.frame is not None else args.heads[0]
+def text_ids(enc: tiktoken.Encoding, text: str, length: int) -> torch.Tensor:
+    """(1, T) token ids: <|endoftext|> then text's tokens, T <= length."""
+    ids = [EOT_ID] + enc.encode(text, allowed_special={EOT})
+    if len(ids) == 1:
+        raise UsageError("--text is empty: give some text, or leave --text out to generate")
+    if len(ids) > length:
+        print(f"attention.py: the text is {len(ids) - 1} tokens; drawing the first {length - 1} "
+              f"(--length={length} counts <|endoftext|>)", file=sys.stderr)
+    return torch.tensor([ids[:length]])
 
 
-def sequence_ids(model: GPT, args: argparse.Namespace) -> torch.Tensor:
-    """(1, T) token ids: <|endoftext|> then --text's tokens or generated ones, T <= --length."""
-    if args.text is not None:
-        path = resolve_checkpoint(args.init_from)
-        enc = load_tokenizer(path if path.is_dir() else path.parent, args.tiktoken_file)
-        ids = [EOT_ID] + enc.encode(args.text, allowed_special={EOT})
-        if len(ids) == 1:
-            raise UsageError("--text is empty: give some text, or leave --text out to generate")
-        if len(ids) > args.length:
-            print(f"attention.py: the text is {len(ids) - 1} tokens; drawing the first {args.length - 1} "
-                  f"(--length={args.length} counts <|endoftext|>)", file=sys.stderr)
-        return torch.tensor([ids[:args.length]])
-    start = torch.tensor([[EOT_ID]])
-    return model.generate(start, args.length - 1, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
-
-
-def describe_source(args: argparse.Namespace) -> str:
+def describe_source() -> str:
     """Where the sequence came from, for the figure's title: enough to make the same picture again."""
-    if args.text is not None:
-        text = " ".join(args.text.split())  # one line, whatever the text's own line breaks
-        return f"{EOT} + '{text[:40]}{'…' if len(text) > 40 else ''}'"
-    if args.temperature == 0:
+    if text is not None:
+        one_line = " ".join(text.split())  # whatever the text's own line breaks
+        return f"{EOT} + '{one_line[:40]}{'…' if len(one_line) > 40 else ''}'"
+    if temperature == 0:
         return f"greedy from {EOT}"
-    top_k = f", top_k {args.top_k}" if args.top_k is not None else ""
-    return f"sampled from {EOT} (temperature {args.temperature:g}{top_k}, seed {args.seed})"
+    top = f", top_k {top_k}" if top_k is not None else ""
+    return f"sampled from {EOT} (temperature {temperature:g}{top}, seed {seed})"
 
 
 def attention_probs(model: GPT, ids: torch.Tensor) -> np.ndarray:
@@ -208,48 +189,59 @@ def save_gif(frames: Sequence[Image.Image], path: Path, duration: int) -> None:
                     format="GIF")  # whatever the file's name ends with
 
 
-def run(args: argparse.Namespace) -> None:
-    if args.duration < 1:
-        raise UsageError(f"--duration={args.duration}: give the milliseconds per frame, at least 1")
-    if args.frame is not None and args.png is None:
+def main() -> None:
+    """Draw the picture the settings ask for; UsageError, LoadError or TokenizerError for a mistake."""
+    # Every check that needs no model runs first, so that no model loads in vain.
+    if duration < 1:
+        raise UsageError(f"--duration={duration}: give the milliseconds per frame, at least 1")
+    if frame is not None and png is None:
         raise UsageError("--frame chooses the head that --png shows: give --png=path.png as well")
-    try:  # generate's own checks of --temperature and --top_k, run now so that no model loads in vain
-        check_generation_args(torch.tensor([[EOT_ID]]), 0, args.temperature, args.top_k, None, 1, EOT_ID + 1)
+    layer_list, head_list = parse_indices("layers", layers), parse_indices("heads", heads)
+    try:  # generate's own checks of --temperature and --top_k
+        check_sampling_args(0, temperature, top_k, None, 1)
     except ValueError as e:
         raise UsageError(e) from None
-    model = GPT.from_pretrained(args.init_from)
+    model = GPT.from_pretrained(init_from)
     config = model.config
-    check_args(args, config.block_size, config.n_layer, config.n_head)
-    ids = sequence_ids(model, args)
+    if not 1 <= length <= config.block_size:
+        raise UsageError(f"--length={length} is outside this model's context: use a length from 1 to "
+                         f"{config.block_size} (its block_size)")
+    layer_list = check_indices("layers", layer_list, config.n_layer)
+    head_list = check_indices("heads", head_list, config.n_head)
+    if frame is not None and not 1 <= frame <= config.n_head:
+        raise UsageError(f"--frame={frame} is not a head of this model: it has {config.n_head} heads, numbered 1 "
+                         f"to {config.n_head}")
+    png_head = frame if frame is not None else head_list[0]
+    if text is None:
+        ids = model.generate(torch.tensor([[EOT_ID]]), length - 1, temperature=temperature, top_k=top_k, seed=seed)
+    else:
+        checkpoint = resolve_checkpoint(init_from)
+        enc = load_tokenizer(checkpoint if checkpoint.is_dir() else checkpoint.parent, tiktoken_file)
+        ids = text_ids(enc, text, length)
     probs = attention_probs(model, ids)
     T = ids.size(1)
-    title = f"{Path(args.init_from).name}: attention over {T} tokens, {describe_source(args)}"
-    figure = AttentionFigure(probs, args.layers, title)
-    outputs = [(Path(args.out), None)] + ([(Path(args.png), args.frame)] if args.png else [])
+    title = f"{Path(init_from).name}: attention over {T} tokens, {describe_source()}"
+    figure = AttentionFigure(probs, layer_list, title)
+    outputs = [(Path(out), None)] + ([(Path(png), png_head)] if png else [])
     try:
         for path, head in outputs:
             path.parent.mkdir(parents=True, exist_ok=True)
             if head is None:
-                save_gif([figure.render(h) for h in args.heads], path, args.duration)
+                save_gif([figure.render(h) for h in head_list], path, duration)
             else:
                 figure.render(head).save(path, format="PNG")
     except OSError as e:
         raise UsageError(f"cannot write {path}: {e}") from None
-    heads, layers = ",".join(map(str, args.heads)), ",".join(map(str, args.layers))
-    print(f"wrote {args.out}: heads {heads} of layers {layers} over {T} tokens, one frame per head")
-    if args.png:
-        print(f"wrote {args.png}: head {args.frame}")
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (UsageError, LoadError, TokenizerError) as e:
-        print(f"attention.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    print(f"wrote {out}: heads {','.join(map(str, head_list))} of layers {','.join(map(str, layer_list))} "
+          f"over {T} tokens, one frame per head")
+    if png:
+        print(f"wrote {png}: head {png_head}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    configure(globals(), sys.argv[1:])
+    try:
+        main()
+    except (UsageError, LoadError, TokenizerError) as e:
+        print(f"attention.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,5 +1,6 @@
-"""attention.py: the probabilities it draws, the GIF it writes, and its answers to bad options."""
+"""attention.py: the probabilities it draws, the GIF it writes, and its answers to bad settings."""
 
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,25 @@ from PIL import Image
 
 import attention
 from model import GPT
-from tokenizer import EOT_ID
+from tokenizer import EOT_ID, load_tokenizer
+
+
+def run_script(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """attention.py run as `python attention.py args` would run it, in this process (one torch import for all
+    the runs, and fresh settings for each): (exit status, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["attention.py", *args])
+    try:
+        runpy.run_path(attention.__file__, run_name="__main__")
+        status = 0
+    except SystemExit as exit_info:
+        status = exit_info.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.fixture
+def script(monkeypatch, capsys):
+    return lambda *args: run_script(monkeypatch, capsys, *args)
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +65,11 @@ def test_probabilities_match_transformers(trained, trained_dir, sequence):
     torch.testing.assert_close(probs, expected, rtol=0, atol=1e-5)
 
 
-def test_gif_has_one_frame_per_head(trained_dir, tmp_path):
+def test_gif_has_one_frame_per_head(script, trained_dir, tmp_path):
     gif, png = tmp_path / "out" / "attention.gif", tmp_path / "frame.png"
     # --text rather than generation keeps this test fast; test_chosen_layers_and_heads generates.
-    assert attention.main([f"--init_from={trained_dir}", "--text=The while statement", f"--out={gif}",
-                           f"--png={png}", "--frame=3", "--duration=250"]) == 0
+    assert script(f"--init_from={trained_dir}", "--text=The while statement", f"--out={gif}", f"--png={png}",
+                  "--frame=3", "--duration=250")[0] == 0
     with Image.open(gif) as im:
         assert im.format == "GIF"
         assert im.n_frames == 4  # heads 1-4 of the trained model
@@ -60,19 +79,19 @@ def test_gif_has_one_frame_per_head(trained_dir, tmp_path):
         assert im.size == attention.frame_size(4)
 
 
-def test_chosen_layers_and_heads(small_dir, tmp_path):
+def test_chosen_layers_and_heads(script, small_dir, tmp_path):
     gif = tmp_path / "a.gif"
-    assert attention.main([f"--init_from={small_dir}", "--length=16", "--layers=2", "--heads=2,1",
-                           "--temperature=0", f"--out={gif}"]) == 0
+    # 2 and 2,1 read as Python would be an int and a tuple: a str setting keeps the text as typed.
+    assert script(f"--init_from={small_dir}", "--length=16", "--layers=2", "--heads=2,1", "--temperature=0",
+                  f"--out={gif}")[0] == 0
     with Image.open(gif) as im:
         assert (im.n_frames, im.size) == (2, attention.frame_size(1))
 
 
-def test_text_replaces_generation(trained, trained_dir, capsys):
-    args = attention.build_parser().parse_args([f"--init_from={trained_dir}", "--text=Hello world"])
-    assert attention.sequence_ids(trained, args).tolist() == [[EOT_ID, 15496, 995]]
-    args = attention.build_parser().parse_args([f"--init_from={trained_dir}", "--text=Hello world", "--length=2"])
-    assert attention.sequence_ids(trained, args).tolist() == [[EOT_ID, 15496]]
+def test_text_replaces_generation(trained_dir, capsys):
+    enc = load_tokenizer(trained_dir)
+    assert attention.text_ids(enc, "Hello world", 256).tolist() == [[EOT_ID, 15496, 995]]
+    assert attention.text_ids(enc, "Hello world", 2).tolist() == [[EOT_ID, 15496]]
     assert "drawing the first 1" in capsys.readouterr().err
 
 
@@ -88,21 +107,31 @@ def test_text_replaces_generation(trained, trained_dir, capsys):
     (["--temperature=-1"], "temperature must be >= 0"),
     (["--text=hi", "--tiktoken_file=/no/such.tiktoken"], "tokenizer rank file /no/such.tiktoken does not exist"),
 ])
-def test_bad_options_get_clear_messages(trained_dir, tmp_path, capsys, options, message):
+def test_bad_settings_get_clear_messages(script, trained_dir, tmp_path, options, message):
     out = tmp_path / "a.gif"
-    assert attention.main([f"--init_from={trained_dir}", f"--out={out}", *options]) == 2
-    err = capsys.readouterr().err
+    status, _, err = script(f"--init_from={trained_dir}", f"--out={out}", *options)
+    assert status == 2
     assert err.startswith("attention.py: error: ") and message in err
     assert not out.exists()
 
 
-def test_unloadable_model_and_malformed_list(tmp_path, capsys):
-    assert attention.main([f"--init_from={tmp_path / 'missing'}"]) == 2
-    assert "no such file or folder" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:  # argparse's own error: usage, then the message
-        attention.main(["--layers=one,two"])
-    assert exit_info.value.code == 2
-    assert "'one,two' is not a comma-separated list of numbers" in capsys.readouterr().err
+def test_unloadable_model_and_malformed_list(script, tmp_path):
+    status, _, err = script(f"--init_from={tmp_path / 'missing'}")
+    assert status == 2
+    assert "no such file or folder" in err
+    status, _, err = script("--layers=one,two")  # refused before any model loads: gpt2 is not fetched
+    assert status == 2
+    assert "'one,two' is not a comma-separated list of numbers" in err
+
+
+def test_help_lists_the_settings(script):
+    status, out, _ = script("--help")
+    assert status == 0
+    for setting in ("init_from='gpt2'", "text=None", "length=256", "layers='1,2,3,4'", "heads='all'",
+                    "duration=1000", "out='assets/attention.gif'", "png=None", "frame=None", "temperature=0.8",
+                    "top_k=200", "seed=1337", "tiktoken_file=None"):
+        assert f"--{setting}" in out
+    assert "milliseconds per frame" in out  # each setting's comment explains it
 
 
 def test_command_line_error_has_no_traceback(small_dir):
