@@ -143,11 +143,11 @@ def apply_config_file(path: str, config: dict, settings: dict[str, Setting]) -> 
         raise ConfigError(f"config file {path}{f' line {line}' if line else ''}: "
                           f"{type(e).__name__}: {e}") from None
     for name, value in namespace.items():
-        if name.startswith("_") or not (value is None or isinstance(value, (bool, int, float, str))):
-            continue  # the file's own helpers: imports, functions, containers, _private names
-        if name not in settings:
-            lookup(name, settings)  # raises, naming the close matches
-        config[name] = convert(settings[name], value)
+        if name in settings:
+            config[name] = convert(settings[name], value)  # a wrong type, a tuple say, is named, not dropped
+        elif not name.startswith("_") and (value is None or isinstance(value, (bool, int, float, str))):
+            lookup(name, settings)  # a plain value under an unknown name is a typo: raises with close matches
+        # anything else is the file's own helper: imports, functions, containers, _private names
 
 
 def _failing_line(error: Exception, path: str) -> Optional[int]:

@@ -146,6 +146,7 @@ def test_config_file_sees_current_values(settings, tmp_path):
 @pytest.mark.parametrize("body,expected", [
     ("temprature = 0.5\n", "unknown setting 'temprature': did you mean --temperature?"),
     ("count = 'many'\n", "count expects an int, got 'many'"),
+    ("count = (1, 2)\n", "count expects an int, got (1, 2)"),
     ("count = (\n", "SyntaxError"),
     ("x = 1\ncount = undefined_name\n", "line 2: NameError"),
 ])
