@@ -214,6 +214,7 @@ def main() -> int:
     writer = SampleWriter(enc, ids, num_samples, stop_at_eot, live, sys.stdout)  # an empty prompt prints as ""
     idx = torch.tensor([ids or [EOT_ID]], dtype=torch.long, device=dev)
     steps = []  # unless live, tokens stay on the device until the end, so a GPU never waits for the host
+    in_flight = None  # live on a GPU: the last step's tokens, copying to the host while the next step runs
     n_steps, first_step, interrupted = 0, 0.0, False
     t0 = time.perf_counter()
     try:
@@ -221,15 +222,21 @@ def main() -> int:
                                             num_samples=num_samples, stop_tokens=[EOT_ID] if stop_at_eot else None,
                                             seed=seed, compile=compile):
             n_steps += 1
-            if live:
-                writer.add(tokens.tolist())
-            else:
-                steps.append(tokens)
             if n_steps == 1:
                 tokens.cpu()  # waits for the device, so the time is the first step's (prompt, compilation)
                 first_step = time.perf_counter() - t0
+            if not live:
+                steps.append(tokens)
+            elif dev.type != "cuda":
+                writer.add(tokens.tolist())
+            else:
+                if in_flight is not None:  # written one step late: by now its copy has landed
+                    writer.add(finish_copy(*in_flight))
+                in_flight = start_copy(tokens)
     except KeyboardInterrupt:
         interrupted = True
+    if in_flight is not None:
+        writer.add(finish_copy(*in_flight))
     for tokens in torch.stack(steps).tolist() if steps else []:
         writer.add(tokens)
     elapsed = time.perf_counter() - t0
@@ -241,6 +248,22 @@ def main() -> int:
         print("interrupted: each sample above ends where generation stopped", file=sys.stderr)
         return 130
     return 0
+
+
+def start_copy(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+    """Queue a copy of a step's tokens to the host behind the GPU's work, without waiting for it."""
+    import torch
+
+    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)  # pinned: the copy can be asynchronous
+    host.copy_(tokens, non_blocking=True)
+    landed = torch.cuda.Event()
+    landed.record()
+    return host, landed
+
+
+def finish_copy(host: torch.Tensor, landed: torch.cuda.Event) -> list[int]:
+    landed.synchronize()  # waits for that copy only, not for the steps queued after it
+    return host.tolist()
 
 
 def report_speed(n_steps: int, elapsed: float, first_step: float) -> None:

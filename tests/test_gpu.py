@@ -51,3 +51,22 @@ def test_decode_loop_never_waits_on_the_host(trained_cuda):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert len(steps) == 49
+
+
+def test_sample_streams_the_same_text_on_a_gpu(trained_dir):
+    """The live path copies each step's tokens to the host asynchronously; the text must not change."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    def run(stream: bool) -> str:
+        result = subprocess.run(
+            [sys.executable, "sample.py", f"--init_from={trained_dir}", "--device=cuda", "--num_samples=3",
+             "--max_new_tokens=40", "--stop_at_eot=True", f"--stream={stream}"],
+            cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert run(True) == run(False)
