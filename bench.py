@@ -1,0 +1,500 @@
+"""
+Speed of this project's GPT-2 generation on this machine, side by side in one run with transformers and nanoGPT's
+no-cache method, on the same weights, prompts and lengths:
+
+    python bench.py [--key=value ...]            (--help lists every setting)
+    python bench.py --quick                      (a smoke test: tiny model, seconds)
+    python bench.py --fidelity                   (int8 and bfloat16 against float32 on the trained model)
+
+Systems: (a) ours, model.generate_stream with the KV cache; (b) transformers' GPT2LMHeadModel.generate, greedy,
+KV cache on; (c) ours without the cache (use_kv_cache=False, nanoGPT's method); (d) sample.py's default workload.
+Each measurement is the median of `repeats` runs after one warm-up run. Time to first token is the time until
+the first step is yielded (prefill plus the first sampling); decode tokens/s counts the remaining steps. The
+roofline is the weight bytes a decode step reads over the read bandwidth measured in this run: the most decode
+steps per second the memory allows. Exit status 1 if the float32 greedy tokens of (a), (b) and (c) differ.
+"""
+
+import copy
+import json as jsonlib
+import math
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from configurator import configure
+from model import GPT, GPTConfig, Int8Linear
+
+# -----------------------------------------------------------------------------
+init_from: str | None = None  # a checkpoint (hub name, model folder, nanoGPT ckpt.pt); None: random weights, shape below
+n_layer: int = 12  # random weights' shape (default GPT-2 124M)
+n_head: int = 12  # random weights' heads
+n_embd: int = 768  # random weights' width
+vocab_size: int = 50257  # random weights' vocabulary
+block_size: int = 1024  # random weights' context
+prompt_len: int = 32  # prompt tokens per row (random ids, the same for every system; each row its own prompt)
+new_tokens: int = 64  # greedy tokens generated per row
+batch_sizes: str = '1,10'  # comma-separated batch sizes
+dtype: str = 'float32,bfloat16'  # weight dtypes for (a) and (b), comma-separated; float32 always runs (the baseline)
+quantize: str | None = 'int8'  # also run (a) with int8 weights (GPT.quantize_int8); None skips it
+slow_batches: str = '1'  # batch sizes for (b) in dtypes other than float32 (bfloat16 at batch 10 takes minutes)
+repeats: int = 3  # timed runs per measurement (the median is reported), after one warm-up run
+max_seconds: float = 30.0  # fewer repeats (at least one) for a system whose runs take longer than this in all
+reference: bool = True  # run (c), the no-cache path, at batch 1 (once: it is slow)
+workload: bool = True  # run (d): sample.py's default shape, (a) against (c) sample after sample
+workload_samples: int = 10  # (d)'s samples
+workload_tokens: int = 500  # (d)'s new tokens per sample
+fidelity: bool = False  # measure int8 and bfloat16 against float32 on the trained model over assets/heldout.txt
+fidelity_model: str = '../shared/tiny-gpt2-en'  # the trained model for --fidelity (relative to this file's folder)
+bandwidth_mb: int = 2048  # size of the buffer read to measure memory bandwidth (far larger than the caches)
+threads: int | None = None  # torch's thread count; None keeps its default (one per core)
+quick: bool = False  # smoke test: a tiny model, few tokens, one repeat, short workload (explicit settings still win)
+json: bool = False  # print the results as JSON instead of tables
+seed: int = 1337  # seed of the random weights and prompts
+# -----------------------------------------------------------------------------
+
+QUICK = dict(n_layer=2, n_head=2, n_embd=64, vocab_size=512, block_size=128, prompt_len=8, new_tokens=8,
+             repeats=1, workload_samples=2, workload_tokens=16, bandwidth_mb=256, slow_batches='1,10')
+ROOT = Path(__file__).resolve().parent
+
+
+@dataclass
+class Result:
+    system: str  # e.g. "ours float32"
+    batch: int
+    prefill_tok_s: float  # prompt tokens (all rows) over the time to first token
+    decode_tok_s: float  # new tokens (all rows) after the first step, over their time
+    ttft_ms: float
+    rss_growth_mb: float  # peak resident memory growth during the warm-up run (weights excluded: already resident)
+    weight_mb: float  # bytes a decode step reads from weights
+    roofline: Optional[float] = None  # decode steps/s reached over the most the bandwidth allows
+    runs: int = 0
+    tokens: list = field(default_factory=list, repr=False)  # greedy tokens of the last run, (batch, new_tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Machine
+
+
+def cpu_description() -> dict:
+    """CPU model and the instruction-set flags that decide which kernels are fast."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and ":" in line:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    return dict(model=model, cores=os.cpu_count(), threads=torch.get_num_threads(),
+                flags=[f for f in wanted if f in flags],
+                bf16_instructions=bool({"avx512_bf16", "amx_bf16"} & flags),
+                load_average=os.getloadavg() if hasattr(os, "getloadavg") else None)
+
+
+def read_bandwidth(nbytes: int, repeats: int = 7) -> list[float]:
+    """Bytes/s of a streaming read (a sum) of a buffer far larger than the caches, on all of torch's threads."""
+    buffer = torch.ones(nbytes // 4)
+    buffer.sum()  # fault the pages in before timing
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.sum()
+        rates.append(buffer.nbytes / (time.perf_counter() - start))
+    return rates
+
+
+class PeakRSS:
+    """Growth of this process's resident memory over a block, sampled every 2 ms from /proc/self/statm (Linux;
+    elsewhere it reports nan). Only the warm-up run is sampled, so the sampling thread never slows a timed run."""
+
+    def __enter__(self) -> "PeakRSS":
+        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _rss(self) -> float:
+        try:
+            return int(Path("/proc/self/statm").read_text().split()[1]) * self.page
+        except OSError:
+            return math.nan
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.peak - self.start) / 1e6
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models: ours, and transformers' built from the same tensors
+
+
+def decode_bytes(model: nn.Module) -> int:
+    """Bytes of weights a decode step reads: every Linear and LayerNorm whole (the tied token table once, as the
+    LM head); of the embedding tables a step reads one row per token, which is left out."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, Int8Linear):
+            total += module.nbytes
+        elif isinstance(module, (nn.Linear, nn.LayerNorm)):
+            total += sum(p.nbytes for p in module.parameters(recurse=False))
+    return total
+
+
+def transformers_model(model: GPT):
+    """transformers' GPT2LMHeadModel holding our model's tensors (Conv1D weights are stored transposed)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    c = model.config
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
+                                    n_layer=c.n_layer, n_head=c.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
+                                    attn_pdrop=0.0, activation_function="gelu_new")).eval()
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    state = {name: (t.t() if name.endswith(conv1d) else t) for name, t in model.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"transformers' GPT-2 does not fit our tensors: missing {missing}, unexpected {unexpected}")
+    hf.tie_weights()
+    # A plain greedy run of exactly max_new_tokens: no stop token, no padding logic.
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = None
+    return hf
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timing: one generation, as a list of step timestamps
+
+
+def run_ours(model: GPT, idx: torch.Tensor, steps: int, use_kv_cache: bool = True) -> tuple[list[float], torch.Tensor]:
+    """Greedy generation through the project's generate_stream; the start time and each step's time."""
+    times, tokens = [time.perf_counter()], []
+    for token in model.generate_stream(idx, steps, temperature=0, use_kv_cache=use_kv_cache):
+        times.append(time.perf_counter())
+        tokens.append(token)
+    return times, torch.stack(tokens, dim=1)
+
+
+def run_transformers(hf, idx: torch.Tensor, steps: int) -> tuple[list[float], torch.Tensor]:
+    """transformers' greedy generate with its KV cache; a streamer stamps each step as it is produced."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):  # called with the prompt first (before any work), then once per step
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    clock = Clock()
+    start = time.perf_counter()
+    out = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=steps, min_new_tokens=steps,
+                      do_sample=False, use_cache=True, streamer=clock)
+    return [start] + clock.times[1:], out[:, idx.size(1):]
+
+
+def measure(system: str, run: Callable[[], tuple[list[float], torch.Tensor]], batch: int, prompt: int,
+            repeats: int, weight_bytes: int) -> Result:
+    """Warm-up (memory sampled), then `repeats` timed runs; medians."""
+    print(f"bench.py: {system}, batch {batch}", file=sys.stderr, flush=True)  # progress: a full run takes minutes
+    with torch.no_grad(), PeakRSS() as rss:
+        run()
+    ttfts, rates = [], []
+    tokens = None
+    start = time.perf_counter()
+    for _ in range(repeats):
+        if ttfts and time.perf_counter() - start > max_seconds:
+            break
+        with torch.no_grad():
+            times, tokens = run()
+        ttfts.append(times[1] - times[0])
+        if len(times) > 2:
+            rates.append((len(times) - 2) * batch / (times[-1] - times[1]))
+    ttft = statistics.median(ttfts)
+    return Result(system, batch, prefill_tok_s=batch * prompt / ttft,
+                  decode_tok_s=statistics.median(rates) if rates else math.nan, ttft_ms=ttft * 1e3,
+                  rss_growth_mb=rss.growth_mb, weight_mb=weight_bytes / 1e6, runs=len(ttfts), tokens=tokens.tolist())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (d): sample.py's default workload
+
+
+def workload_times(model: GPT, samples: int, steps: int, repeats: int) -> dict:
+    """sample.py's default call (one '\\n' token, temperature 0.8, top-k 200, all samples in one batch, KV cache)
+    timed whole; and nanoGPT's way (no cache, sample after sample) estimated from its step times.
+
+    Running (c) in full takes many minutes at 124M, so each of its steps is timed instead at five context lengths
+    (a no-cache step at context n is one forward pass over n tokens: generate_stream of a length-n prompt for one
+    token), and the per-step time is interpolated linearly between them and summed over the `steps` steps of
+    one sample, times `samples`.
+    """
+    newline = torch.tensor([[198 % model.config.vocab_size]])
+    options = dict(temperature=0.8, top_k=200)
+    ours = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.generate(newline, steps, num_samples=samples, seed=1337, **options)
+        ours.append(time.perf_counter() - start)
+    span = min(steps, model.config.block_size)
+    contexts = sorted({max(1, round(span * f)) for f in (0, 0.25, 0.5, 0.75, 1.0)})
+    generator = torch.Generator().manual_seed(0)
+    step_s = []
+    for n in contexts:
+        prompt = torch.randint(0, model.config.vocab_size, (1, n), generator=generator)
+        one = []
+        for _ in range(2):
+            start = time.perf_counter()
+            for _ in model.generate_stream(prompt, 1, use_kv_cache=False, seed=0, **options):
+                pass
+            one.append(time.perf_counter() - start)
+        step_s.append(min(one))
+    per_sample = 0.0
+    for n in range(1, steps + 1):  # the context of step n holds n tokens (the prompt's one, then n - 1 new)
+        c = min(n, span)
+        i = max(j for j in range(len(contexts)) if contexts[j] <= c or j == 0)
+        if i + 1 < len(contexts):
+            w = (c - contexts[i]) / (contexts[i + 1] - contexts[i])
+            per_sample += step_s[i] * (1 - w) + step_s[i + 1] * w
+        else:
+            per_sample += step_s[i]
+    ours_s = statistics.median(ours)
+    reference_s = per_sample * samples
+    return dict(samples=samples, new_tokens=steps, ours_s=ours_s, ours_tok_s=samples * steps / ours_s,
+                reference_s_estimated=reference_s, reference_tok_s=samples * steps / reference_s,
+                reference_contexts=contexts, reference_step_ms=[s * 1e3 for s in step_s],
+                speedup=reference_s / ours_s)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fidelity of int8 and bfloat16 on the trained model
+
+
+def fidelity_figures(folder: Path) -> dict:
+    """Mean KL(float32 || variant) of the next-token distribution and top-1 agreement, per position of the
+    held-out text (windows of the model's context, each position predicted from the text before it)."""
+    from tokenizer import load_tokenizer
+
+    text = (ROOT / "assets" / "heldout.txt").read_text(encoding="utf-8")
+    ids = torch.tensor(load_tokenizer(folder).encode_ordinary(text))
+    base = GPT.from_pretrained(str(folder))
+    window = base.config.block_size
+    chunks = [ids[i:i + window][None] for i in range(0, len(ids) - 1, window)]
+    variants = {"int8": copy.deepcopy(base).quantize_int8(), "bfloat16": copy.deepcopy(base).to(torch.bfloat16)}
+    figures = {"text_tokens": len(ids), "model": str(folder)}
+    with torch.no_grad():
+        reference = [base(chunk, all_logits=True)[0][0].float().log_softmax(-1) for chunk in chunks]
+        for name, model in variants.items():
+            kl, agree, n = 0.0, 0, 0
+            for chunk, ref in zip(chunks, reference):
+                out = model(chunk, all_logits=True)[0][0].float().log_softmax(-1)
+                kl += float((ref.exp() * (ref - out)).sum())
+                agree += int((ref.argmax(-1) == out.argmax(-1)).sum())
+                n += ref.size(0)
+            figures[name] = dict(mean_kl=kl / n, top1_agreement=agree / n, positions=n)
+    return figures
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def agreement(a: list, b: list) -> float:
+    pairs = [(x, y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
+    return sum(x == y for x, y in pairs) / max(1, len(pairs))
+
+
+def tables(report: dict) -> str:
+    m = report["machine"]
+    bw = report["bandwidth_gb_s"]
+    lines = [f"machine: {m['model']}, {m['cores']} cores, torch threads {m['threads']}, flags "
+             f"{' '.join(m['flags']) or '-'}; bf16 instructions: {'yes' if m['bf16_instructions'] else 'no'}; "
+             f"load average at start {' '.join(f'{x:.2f}' for x in m['load_average'] or [])}",
+             f"torch {torch.__version__}, transformers {report['transformers']}; model {report['model']}; "
+             f"prompt {report['prompt_len']} tokens, {report['new_tokens']} greedy new tokens per row; median of "
+             f"the timed runs (column 'runs') after a warm-up",
+             f"read bandwidth (sum of a {report['bandwidth_mb']} MB buffer, {m['threads']} threads): median "
+             f"{bw['median']:.1f} GB/s (min {bw['min']:.1f}, max {bw['max']:.1f}, {bw['samples']} samples at start "
+             f"and end)", ""]
+    head = (f"{'system':<30} {'batch':>5} {'prefill tok/s':>13} {'decode tok/s':>12} {'TTFT ms':>9} "
+            f"{'weights MB/step':>15} {'roofline':>8} {'RSS growth MB':>13} {'runs':>4}")
+    lines += [head, "-" * len(head)]
+    for r in report["results"]:
+        roof = f"{100 * r['roofline']:.0f}%" if r["roofline"] is not None else "-"
+        lines.append(f"{r['system']:<30} {r['batch']:>5} {r['prefill_tok_s']:>13.1f} {r['decode_tok_s']:>12.1f} "
+                     f"{r['ttft_ms']:>9.1f} {r['weight_mb']:>15.1f} {roof:>8} {r['rss_growth_mb']:>13.1f} {r['runs']:>4}")
+    lines += ["", "roofline: decode steps/s reached x weight bytes per step / median read bandwidth (1 = the most "
+              "the memory allows; the KV cache's reads are not counted). RSS growth: peak resident memory growth "
+              "during the warm-up run, in this one process (weights were already resident).", ""]
+    for line in report["ratios"]:
+        lines.append(line)
+    lines.append("")
+    for line in report["checks"]:
+        lines.append(line)
+    if report.get("workload"):
+        w = report["workload"]
+        lines += ["", f"(d) sample.py's default workload, {w['samples']} samples x {w['new_tokens']} tokens from one "
+                  f"token (temperature 0.8, top-k 200):",
+                  f"  (a) ours, one batch, KV cache: {w['ours_s']:.2f} s ({w['ours_tok_s']:.1f} tok/s, measured)",
+                  f"  (c) no cache, sample after sample: {w['reference_s_estimated']:.1f} s "
+                  f"({w['reference_tok_s']:.2f} tok/s), ESTIMATED: one no-cache step timed at contexts "
+                  f"{w['reference_contexts']} ({', '.join(f'{s:.0f}' for s in w['reference_step_ms'])} ms), "
+                  f"interpolated linearly, summed over {w['new_tokens']} steps, x {w['samples']} samples",
+                  f"  speed-up (a) over (c): {w['speedup']:.1f}x"]
+    if report.get("fidelity"):
+        f = report["fidelity"]
+        lines += ["", f"fidelity on {f['model']} over assets/heldout.txt ({f['text_tokens']} tokens), against "
+                  f"float32 at every position:"]
+        for name in ("int8", "bfloat16"):
+            lines.append(f"  {name:<9} mean KL {f[name]['mean_kl']:.2e} nats, top-1 agreement "
+                         f"{100 * f[name]['top1_agreement']:.1f}% of {f[name]['positions']} positions")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    import transformers
+    transformers.logging.set_verbosity_error()
+
+    machine = cpu_description()  # the load average before this run adds its own
+    bandwidth = read_bandwidth(bandwidth_mb * 2 ** 20)
+    if init_from:
+        model = GPT.from_pretrained(init_from)
+        name = init_from
+    else:
+        model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
+                              n_embd=n_embd)).eval()
+        name = f"random weights, {n_layer} layers, {n_head} heads, {n_embd} wide, vocabulary {vocab_size}"
+    name += f" ({model.get_num_params(non_embedding=False) / 1e6:.1f}M parameters)"
+    vocab = model.config.vocab_size
+    dtypes = ["float32"] + [d for d in dtype.split(",") if d and d != "float32"]
+    for d in dtypes:
+        if d not in ("float32", "bfloat16", "float16"):
+            raise SystemExit(f"bench.py: error: unknown dtype '{d}': use float32, bfloat16 or float16")
+    if quantize not in (None, "int8"):
+        raise SystemExit(f"bench.py: error: quantize must be int8 or None, got '{quantize}'")
+    batches = [int(b) for b in batch_sizes.split(",") if b]
+
+    ours = {d: model if d == "float32" else copy.deepcopy(model).to(getattr(torch, d)) for d in dtypes}
+    theirs = {}
+    for d in dtypes:
+        theirs[d] = transformers_model(model).to(getattr(torch, d))
+    if quantize:
+        ours["int8"] = copy.deepcopy(model).quantize_int8()
+
+    results, checks, ok = [], [], True
+    generator = torch.Generator().manual_seed(seed)
+    for batch in batches:
+        idx = torch.randint(0, vocab, (batch, prompt_len), generator=generator)
+        for variant, m in ours.items():
+            nbytes = decode_bytes(m)
+            results.append(measure(f"(a) ours {variant}", lambda: run_ours(m, idx, new_tokens), batch, prompt_len,
+                                   repeats, nbytes))
+            if variant in theirs and (variant == "float32" or str(batch) in slow_batches.split(",")):
+                hf = theirs[variant]
+                results.append(measure(f"(b) transformers {variant}", lambda: run_transformers(hf, idx, new_tokens),
+                                       batch, prompt_len, repeats, nbytes))
+        if reference and batch == 1:
+            results.append(measure("(c) ours no cache float32", lambda: run_ours(model, idx, new_tokens, False),
+                                   batch, prompt_len, 1, decode_bytes(model)))
+        by = {r.system: r for r in results if r.batch == batch}
+        a, b = by["(a) ours float32"].tokens, by["(b) transformers float32"].tokens
+        same = a == b
+        line = f"batch {batch}: float32 greedy tokens, (a) ours vs (b) transformers: {'identical' if same else 'DIFFER'}"
+        if "(c) ours no cache float32" in by:
+            same_c = a == by["(c) ours no cache float32"].tokens
+            line += f"; (a) vs (c) no cache: {'identical' if same_c else 'DIFFER'}"
+            same = same and same_c
+        ok = ok and same
+        checks.append(line)
+        for variant in ours:
+            if variant != "float32":
+                ours_v = by[f"(a) ours {variant}"].tokens
+                text = f"batch {batch}: {variant} greedy tokens equal to float32's at {100 * agreement(ours_v, a):.0f}% of steps"
+                if f"(b) transformers {variant}" in by:
+                    text += (f"; equal to transformers {variant}'s at "
+                             f"{100 * agreement(ours_v, by[f'(b) transformers {variant}'].tokens):.0f}%")
+                checks.append(text)
+    bandwidth += read_bandwidth(bandwidth_mb * 2 ** 20)
+    bw = statistics.median(bandwidth)
+    for r in results:
+        if not math.isnan(r.decode_tok_s):
+            r.roofline = (r.decode_tok_s / r.batch) * (r.weight_mb * 1e6) / bw
+
+    ratios = []
+    by = {(r.system, r.batch): r for r in results}
+
+    def ratio(text: str, num: tuple, den: tuple, target: Optional[float] = None) -> None:
+        if num in by and den in by:
+            x = by[num].decode_tok_s / by[den].decode_tok_s
+            goal = f" (target >= {target}x: {'met' if x >= target else 'NOT met'})" if target else ""
+            ratios.append(f"{text}: {x:.2f}x{goal}")
+
+    ratio("batch 1 decode, ours float32 / transformers float32", ("(a) ours float32", 1),
+          ("(b) transformers float32", 1), 2.0)
+    ratio("batch 10 decode, ours float32 / transformers float32", ("(a) ours float32", 10),
+          ("(b) transformers float32", 10), 1.5)
+    ratio("ours float32 decode, batch 10 / batch 1 (aggregate tokens/s)", ("(a) ours float32", 10),
+          ("(a) ours float32", 1), 3.0)
+    ratio("batch 1 decode, ours int8 / transformers float32", ("(a) ours int8", 1), ("(b) transformers float32", 1),
+          3.5)
+    ratio("batch 10 decode, ours int8 / transformers float32", ("(a) ours int8", 10),
+          ("(b) transformers float32", 10))
+    for b in batches:
+        ratio(f"batch {b} decode, ours bfloat16 / transformers bfloat16", ("(a) ours bfloat16", b),
+              ("(b) transformers bfloat16", b), 1.0)
+
+    report = dict(machine=machine, transformers=transformers.__version__, model=name,
+                  prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats, bandwidth_mb=bandwidth_mb,
+                  bandwidth_gb_s=dict(median=bw / 1e9, min=min(bandwidth) / 1e9, max=max(bandwidth) / 1e9,
+                                      samples=len(bandwidth)),
+                  results=[asdict(r) for r in results], ratios=ratios, checks=checks, identical=ok)
+    if workload:
+        print("bench.py: (d) sample.py's workload", file=sys.stderr, flush=True)
+        report["workload"] = workload_times(model, workload_samples, workload_tokens, 1)
+        ratios.append(f"(d) sample.py's workload, ours / no cache sample after sample: "
+                      f"{report['workload']['speedup']:.1f}x (target >= 30x: "
+                      f"{'met' if report['workload']['speedup'] >= 30 else 'NOT met'})")
+    if fidelity:
+        folder = Path(fidelity_model)
+        report["fidelity"] = fidelity_figures(folder if folder.is_absolute() else ROOT / folder)
+    if json:
+        for r in report["results"]:
+            del r["tokens"]
+        print(jsonlib.dumps(report, indent=1))
+    else:
+        print(tables(report))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    defaults = {key: globals()[key] for key in QUICK}
+    configure(globals(), sys.argv[1:])
+    if quick:
+        globals().update({k: v for k, v in QUICK.items() if globals()[k] == defaults[k]})
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""bench.py end to end in its --quick mode: every system runs, and the float32 greedy tokens of ours, transformers'
+and the no-cache reference are identical."""
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_quick_bench_runs_every_system_with_identical_tokens():
+    done = subprocess.run([sys.executable, "bench.py", "--quick", "--json"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["identical"] is True
+    systems = {(r["system"], r["batch"]) for r in report["results"]}
+    for batch in (1, 10):
+        for system in ("(a) ours float32", "(b) transformers float32", "(a) ours int8", "(a) ours bfloat16",
+                       "(b) transformers bfloat16"):
+            assert (system, batch) in systems
+    assert ("(c) ours no cache float32", 1) in systems
+    for r in report["results"]:
+        assert r["decode_tok_s"] > 0 and r["ttft_ms"] > 0 and 0 < r["roofline"]
+    assert report["bandwidth_gb_s"]["median"] > 0
+    assert report["workload"]["speedup"] > 0
+    assert all("DIFFER" not in line for line in report["checks"])
+
+
+def test_table_names_the_checks_and_the_estimate():
+    done = subprocess.run([sys.executable, "bench.py", "--quick", "--dtype=float32", "--quantize=None",
+                           "--batch_sizes=1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "(a) ours vs (b) transformers: identical; (a) vs (c) no cache: identical" in done.stdout
+    assert "ESTIMATED" in done.stdout and "read bandwidth" in done.stdout
