@@ -124,8 +124,9 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
         rows = x.numel() // x.size(-1)
+        # (a compiled graph has its own kernels for this)
         if (torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype != torch.float32
-                or rows > self.max_rows or torch.get_num_threads() < 2):  # (a compiled graph has its own kernels for this)
+                or rows > self.max_rows or torch.get_num_threads() < 2):
             return F.linear(x, w, b)
         n, k = w.shape
         half = n // 2
