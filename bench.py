@@ -56,6 +56,8 @@ fidelity: bool = False  # measure int8 and bfloat16 against float32 on the train
 fidelity_model: str = '../shared/tiny-gpt2-en'  # the trained model for --fidelity (relative to this file's folder)
 bandwidth_mb: int = 2048  # size of the buffer read to measure memory bandwidth (far larger than the caches)
 threads: int | None = None  # torch's thread count; None keeps its default (one per core)
+device: str = 'cpu'  # cpu or cuda (int8 runs on the CPU only)
+compile: bool = False  # also run (a) compiled (compile=True: static KV cache, CUDA graphs on a GPU)
 quick: bool = False  # smoke test: a tiny model, few tokens, one repeat, short workload (explicit settings still win)
 json: bool = False  # print the results as JSON instead of tables
 seed: int = 1337  # seed of the random weights and prompts
@@ -96,20 +98,31 @@ def cpu_description() -> dict:
     except OSError:
         pass
     wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    if device.startswith("cuda"):
+        model = f"{torch.cuda.get_device_name(device)} (host: {model})"
     return dict(model=model, cores=os.cpu_count(), threads=torch.get_num_threads(),
                 flags=[f for f in wanted if f in flags],
                 bf16_instructions=bool({"avx512_bf16", "amx_bf16"} & flags),
                 load_average=os.getloadavg() if hasattr(os, "getloadavg") else None)
 
 
+def sync() -> None:
+    """Wait for the device, so that a clock read after it counts the work queued before it."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def read_bandwidth(nbytes: int, repeats: int = 7) -> list[float]:
-    """Bytes/s of a streaming read (a sum) of a buffer far larger than the caches, on all of torch's threads."""
-    buffer = torch.ones(nbytes // 4)
+    """Bytes/s of a streaming read (a sum) of a buffer far larger than the caches, on all of torch's threads
+    (or the GPU's memory)."""
+    buffer = torch.ones(nbytes // 4, device=device)
     buffer.sum()  # fault the pages in before timing
     rates = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         buffer.sum()
+        sync()
         rates.append(buffer.nbytes / (time.perf_counter() - start))
     return rates
 
@@ -186,10 +199,15 @@ def transformers_model(model: GPT):
 # Timing: one generation, as a list of step timestamps
 
 
-def run_ours(model: GPT, idx: torch.Tensor, steps: int, use_kv_cache: bool = True) -> tuple[list[float], torch.Tensor]:
-    """Greedy generation through the project's generate_stream; the start time and each step's time."""
+def run_ours(model: GPT, idx: torch.Tensor, steps: int, use_kv_cache: bool = True,
+             compiled: bool = False) -> tuple[list[float], torch.Tensor]:
+    """Greedy generation through the project's generate_stream; the start time and each step's time. On a GPU only
+    the first and the last step wait for the device (as a user's loop would not wait at all), so the times
+    between are when steps were queued, and only the first and last are exact."""
     times, tokens = [time.perf_counter()], []
-    for token in model.generate_stream(idx, steps, temperature=0, use_kv_cache=use_kv_cache):
+    for token in model.generate_stream(idx, steps, temperature=0, use_kv_cache=use_kv_cache, compile=compiled):
+        if not tokens or len(tokens) == steps - 1:
+            sync()
         times.append(time.perf_counter())
         tokens.append(token)
     return times, torch.stack(tokens, dim=1)
@@ -213,7 +231,8 @@ def run_transformers(hf, idx: torch.Tensor, steps: int) -> tuple[list[float], to
     start = time.perf_counter()
     out = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=steps, min_new_tokens=steps,
                       do_sample=False, use_cache=True, streamer=clock)
-    return [start] + clock.times[1:], out[:, idx.size(1):]
+    sync()
+    return [start] + clock.times[1:-1] + [time.perf_counter()], out[:, idx.size(1):]
 
 
 def measure(system: str, run: Callable[[], tuple[list[float], torch.Tensor]], batch: int, prompt: int,
@@ -252,23 +271,25 @@ def workload_times(model: GPT, samples: int, steps: int, repeats: int) -> dict:
     token), and the per-step time is interpolated linearly between them and summed over the `steps` steps of
     one sample, times `samples`.
     """
-    newline = torch.tensor([[198 % model.config.vocab_size]])
+    newline = torch.tensor([[198 % model.config.vocab_size]], device=device)
     options = dict(temperature=0.8, top_k=200)
     ours = []
     for _ in range(repeats):
         start = time.perf_counter()
         model.generate(newline, steps, num_samples=samples, seed=1337, **options)
+        sync()
         ours.append(time.perf_counter() - start)
     span = min(steps, model.config.block_size)
     contexts = sorted({max(1, round(span * f)) for f in (0, 0.25, 0.5, 0.75, 1.0)})
     generator = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, model.config.vocab_size, (1, n), generator=generator) for n in contexts]
+    prompts = [torch.randint(0, model.config.vocab_size, (1, n), generator=generator).to(device) for n in contexts]
     step_s = [math.inf] * len(contexts)
     for _ in range(3):  # rounds over every context, the fastest of each kept: a burst of load skews no one context
         for i, prompt in enumerate(prompts):
             start = time.perf_counter()
             for _ in model.generate_stream(prompt, 1, use_kv_cache=False, seed=0, **options):
                 pass
+            sync()
             step_s[i] = min(step_s[i], time.perf_counter() - start)
     per_sample = 0.0
     for n in range(1, steps + 1):  # the context of step n holds n tokens (the prompt's one, then n - 1 new)
@@ -391,6 +412,7 @@ def main() -> int:
         name = f"random weights, {n_layer} layers, {n_head} heads, {n_embd} wide, vocabulary {vocab_size}"
     name += f" ({model.get_num_params(non_embedding=False) / 1e6:.1f}M parameters)"
     vocab = model.config.vocab_size
+    model = model.to(device)
     dtypes = ["float32"] + [d for d in dtype.split(",") if d and d != "float32"]
     for d in dtypes:
         if d not in ("float32", "bfloat16", "float16"):
@@ -402,18 +424,22 @@ def main() -> int:
     ours = {d: model if d == "float32" else copy.deepcopy(model).to(getattr(torch, d)) for d in dtypes}
     theirs = {}
     for d in dtypes:
-        theirs[d] = transformers_model(model).to(getattr(torch, d))
-    if quantize:
+        theirs[d] = transformers_model(model).to(device=device, dtype=getattr(torch, d))
+    if quantize and device == "cpu":
         ours["int8"] = copy.deepcopy(model).quantize_int8()
 
     results, checks, ok = [], [], True
     generator = torch.Generator().manual_seed(seed)
     for batch in batches:
-        idx = torch.randint(0, vocab, (batch, prompt_len), generator=generator)
+        idx = torch.randint(0, vocab, (batch, prompt_len), generator=generator).to(device)
         for variant, m in ours.items():
             nbytes = decode_bytes(m)
             results.append(measure(f"(a) ours {variant}", lambda: run_ours(m, idx, new_tokens), batch, prompt_len,
                                    repeats, nbytes))
+            if compile and variant != "int8":
+                results.append(measure(f"(a) ours {variant} compiled", lambda: run_ours(m, idx, new_tokens,
+                                                                                          compiled=True),
+                                       batch, prompt_len, repeats, nbytes))
             if variant in theirs and (variant == "float32" or str(batch) in slow_batches.split(",")):
                 hf = theirs[variant]
                 results.append(measure(f"(b) transformers {variant}", lambda: run_transformers(hf, idx, new_tokens),
