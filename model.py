@@ -353,7 +353,8 @@ class GPT(nn.Module):
 
         idx is (B, T) prompt ids; each prompt row is prefilled once and shared by its num_samples samples (rows
         come out sample-major per prompt, like repeat_interleave). A row that draws one of stop_tokens has ended:
-        it repeats that token from then on, and the stream stops when every row has ended. seed (or a
+        it repeats that token from then on, and the stream stops when every row has ended (on a GPU, which is
+        asked only every 8 steps, up to 7 steps later). seed (or a
         torch.Generator) makes sampling repeatable on one device. use_kv_cache=False recomputes the whole window
         each step (nanoGPT's method), the reference the cache is tested against. compile=True runs the decode
         step compiled over a static cache (see KVCache).
