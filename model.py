@@ -85,21 +85,23 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Opt
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
+    candidates = None  # token ids of the columns of logits, once narrowed to the likeliest (most likely first)
     if top_k is not None and top_k < logits.size(-1):
-        kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+        # Only the k likeliest tokens can be drawn: the rest of the work is done on those k columns alone.
+        logits, candidates = torch.topk(logits, top_k, dim=-1)
     probs = F.softmax(logits, dim=-1)
     if top_p is not None and top_p < 1.0:
+        if candidates is None:
+            probs, candidates = probs.sort(dim=-1, descending=True)
         # Keep the smallest set of most likely tokens whose mass reaches top_p: a token stays while the mass of
         # the tokens ranked above it is still short of top_p (so the most likely one always stays).
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs
-        drop = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, mass_above >= top_p)
-        probs = probs.masked_fill(drop, 0.0)
+        mass_above = probs.cumsum(dim=-1) - probs
+        probs = probs.masked_fill(mass_above >= top_p, 0.0)
     # argmax(p / E) with E ~ Exp(1) draws index i with probability p_i / sum(p): an exact sample without the
     # host-side checks of torch.multinomial. The clamp keeps a zero draw from turning 0/0 into NaN.
     noise = torch.empty_like(probs).exponential_(1.0, generator=generator).clamp_(min=torch.finfo(probs.dtype).tiny)
-    return (probs / noise).argmax(dim=-1)
+    choice = (probs / noise).argmax(dim=-1)
+    return choice if candidates is None else candidates.gather(-1, choice[:, None])[:, 0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
