@@ -201,7 +201,8 @@ def main() -> None:
         check_sampling_args(0, temperature, top_k, None, 1)
     except ValueError as e:
         raise UsageError(e) from None
-    model = GPT.from_pretrained(init_from)
+    checkpoint = resolve_checkpoint(init_from)  # once: the model and the tokenizer both come from it
+    model = GPT.from_pretrained(str(checkpoint))
     config = model.config
     if not 1 <= length <= config.block_size:
         raise UsageError(f"--length={length} is outside this model's context: use a length from 1 to "
@@ -215,8 +216,7 @@ def main() -> None:
     if text is None:
         ids = model.generate(torch.tensor([[EOT_ID]]), length - 1, temperature=temperature, top_k=top_k, seed=seed)
     else:
-        checkpoint = resolve_checkpoint(init_from)
-        enc = load_tokenizer(checkpoint if checkpoint.is_dir() else checkpoint.parent, tiktoken_file)
+        enc = load_tokenizer(checkpoint, tiktoken_file)
         ids = text_ids(enc, text, length)
     probs = attention_probs(model, ids)
     T = ids.size(1)

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from configurator import configure
-from model import GPT, GPTConfig, Int8Linear
+from model import CONV1D_WEIGHTS, GPT, GPTConfig, Int8Linear
 
 # -----------------------------------------------------------------------------
 init_from: str | None = None  # a checkpoint (hub name, folder, nanoGPT ckpt.pt); None: random weights shaped below
@@ -183,8 +183,7 @@ def transformers_model(model: GPT):
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
                                     n_layer=c.n_layer, n_head=c.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
                                     attn_pdrop=0.0, activation_function="gelu_new")).eval()
-    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    state = {name: (t.t() if name.endswith(conv1d) else t) for name, t in model.state_dict().items()}
+    state = {name: (t.t() if name.endswith(CONV1D_WEIGHTS) else t) for name, t in model.state_dict().items()}
     missing, unexpected = hf.load_state_dict(state, strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise RuntimeError(f"transformers' GPT-2 does not fit our tensors: missing {missing}, unexpected {unexpected}")

@@ -1,8 +1,8 @@
 """
 GPT-2 in plain PyTorch: the module, generation with a KV cache, and loading of every GPT-2 checkpoint.
 
-The file reads top to bottom: configuration, the network, the KV cache, sampling, generation in named phases
-(prefill, decode_step, the streaming loop), and last the loaders, which only turn files into a config and a
+The file reads top to bottom: configuration, the KV cache, sampling, the network with its generation in named
+phases (prefill, decode_step, the streaming loop), int8 weights, and last the loaders, which only turn files into a config and a
 state dict and never touch the math above them.
 """
 
@@ -624,11 +624,7 @@ def read_hf_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
     it, so the file's pages are never held in memory beside the whole copied model."""
     from safetensors import safe_open
 
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
-    else:
-        files = sorted(folder.glob("*.safetensors"))
+    files = weight_files(folder, "model.safetensors.index.json", "*.safetensors")
     for file in files:
         with safe_open(file, framework="pt") as f:
             names = list(f.keys())
@@ -638,15 +634,19 @@ def read_hf_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, tensor
     if files:
         return
-    index = folder / "pytorch_model.bin.index.json"
-    if index.exists():
-        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
-    else:
-        files = sorted(folder.glob("pytorch_model*.bin"))
+    files = weight_files(folder, "pytorch_model.bin.index.json", "pytorch_model*.bin")
     if not files:
         raise LoadError(f"{folder} has config.json but no weights: it needs model.safetensors or pytorch_model.bin")
     for file in files:
         yield from load_pickle(file).items()
+
+
+def weight_files(folder: Path, index_name: str, pattern: str) -> list[Path]:
+    """The shards a sharded checkpoint's index names, else the files matching pattern."""
+    index = folder / index_name
+    if index.exists():
+        return sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    return sorted(folder.glob(pattern))
 
 
 def state_dict_from_hf(tensors: Iterator[tuple[str, torch.Tensor]]) -> dict:

@@ -187,7 +187,7 @@ def main() -> int:
     dt = pick_dtype(dtype, dev)
     try:
         checkpoint = resolve_checkpoint(init_from)
-        enc = load_tokenizer(checkpoint.parent if checkpoint.is_file() else checkpoint, tiktoken_file)
+        enc = load_tokenizer(checkpoint, tiktoken_file)
     except (LoadError, TokenizerError) as e:
         raise UsageError(e) from None
     ids = enc.encode(prompt, allowed_special={EOT})

@@ -27,15 +27,18 @@ class TokenizerError(Exception):
 
 def load_tokenizer(model_folder: Optional[Path] = None, tiktoken_file: Optional[str] = None) -> tiktoken.Encoding:
     """GPT-2's encoding, from the first source that has it: tiktoken_file (or $GPT2_TIKTOKEN_FILE), the model
-    folder's vocab.json + merges.txt, then tiktoken's own cache or download. Every source gives the same ids."""
+    folder's vocab.json + merges.txt, then tiktoken's own cache or download. Every source gives the same ids.
+    model_folder may also be a checkpoint file (a nanoGPT ckpt.pt): the folder that holds it is looked in."""
     tiktoken_file = tiktoken_file or os.environ.get(TIKTOKEN_FILE_ENV)
     if tiktoken_file:
         if not Path(tiktoken_file).is_file():
             raise TokenizerError(f"tokenizer rank file {tiktoken_file} does not exist: give the path of GPT-2's "
                                  f"gpt2.tiktoken file")
         return _encoding(load_tiktoken_bpe(str(tiktoken_file)))
-    if model_folder is not None and (Path(model_folder) / "vocab.json").is_file():
-        return _encoding(ranks_from_vocab(Path(model_folder) / "vocab.json"))
+    if model_folder is not None:
+        folder = Path(model_folder) if Path(model_folder).is_dir() else Path(model_folder).parent
+        if (folder / "vocab.json").is_file():
+            return _encoding(ranks_from_vocab(folder / "vocab.json"))
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # tiktoken raises whatever its HTTP client raised
