@@ -32,9 +32,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MultipleLocator
 from PIL import Image
 
-from configurator import configure
-from model import GPT, LoadError, check_sampling_args, resolve_checkpoint
-from tokenizer import EOT, EOT_ID, TokenizerError, load_tokenizer
+from configurator import UsageError, configure, run_main
+from load import resolve_checkpoint
+from model import GPT, check_sampling_args
+from tokenizer import EOT, EOT_ID, load_tokenizer
 
 if TYPE_CHECKING:
     import tiktoken
@@ -61,10 +62,6 @@ VMIN, VMAX = 1e-4, 1.0
 CMAP = colormaps["magma"].with_extremes(bad="white")  # bad = masked = the future, above the diagonal
 PANEL_INCHES = 3.0  # each heat map about 256 px wide at DPI, so 256 positions are drawn about one pixel each
 DPI = 100
-
-
-class UsageError(Exception):
-    """A bad setting or input; the message says what is wrong and what to do instead."""
 
 
 def parse_indices(name: str, spec: str) -> Optional[list[int]]:
@@ -190,7 +187,7 @@ def save_gif(frames: Sequence[Image.Image], path: Path, duration: int) -> None:
 
 
 def main() -> None:
-    """Draw the picture the settings ask for; UsageError, LoadError or TokenizerError for a mistake."""
+    """Draw the picture the settings ask for; a UsageError (LoadError, TokenizerError) for a mistake."""
     # Every check that needs no model runs first, so that no model loads in vain.
     if duration < 1:
         raise UsageError(f"--duration={duration}: give the milliseconds per frame, at least 1")
@@ -240,8 +237,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     configure(globals(), sys.argv[1:])
-    try:
-        main()
-    except (UsageError, LoadError, TokenizerError) as e:
-        print(f"attention.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

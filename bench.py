@@ -30,8 +30,10 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from configurator import configure
-from model import CONV1D_WEIGHTS, GPT, GPTConfig, Int8Linear
+from configurator import UsageError, configure, run_main
+from linear import Int8Linear
+from load import CONV1D_WEIGHTS
+from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
 init_from: str | None = None  # a checkpoint (hub name, folder, nanoGPT ckpt.pt); None: random weights shaped below
@@ -415,9 +417,9 @@ def main() -> int:
     dtypes = ["float32"] + [d for d in dtype.split(",") if d and d != "float32"]
     for d in dtypes:
         if d not in ("float32", "bfloat16", "float16"):
-            raise SystemExit(f"bench.py: error: unknown dtype '{d}': use float32, bfloat16 or float16")
+            raise UsageError(f"unknown dtype '{d}': use float32, bfloat16 or float16")
     if quantize not in (None, "int8"):
-        raise SystemExit(f"bench.py: error: quantize must be int8 or None, got '{quantize}'")
+        raise UsageError(f"quantize must be int8 or None, got '{quantize}'")
     batches = [int(b) for b in batch_sizes.split(",") if b]
 
     ours = {d: model if d == "float32" else copy.deepcopy(model).to(getattr(torch, d)) for d in dtypes}
@@ -523,4 +525,4 @@ if __name__ == "__main__":
     configure(globals(), sys.argv[1:])
     if quick:
         globals().update({k: v for k, v in QUICK.items() if globals()[k] == defaults[k]})
-    sys.exit(main())
+    run_main(main)

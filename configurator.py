@@ -25,12 +25,13 @@ Settings are found by reading the calling script's source, so its annotations ar
 import ast
 import difflib
 import io
+import os
 import sys
 import tokenize
 from ast import literal_eval
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
 BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False}
 
@@ -43,8 +44,11 @@ class Setting:
     comment: str
 
 
-class ConfigError(Exception):
-    """A user mistake on the command line or in a config file; the message says which and how to fix it."""
+class UsageError(Exception):
+    """A user's mistake (a setting, a file, the model asked for); the message says which and how to fix it.
+
+    Every script prints it the same way, through run_main: one paragraph on stderr, no traceback, exit status 2.
+    """
 
 
 def configure(config: dict, argv: Sequence[str]) -> None:
@@ -61,22 +65,45 @@ def configure(config: dict, argv: Sequence[str]) -> None:
                 print(help_text(prog, settings, config, config.get("__doc__")))
                 sys.exit(0)
             apply_argument(arg, config, settings)
-    except ConfigError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except UsageError as e:
+        exit_with_usage_error(prog, e)
+
+
+def exit_with_usage_error(prog: str, error: Exception) -> NoReturn:
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run_main(main: Callable[[], Optional[int]]) -> NoReturn:
+    """Run a script's main and exit with its status: a UsageError (LoadError and TokenizerError are ones) as a
+    message and status 2, Ctrl-C as 130, and a reader that left the pipe (`| head`) quietly as 141."""
+    prog = Path(sys.argv[0]).name
+    try:
+        status = main()
+    except UsageError as e:
+        exit_with_usage_error(prog, e)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:
+        # Point stdout at /dev/null so that the interpreter's final flush does not raise again; 141 is what a
+        # shell reports for a process ended by SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
+    sys.exit(status or 0)
 
 
 def apply_argument(arg: str, config: dict, settings: dict[str, Setting]) -> None:
     if not arg.startswith("-"):
         if "=" in arg:
-            raise ConfigError(f"'{arg}' looks like a setting: write it as --{arg}")
+            raise UsageError(f"'{arg}' looks like a setting: write it as --{arg}")
         apply_config_file(arg, config, settings)
         return
     key, has_value, text = arg.lstrip("-").partition("=")
     setting = lookup(key, settings)
     if not has_value:
         if setting.kind is not bool:
-            raise ConfigError(f"--{key} needs a value: --{key}=VALUE ({describe(setting)})")
+            raise UsageError(f"--{key} needs a value: --{key}=VALUE ({describe(setting)})")
         config[key] = True
         return
     config[key] = convert(setting, parse_value(setting, text), text)
@@ -95,7 +122,7 @@ def parse_value(setting: Setting, text: str) -> Any:
 
 
 def convert(setting: Setting, value: Any, shown: Any = None) -> Any:
-    """value checked (and widened, int to float) against the setting's type; ConfigError when it does not fit."""
+    """value checked (and widened, int to float) against the setting's type; UsageError when it does not fit."""
     if value is None and setting.optional:
         return None
     if setting.kind is bool:
@@ -112,7 +139,7 @@ def convert(setting: Setting, value: Any, shown: Any = None) -> Any:
     elif isinstance(value, setting.kind):
         return value
     shown = value if shown is None else shown
-    raise ConfigError(f"{setting.name} expects {describe(setting)}, got {shown!r}")
+    raise UsageError(f"{setting.name} expects {describe(setting)}, got {shown!r}")
 
 
 def describe(setting: Setting) -> str:
@@ -126,7 +153,7 @@ def lookup(key: str, settings: dict[str, Setting]) -> Setting:
     close = difflib.get_close_matches(key, settings, n=3, cutoff=0.6)
     hint = f"did you mean {' or '.join('--' + c for c in close)}?" if close else \
         f"the settings are {', '.join(settings)}"
-    raise ConfigError(f"unknown setting '{key}': {hint} (--help lists them)")
+    raise UsageError(f"unknown setting '{key}': {hint} (--help lists them)")
 
 
 def apply_config_file(path: str, config: dict, settings: dict[str, Setting]) -> None:
@@ -134,13 +161,13 @@ def apply_config_file(path: str, config: dict, settings: dict[str, Setting]) -> 
     try:
         source = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read config file {path}: {getattr(e, 'strerror', None) or e}") from None
+        raise UsageError(f"cannot read config file {path}: {getattr(e, 'strerror', None) or e}") from None
     namespace = {name: config[name] for name in settings}
     try:
         exec(compile(source, path, "exec"), namespace)
     except Exception as e:  # whatever the file does wrong is the user's to fix, shown without our traceback
         line = getattr(e, "lineno", None) or _failing_line(e, path)
-        raise ConfigError(f"config file {path}{f' line {line}' if line else ''}: "
+        raise UsageError(f"config file {path}{f' line {line}' if line else ''}: "
                           f"{type(e).__name__}: {e}") from None
     for name, value in namespace.items():
         if name in settings:

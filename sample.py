@@ -11,13 +11,12 @@ they finish; piped, the same text is written once each sample is complete.
 from __future__ import annotations
 
 import codecs
-import os
 import sys
 import time
 from typing import TYPE_CHECKING, TextIO
 
-from configurator import configure
-from tokenizer import EOT, EOT_ID, TokenizerError, load_tokenizer
+from configurator import UsageError, configure, run_main
+from tokenizer import EOT, EOT_ID, load_tokenizer
 
 if TYPE_CHECKING:
     import tiktoken
@@ -43,10 +42,6 @@ tiktoken_file: str | None = None  # GPT-2's gpt2.tiktoken rank file (else $GPT2_
 
 SEPARATOR = "---------------"
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-
-
-class UsageError(Exception):
-    """A mistake in the settings, the prompt or the model asked for: printed without a traceback, exit status 2."""
 
 
 def read_prompt(start: str) -> str:
@@ -177,7 +172,8 @@ def main() -> int:
     prompt = read_prompt(start)  # before the slow imports: a mistake here answers at once
 
     import torch
-    from model import GPT, LoadError, check_sampling_args, resolve_checkpoint
+    from load import resolve_checkpoint
+    from model import GPT, check_sampling_args
 
     try:  # model.generate_stream's own checks, run now so that no model loads in vain
         check_sampling_args(max_new_tokens, temperature, top_k, top_p, num_samples)
@@ -185,20 +181,14 @@ def main() -> int:
         raise UsageError(e) from None
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    try:
-        checkpoint = resolve_checkpoint(init_from)
-        enc = load_tokenizer(checkpoint, tiktoken_file)
-    except (LoadError, TokenizerError) as e:
-        raise UsageError(e) from None
+    checkpoint = resolve_checkpoint(init_from)
+    enc = load_tokenizer(checkpoint, tiktoken_file)
     ids = enc.encode(prompt, allowed_special={EOT})
     if not ids:
         print(f"the prompt is empty: starting from {EOT}", file=sys.stderr)
 
     t0 = time.perf_counter()
-    try:
-        model = GPT.from_pretrained(str(checkpoint)).to(device=dev, dtype=dt)  # resolved once, above
-    except LoadError as e:
-        raise UsageError(e) from None
+    model = GPT.from_pretrained(str(checkpoint)).to(device=dev, dtype=dt)  # resolved once, above
     if quantize is not None:
         if quantize != "int8" or dev.type != "cpu":
             raise UsageError(f"--quantize takes int8 on the CPU only, got {quantize!r} on {dev}")
@@ -283,16 +273,4 @@ def report_speed(n_steps: int, elapsed: float, first_step: float) -> None:
 
 if __name__ == "__main__":
     configure(globals(), sys.argv[1:])
-    try:
-        sys.exit(main())
-    except UsageError as e:
-        print(f"sample.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    except BrokenPipeError:
-        # The reader left (e.g. `| head`): stop quietly. Point stdout at /dev/null so that the interpreter's
-        # final flush does not raise again; 141 is what a shell reports for a process ended by SIGPIPE.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(141)
+    run_main(main)

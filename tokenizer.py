@@ -14,6 +14,8 @@ from typing import Optional
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
+from configurator import UsageError
+
 # GPT-2's pre-tokenizer split: contractions, letters, digits, other symbols, whitespace.
 GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 EOT = "<|endoftext|>"
@@ -21,7 +23,7 @@ EOT_ID = 50256
 TIKTOKEN_FILE_ENV = "GPT2_TIKTOKEN_FILE"
 
 
-class TokenizerError(Exception):
+class TokenizerError(UsageError):
     """No way to build the GPT-2 tokenizer; the message says how to provide one."""
 
 

@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 from transformers import GPT2LMHeadModel
 
 from conftest import ROOT, write_random_checkpoint
-from model import GPT, GPTConfig, LoadError
+from load import LoadError
+from model import GPT, GPTConfig
 
 
 def hf_model(folder) -> GPT2LMHeadModel:

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from model import GPT, GPTConfig, Int8Linear
+from linear import Int8Linear
+from model import GPT, GPTConfig
 from tokenizer import load_tokenizer
 
 
