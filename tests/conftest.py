@@ -1,8 +1,9 @@
-"""Shared fixtures: offline hub, the trained model in ../shared, and small random checkpoints written by transformers."""
+"""Shared fixtures: offline hub, the trained model in ../shared (loaded once per run), and small random
+checkpoints written by transformers."""
 
 import os
-import sys
 from pathlib import Path
+from typing import Callable
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -10,36 +11,113 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-sys.path.insert(0, str(ROOT))
+from model import GPT
+
+ROOT_DIR = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def root_dir() -> Path:
+    """The project's folder, where the scripts are run."""
+    return ROOT_DIR
 
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    return SHARED
+    return ROOT_DIR.parent / "shared"
 
 
 @pytest.fixture(scope="session")
-def trained_dir() -> Path:
+def trained_dir(shared_dir) -> Path:
     """The small GPT-2-architecture model trained on English prose (4 layers, 128 wide, 256 positions)."""
-    return SHARED / "tiny-gpt2-en"
+    return shared_dir / "tiny-gpt2-en"
 
 
-def write_random_checkpoint(folder: Path, safe_serialization: bool = True, seed: int = 0, **config) -> Path:
-    """A GPT-2 checkpoint with random weights, saved by transformers' save_pretrained, with the trained model's
-    tokenizer files beside it as a hub repository has them."""
+@pytest.fixture(scope="session")
+def trained(trained_dir) -> GPT:
+    """The trained model, loaded once for the whole run: tests must not change it (copy it first)."""
+    return GPT.from_pretrained(str(trained_dir))
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(trained_dir) -> Callable[..., Path]:
+    """write(folder, safe_serialization=True, seed=0, **GPT2Config arguments): a GPT-2 checkpoint with random
+    weights saved by transformers' save_pretrained, with the trained model's tokenizer files beside it as a hub
+    repository has them."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(**config)).eval()
-    model.save_pretrained(folder, safe_serialization=safe_serialization)
-    for name in ("vocab.json", "merges.txt"):
-        (folder / name).write_bytes((SHARED / "tiny-gpt2-en" / name).read_bytes())
-    return folder
+    def write(folder: Path, safe_serialization: bool = True, seed: int = 0, **config) -> Path:
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(GPT2Config(**config)).eval()
+        model.save_pretrained(folder, safe_serialization=safe_serialization)
+        for name in ("vocab.json", "merges.txt"):
+            (folder / name).write_bytes((trained_dir / name).read_bytes())
+        return folder
+
+    return write
 
 
 @pytest.fixture(scope="session")
-def small_dir(tmp_path_factory) -> Path:
+def small_dir(tmp_path_factory, random_checkpoint) -> Path:
     """A 2-layer random GPT-2 with a short context, for fast end-to-end runs."""
-    return write_random_checkpoint(tmp_path_factory.mktemp("small"), n_layer=2, n_head=2, n_embd=64, n_positions=64)
+    return random_checkpoint(tmp_path_factory.mktemp("small"), n_layer=2, n_head=2, n_embd=64, n_positions=64)
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    """load(folder): transformers' GPT2LMHeadModel of a checkpoint folder, the oracle, in eval mode."""
+    from transformers import GPT2LMHeadModel
+
+    return lambda folder: GPT2LMHeadModel.from_pretrained(folder, attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="session")
+def assert_same_logits():
+    """check(ours, theirs, T=64, B=2): logits for every position within 1e-4 of transformers', the loss within
+    1e-5, and the last-position logits of a plain call."""
+
+    def check(ours: GPT, theirs, T: int = 64, B: int = 2) -> None:
+        idx = torch.randint(0, ours.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            logits, _ = ours(idx, all_logits=True)
+            expected = theirs(idx).logits
+            assert logits.shape == expected.shape
+            assert (logits - expected).abs().max().item() <= 1e-4
+            # The loss for given targets: ours predicts idx[1:] from idx[:-1]; transformers shifts labels itself.
+            _, loss = ours(idx[:, :-1], targets=idx[:, 1:])
+            assert abs(loss.item() - theirs(idx, labels=idx).loss.item()) <= 1e-5
+            last, none = ours(idx)
+            assert none is None and last.shape == (B, 1, ours.config.vocab_size)
+            assert torch.allclose(last[:, 0], logits[:, -1], atol=1e-5)  # a 1-row matmul rounds differently
+
+    return check
+
+
+@pytest.fixture(scope="session")
+def hub_style_tensors(hf_model):
+    """tensors(folder, prefix, buffers): a saved checkpoint's tensors renamed as older GPT-2 repositories store
+    them: with or without the 'transformer.' prefix, no lm_head, and per-block causal-mask buffers."""
+
+    def tensors(folder: Path, prefix: str, buffers: tuple[str, ...]) -> dict:
+        model = hf_model(folder)
+        renamed = {}
+        for name, tensor in model.state_dict().items():
+            if name == "lm_head.weight":
+                continue
+            renamed[prefix + name.removeprefix("transformer.")] = tensor.clone()
+        n = model.config.n_positions
+        for i in range(model.config.n_layer):
+            for buffer in buffers:
+                renamed[f"{prefix}h.{i}.attn.{buffer}"] = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
+        return renamed
+
+    return tensors

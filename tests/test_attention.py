@@ -33,11 +33,6 @@ def script(monkeypatch, capsys):
 
 
 @pytest.fixture(scope="module")
-def trained(trained_dir) -> GPT:
-    return GPT.from_pretrained(str(trained_dir))
-
-
-@pytest.fixture(scope="module")
 def sequence(trained) -> torch.Tensor:
     """A full-context sequence, <|endoftext|> then random tokens, so every position of the picture is checked."""
     g = torch.Generator().manual_seed(0)

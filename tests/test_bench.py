@@ -5,11 +5,10 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT
 
 
-def test_quick_bench_runs_every_system_with_identical_tokens():
-    done = subprocess.run([sys.executable, "bench.py", "--quick", "--json"], cwd=ROOT, capture_output=True,
+def test_quick_bench_runs_every_system_with_identical_tokens(root_dir):
+    done = subprocess.run([sys.executable, "bench.py", "--quick", "--json"], cwd=root_dir, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
@@ -27,9 +26,9 @@ def test_quick_bench_runs_every_system_with_identical_tokens():
     assert all("DIFFER" not in line for line in report["checks"])
 
 
-def test_table_names_the_checks_and_the_estimate():
+def test_table_names_the_checks_and_the_estimate(root_dir):
     done = subprocess.run([sys.executable, "bench.py", "--quick", "--dtype=float32", "--quantize=None",
-                           "--batch_sizes=1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                           "--batch_sizes=1"], cwd=root_dir, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "(a) ours vs (b) transformers: identical; (a) vs (c) no cache: identical" in done.stdout
     assert "ESTIMATED" in done.stdout and "read bandwidth" in done.stdout

@@ -6,7 +6,6 @@ import textwrap
 
 import pytest
 
-from conftest import ROOT
 from configurator import configure
 
 SCRIPT = '''\
@@ -173,14 +172,14 @@ def test_help_lists_every_setting_with_default_and_comment(settings, capsys):
     assert "helper" not in out
 
 
-def test_sample_py_help_and_errors_end_to_end():
+def test_sample_py_help_and_errors_end_to_end(root_dir):
     """Through the real script: --help lists sample.py's settings; a mistake exits 2 before torch is imported."""
-    run = subprocess.run([sys.executable, "sample.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "sample.py", "--help"], cwd=root_dir, capture_output=True, text=True)
     assert run.returncode == 0
     for key in ["init_from", "start", "num_samples", "max_new_tokens", "temperature", "top_k", "top_p",
                 "stop_at_eot", "seed", "device", "dtype", "compile", "stream", "tiktoken_file"]:
         assert f"--{key}=" in run.stdout
-    run = subprocess.run([sys.executable, "sample.py", "--top_k=ten"], cwd=ROOT, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "sample.py", "--top_k=ten"], cwd=root_dir, capture_output=True, text=True)
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr == textwrap.dedent("""\
         sample.py: error: top_k expects an int or None, got 'ten'

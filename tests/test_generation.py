@@ -7,7 +7,6 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from conftest import write_random_checkpoint
 from model import GPT, GPTConfig, KVCache, sample_next_token
 
 
@@ -16,11 +15,6 @@ def short_context_model() -> GPT:
     """Random weights, block_size 48: 200+ new tokens run well past the context."""
     torch.manual_seed(0)
     return GPT(GPTConfig(block_size=48, vocab_size=97, n_layer=2, n_head=2, n_embd=32)).eval()
-
-
-@pytest.fixture(scope="module")
-def trained(trained_dir) -> GPT:
-    return GPT.from_pretrained(str(trained_dir))
 
 
 def prompts(batch: int, length: int, vocab: int, seed: int = 0) -> torch.Tensor:
@@ -72,8 +66,8 @@ def test_greedy_equals_transformers_on_trained_model(trained, trained_dir):
     assert torch.equal(ours, hf_greedy(trained_dir, idx, 150))
 
 
-def test_greedy_equals_transformers_on_124m_shape(tmp_path):
-    folder = write_random_checkpoint(tmp_path, seed=3)
+def test_greedy_equals_transformers_on_124m_shape(tmp_path, random_checkpoint):
+    folder = random_checkpoint(tmp_path, seed=3)
     idx = prompts(1, 16, 50257)
     ours = GPT.from_pretrained(str(folder)).generate(idx, 24, temperature=0)
     assert torch.equal(ours, hf_greedy(folder, idx, 24))

@@ -1,6 +1,6 @@
 """GPU checks (skipped without CUDA): the compiled static-cache path, bfloat16 against float32, no host syncs.
 
-Run on a GPU machine with `python -m pytest tests/test_gpu.py -v`; CI has no GPU and skips them.
+Run on a GPU machine with `python -m pytest -m gpu -v`; CI has no GPU and skips them (the `gpu` marker).
 """
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 
 from model import GPT, GPTConfig
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
@@ -53,19 +53,18 @@ def test_decode_loop_never_waits_on_the_host(trained_cuda):
     assert len(steps) == 49
 
 
-def test_sample_streams_the_same_text_on_a_gpu(trained_dir):
+def test_sample_streams_the_same_text_on_a_gpu(root_dir, trained_dir):
     """The live path copies each step's tokens to the host asynchronously; the text must not change."""
     import os
     import subprocess
     import sys
 
-    from conftest import ROOT
 
     def run(stream: bool) -> str:
         result = subprocess.run(
             [sys.executable, "sample.py", f"--init_from={trained_dir}", "--device=cuda", "--num_samples=3",
              "--max_new_tokens=40", "--stop_at_eot=True", f"--stream={stream}"],
-            cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+            cwd=root_dir, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr
         return result.stdout
 

@@ -1,51 +1,23 @@
-"""model.py against transformers' GPT2LMHeadModel: same logits, same loss, every checkpoint layout loads."""
-
-import pickle
-import subprocess
-import sys
-from pathlib import Path
+"""model.py against transformers' GPT2LMHeadModel: same logits, same loss, the GPT-2 init, attention paths."""
 
 import pytest
 import torch
-from safetensors.torch import save_file
-from transformers import GPT2LMHeadModel
 
-from conftest import ROOT, write_random_checkpoint
-from load import LoadError
 from model import GPT, GPTConfig
 
 
-def hf_model(folder) -> GPT2LMHeadModel:
-    return GPT2LMHeadModel.from_pretrained(folder, attn_implementation="eager").eval()
-
-
-def assert_same_logits(ours: GPT, theirs: GPT2LMHeadModel, T: int = 64, B: int = 2) -> None:
-    idx = torch.randint(0, ours.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        logits, _ = ours(idx, all_logits=True)
-        expected = theirs(idx).logits
-        assert logits.shape == expected.shape
-        assert (logits - expected).abs().max().item() <= 1e-4
-        # The loss for given targets: ours predicts idx[1:] from idx[:-1]; transformers shifts labels itself.
-        _, loss = ours(idx[:, :-1], targets=idx[:, 1:])
-        assert abs(loss.item() - theirs(idx, labels=idx).loss.item()) <= 1e-5
-        last, none = ours(idx)
-        assert none is None and last.shape == (B, 1, ours.config.vocab_size)
-        assert torch.allclose(last[:, 0], logits[:, -1], atol=1e-5)  # a 1-row matmul rounds differently
-
-
 @pytest.fixture(scope="module")
-def gpt2_124m_dirs(tmp_path_factory):
+def gpt2_124m_dirs(tmp_path_factory, random_checkpoint, hub_style_tensors):
     """The real 124M shape with random weights, saved as safetensors by save_pretrained, and as the
     pytorch_model.bin of the hub's GPT-2 repositories (transformers 5 no longer writes pickles itself)."""
-    safe = write_random_checkpoint(tmp_path_factory.mktemp("gpt2-safe"), seed=1)
+    safe = random_checkpoint(tmp_path_factory.mktemp("gpt2-safe"), seed=1)
     pickled = tmp_path_factory.mktemp("gpt2-bin")
     (pickled / "config.json").write_text((safe / "config.json").read_text())
     torch.save(hub_style_tensors(safe, "", ("bias", "masked_bias")), pickled / "pytorch_model.bin")
     return safe, pickled
 
 
-def test_124m_matches_transformers_from_safetensors_and_pickle(gpt2_124m_dirs):
+def test_124m_matches_transformers_from_safetensors_and_pickle(gpt2_124m_dirs, hf_model, assert_same_logits):
     safe, pickled = gpt2_124m_dirs
     reference = hf_model(safe)
     for folder in (safe, pickled):
@@ -57,60 +29,13 @@ def test_124m_matches_transformers_from_safetensors_and_pickle(gpt2_124m_dirs):
         assert_same_logits(model, reference)
 
 
-def test_small_config_matches_transformers(tmp_path):
-    folder = write_random_checkpoint(tmp_path, n_layer=3, n_head=6, n_embd=96, n_positions=128)
+def test_small_config_matches_transformers(tmp_path, random_checkpoint, hf_model, assert_same_logits):
+    folder = random_checkpoint(tmp_path, n_layer=3, n_head=6, n_embd=96, n_positions=128)
     assert_same_logits(GPT.from_pretrained(str(folder)), hf_model(folder), T=128)
 
 
-def test_trained_model_matches_transformers(trained_dir):
-    assert_same_logits(GPT.from_pretrained(str(trained_dir)), hf_model(trained_dir), T=256)
-
-
-def hub_style_tensors(folder: Path, prefix: str, buffers: tuple[str, ...]) -> dict:
-    """The tensors of a saved checkpoint renamed as older GPT-2 repositories store them: with or without the
-    'transformer.' prefix, no lm_head, and per-block causal-mask buffers."""
-    model = hf_model(folder)
-    tensors = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight":
-            continue
-        tensors[prefix + name.removeprefix("transformer.")] = tensor.clone()
-    n = model.config.n_positions
-    for i in range(model.config.n_layer):
-        for buffer in buffers:
-            tensors[f"{prefix}h.{i}.attn.{buffer}"] = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
-    return tensors
-
-
-@pytest.mark.parametrize("prefix, buffers", [("", ("bias",)), ("transformer.", ("bias", "masked_bias"))])
-def test_hub_layouts_load(tmp_path, small_dir, prefix, buffers):
-    folder = tmp_path / "repo"
-    folder.mkdir()
-    (folder / "config.json").write_text((small_dir / "config.json").read_text())
-    save_file(hub_style_tensors(small_dir, prefix, buffers), folder / "model.safetensors")
-    assert_same_logits(GPT.from_pretrained(str(folder)), hf_model(small_dir))
-
-
-def test_sharded_safetensors_load(tmp_path, small_dir):
-    hf_model(small_dir).save_pretrained(tmp_path, max_shard_size="200KB")
-    assert (tmp_path / "model.safetensors.index.json").exists()
-    assert_same_logits(GPT.from_pretrained(str(tmp_path)), hf_model(small_dir))
-
-
-def test_nanogpt_checkpoint_round_trip(tmp_path):
-    config = GPTConfig(block_size=32, vocab_size=100, n_layer=2, n_head=2, n_embd=32, bias=False, dropout=0.1)
-    torch.manual_seed(0)
-    trained = GPT(config).eval()
-    # As nanoGPT's train.py writes it from a torch.compile'd model.
-    state = {"_orig_mod." + k: v for k, v in trained.state_dict().items()}
-    torch.save({"model": state, "model_args": vars(config), "iter_num": 5, "best_val_loss": torch.tensor(2.5),
-                "config": {"dataset": "shakespeare_char", "compile": True}}, tmp_path / "ckpt.pt")
-    for source in (tmp_path / "ckpt.pt", tmp_path):
-        loaded = GPT.from_pretrained(str(source), override_args={"dropout": 0.0})
-        assert loaded.config.dropout == 0.0 and loaded.config.bias is False
-        idx = torch.randint(0, 100, (2, 32))
-        with torch.no_grad():
-            assert torch.equal(loaded(idx, all_logits=True)[0], trained(idx, all_logits=True)[0])
+def test_trained_model_matches_transformers(trained, trained_dir, hf_model, assert_same_logits):
+    assert_same_logits(trained, hf_model(trained_dir), T=256)
 
 
 def test_init_matches_gpt2_recipe():
@@ -121,8 +46,8 @@ def test_init_matches_gpt2_recipe():
     assert model.transformer.h[0].attn.c_attn.bias.abs().max() == 0
 
 
-def test_sdpa_and_manual_attention_agree(trained_dir):
-    model = GPT.from_pretrained(str(trained_dir))
+def test_sdpa_and_manual_attention_agree(trained):
+    model = trained
     idx = torch.randint(0, 50257, (2, 100))
     with torch.no_grad():
         sdpa, _ = model(idx, all_logits=True)
@@ -141,114 +66,3 @@ def test_crop_block_size(trained_dir):
     assert model.config.block_size == 64 and torch.equal(before, after)
     with pytest.raises(ValueError, match="block_size"):
         model(torch.zeros(1, 65, dtype=torch.long))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Bad input: each gets a message that names the problem and the way out.
-
-
-def test_unknown_model_name():
-    with pytest.raises(LoadError, match="unknown model 'gpt3'.*gpt2-medium.*local model folder"):
-        GPT.from_pretrained("gpt3")
-
-
-def test_missing_local_path():
-    with pytest.raises(LoadError, match="no such file or folder: ./nowhere/ckpt.pt"):
-        GPT.from_pretrained("./nowhere/ckpt.pt")
-
-
-def test_override_args_only_dropout(small_dir):
-    with pytest.raises(ValueError, match="only 'dropout'"):
-        GPT.from_pretrained(str(small_dir), override_args={"n_layer": 3})
-
-
-def run_python(code: str, cwd: Path, **env) -> subprocess.CompletedProcess:
-    import os
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **env}
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=full_env, capture_output=True, text=True,
-                          timeout=120)
-
-
-def test_hub_unreachable_and_nothing_cached(tmp_path):
-    result = run_python("from model import GPT\nGPT.from_pretrained('gpt2')", tmp_path, HF_HOME=str(tmp_path / "hf"))
-    assert "could not fetch 'openai-community/gpt2' from the Hugging Face hub" in result.stderr
-    assert "--init_from=path/to/gpt2" in result.stderr
-
-
-def test_hub_name_served_from_cache_offline(tmp_path, small_dir):
-    """The hub path for real: a name resolved through huggingface_hub's cache layout, with no network."""
-    repo = tmp_path / "hf" / "hub" / "models--openai-community--gpt2"
-    commit = "0" * 40
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for name in ("config.json", "model.safetensors", "vocab.json", "merges.txt"):
-        (snapshot / name).write_bytes((small_dir / name).read_bytes())
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    code = ("from model import GPT\nm = GPT.from_pretrained('gpt2')\nprint(m.config.n_layer, m.config.block_size)")
-    result = run_python(code, tmp_path, HF_HOME=str(tmp_path / "hf"))
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["2", "64"]
-
-
-def test_empty_local_folder_shadowing_hub_name(tmp_path):
-    (tmp_path / "gpt2").mkdir()
-    result = run_python("from model import GPT\nGPT.from_pretrained('gpt2')", tmp_path, HF_HOME=str(tmp_path / "hf"))
-    assert "'gpt2' is taken as the local folder" in result.stderr and "holds no weights" in result.stderr
-    assert "'openai-community/gpt2'" in result.stderr
-
-
-def test_folder_without_weights(tmp_path, small_dir):
-    with pytest.raises(LoadError, match="is not a model folder.*config.json with model.safetensors"):
-        GPT.from_pretrained(str(tmp_path))
-    (tmp_path / "config.json").write_text((small_dir / "config.json").read_text())
-    with pytest.raises(LoadError, match="has config.json but no weights"):
-        GPT.from_pretrained(str(tmp_path))
-
-
-def test_config_not_gpt2(tmp_path, small_dir):
-    (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": 64}')
-    (tmp_path / "model.safetensors").write_bytes((small_dir / "model.safetensors").read_bytes())
-    with pytest.raises(LoadError, match="describes a 'llama' model, not GPT-2"):
-        GPT.from_pretrained(str(tmp_path))
-    (tmp_path / "config.json").write_text((small_dir / "config.json").read_text().replace(
-        '"gelu_new"', '"relu"'))
-    with pytest.raises(LoadError, match="activation_function.*relu"):
-        GPT.from_pretrained(str(tmp_path))
-
-
-def test_missing_unexpected_and_misshaped_tensors(tmp_path, small_dir):
-    tensors = hub_style_tensors(small_dir, "transformer.", ())
-    del tensors["transformer.h.1.ln_2.bias"]
-    tensors["transformer.h.0.attn.rotary.weight"] = torch.zeros(3)
-    tensors["transformer.wpe.weight"] = torch.zeros(32, 64)
-    (tmp_path / "config.json").write_text((small_dir / "config.json").read_text())
-    save_file(tensors, tmp_path / "model.safetensors")
-    with pytest.raises(LoadError) as error:
-        GPT.from_pretrained(str(tmp_path))
-    message = str(error.value)
-    assert "missing: transformer.h.1.ln_2.bias" in message
-    assert "unexpected: transformer.h.0.attn.rotary.weight" in message
-    assert "mis-shaped: transformer.wpe.weight (32, 64) (expected (64, 64))" in message
-
-
-class RunsCode:
-    def __reduce__(self):
-        return (Path.touch, (Path(MARKER),))
-
-
-MARKER = ""
-
-
-@pytest.mark.parametrize("writer", ["torch.save", "pickle.dumps"])
-def test_pickle_that_would_run_code_is_refused(tmp_path, writer):
-    global MARKER
-    MARKER = str(tmp_path / "code-ran")
-    checkpoint = {"model_args": {}, "model": RunsCode()}
-    if writer == "torch.save":
-        torch.save(checkpoint, tmp_path / "ckpt.pt")
-    else:
-        (tmp_path / "ckpt.pt").write_bytes(pickle.dumps(checkpoint))
-    with pytest.raises(LoadError, match="refused to load .*ckpt.pt.*could run code"):
-        GPT.from_pretrained(str(tmp_path / "ckpt.pt"))
-    assert not Path(MARKER).exists()

@@ -1,4 +1,4 @@
-"""Int8 and bfloat16 weights: what quantize_int8 swaps, that it warns nobody, and that both agree with float32 on
+"""linear.py's int8 weights, and bfloat16 weights: what quantize_int8 swaps, that it warns nobody, and that both agree with float32 on
 the trained model's greedy steps (loose bounds: int8 and bfloat16 round every product)."""
 
 import copy
@@ -14,14 +14,8 @@ from tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
-def trained(trained_dir) -> GPT:
-    return GPT.from_pretrained(str(trained_dir))
-
-
-@pytest.fixture(scope="module")
-def heldout_ids(trained_dir) -> torch.Tensor:
-    from conftest import ROOT
-    text = (ROOT / "assets" / "heldout.txt").read_text(encoding="utf-8")
+def heldout_ids(root_dir, trained_dir) -> torch.Tensor:
+    text = (root_dir / "assets" / "heldout.txt").read_text(encoding="utf-8")
     return torch.tensor(load_tokenizer(trained_dir).encode_ordinary(text))
 
 
