@@ -201,6 +201,10 @@ def main() -> None:
     checkpoint = resolve_checkpoint(init_from)  # once: the model and the tokenizer both come from it
     model = GPT.from_pretrained(str(checkpoint))
     config = model.config
+    if config.vocab_size <= EOT_ID:
+        raise UsageError(f"{init_from}'s vocabulary has {config.vocab_size} tokens: attention.py starts every "
+                         f"sequence with GPT-2's {EOT} (id {EOT_ID}), which this model lacks (a character-level "
+                         f"model?)")
     if not 1 <= length <= config.block_size:
         raise UsageError(f"--length={length} is outside this model's context: use a length from 1 to "
                          f"{config.block_size} (its block_size)")

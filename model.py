@@ -262,7 +262,6 @@ class GPT(nn.Module):
         config_args, state_dict = load.read_pretrained(model_type, override_args)
         with torch.device("meta"):  # no memory, no init: every tensor comes from the checkpoint
             model = cls(GPTConfig(**config_args))
-        load.check_state_dict(model, state_dict)
         model.load_state_dict(state_dict, assign=True)
         model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the shared tensor: tie again
         return model.eval()

@@ -16,7 +16,7 @@ import time
 from typing import TYPE_CHECKING, TextIO
 
 from configurator import UsageError, configure, run_main
-from tokenizer import EOT, EOT_ID, load_tokenizer
+from tokenizer import EOT, EOT_ID, check_fits, load_tokenizer
 
 if TYPE_CHECKING:
     import tiktoken
@@ -172,7 +172,7 @@ def main() -> int:
     prompt = read_prompt(start)  # before the slow imports: a mistake here answers at once
 
     import torch
-    from load import resolve_checkpoint
+    from load import check_checkpoint, resolve_checkpoint
     from model import GPT, check_sampling_args
 
     try:  # model.generate_stream's own checks, run now so that no model loads in vain
@@ -182,7 +182,11 @@ def main() -> int:
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     checkpoint = resolve_checkpoint(init_from)
+    check_checkpoint(checkpoint)  # a broken model folder is named as such, not as a tokenizer that cannot be found
     enc = load_tokenizer(checkpoint, tiktoken_file)
+    if enc.eot_token is None and (stop_at_eot or not prompt):
+        raise UsageError(f"{init_from} is a character-level model, without {EOT}: " + (
+            "--stop_at_eot has nothing to stop at" if stop_at_eot else "give it a prompt to start from (--start)"))
     ids = enc.encode(prompt, allowed_special={EOT})
     if not ids:
         print(f"the prompt is empty: starting from {EOT}", file=sys.stderr)
@@ -196,9 +200,7 @@ def main() -> int:
     dt_name = str(dt).removeprefix("torch.")
     print(f"loaded {init_from} ({model.get_num_params(non_embedding=False):,} params) on {dev}/{dt_name} "
           f"in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
-    if ids and max(ids) >= model.config.vocab_size:
-        raise UsageError(f"the prompt holds token {max(ids)}, outside the model's vocabulary of "
-                         f"{model.config.vocab_size}: this tokenizer does not fit the model")
+    check_fits(enc, model.config.vocab_size)
     block_size = model.config.block_size
     if len(ids) > block_size:
         print(f"warning: the prompt is {len(ids)} tokens, longer than the model's context of {block_size}: "

@@ -1,46 +1,89 @@
 """
-GPT-2's byte-pair encoding through tiktoken, built without the network when it has to be.
+GPT-2's byte-pair encoding through tiktoken, built without the network when it has to be; and the character-level
+vocabularies of nanoGPT's first tutorial.
 
 tiktoken fetches GPT-2's files on first use. Offline, the identical encoding comes from a Hugging Face model
-folder's own vocab.json and merges.txt (every GPT-2 repository has them, so a cached model works offline), or from
-a `.tiktoken` rank file named by the caller or by the GPT2_TIKTOKEN_FILE environment variable.
+folder's own vocab.json (every GPT-2 repository has one, so a cached model works offline), from the vocab.json of
+any GPT-2 repository in huggingface_hub's cache, or from a `.tiktoken` rank file named by the caller or by the
+GPT2_TIKTOKEN_FILE environment variable. A nanoGPT checkpoint trained on characters (shakespeare_char) has its
+vocabulary in the meta.pkl that nanoGPT's prepare.py wrote; it is read as plain data, never run. Every file is
+checked before tiktoken is given it: a broken one is a TokenizerError that names it.
 """
 
+import base64
+import io
 import json
 import os
+import pickle
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional, Union
 
 import tiktoken
-from tiktoken.load import load_tiktoken_bpe
+from tiktoken_ext.openai_public import r50k_pat_str
 
 from configurator import UsageError
 
-# GPT-2's pre-tokenizer split: contractions, letters, digits, other symbols, whitespace.
-GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# GPT-2's pre-tokenizer split in tiktoken's own form: possessive, so a long run of spaces cannot exhaust the regex
+# engine's stack as the textbook form's backtracking does.
+GPT2_SPLIT = r50k_pat_str
 EOT = "<|endoftext|>"
-EOT_ID = 50256
+EOT_ID = 50256  # also the number of GPT-2's byte-pair ranks: <|endoftext|> is the id after them
 TIKTOKEN_FILE_ENV = "GPT2_TIKTOKEN_FILE"
 
 
 class TokenizerError(UsageError):
-    """No way to build the GPT-2 tokenizer; the message says how to provide one."""
+    """No way to build the tokenizer, or a broken tokenizer file; the message says which and how to provide one."""
 
 
-def load_tokenizer(model_folder: Optional[Path] = None, tiktoken_file: Optional[str] = None) -> tiktoken.Encoding:
-    """GPT-2's encoding, from the first source that has it: tiktoken_file (or $GPT2_TIKTOKEN_FILE), the model
-    folder's vocab.json + merges.txt, then tiktoken's own cache or download. Every source gives the same ids.
-    model_folder may also be a checkpoint file (a nanoGPT ckpt.pt): the folder that holds it is looked in."""
+class CharTokenizer:
+    """A nanoGPT character-level vocabulary (meta.pkl's stoi), with the part of tiktoken.Encoding's interface that
+    sample.py uses. It has no special tokens, so no <|endoftext|>: eot_token is None."""
+
+    eot_token = None
+
+    def __init__(self, stoi: dict[str, int], source: Path):
+        self.stoi, self.source = stoi, source
+        self.itos = {i: c for c, i in stoi.items()}
+        self.n_vocab = len(stoi)
+
+    def encode(self, text: str, allowed_special: Iterable[str] = ()) -> list[int]:
+        """Ids of text, a character each; allowed_special is accepted for tiktoken's signature (there are none)."""
+        unknown = sorted(set(text) - self.stoi.keys())
+        if unknown:
+            shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in unknown[:5])
+            raise TokenizerError(f"the text holds characters that the vocabulary of {self.source} lacks: {shown}"
+                                 f"{' ...' if len(unknown) > 5 else ''}. This model knows only the "
+                                 f"{self.n_vocab} characters it was trained on: use only those")
+        return [self.stoi[c] for c in text]
+
+    def decode_single_token_bytes(self, token: int) -> bytes:
+        return self.itos[token].encode("utf-8")
+
+    def decode(self, tokens: Iterable[int]) -> str:
+        return "".join(self.itos[t] for t in tokens)
+
+
+def load_tokenizer(model_folder: Optional[Path] = None,
+                   tiktoken_file: Optional[str] = None) -> Union[tiktoken.Encoding, CharTokenizer]:
+    """The model's tokenizer. A nanoGPT character-level checkpoint's meta.pkl comes first (no GPT-2 source could
+    stand in for it); then GPT-2's encoding from the first source that has it: tiktoken_file (or
+    $GPT2_TIKTOKEN_FILE), the model folder's vocab.json, a GPT-2 repository's vocab.json in huggingface_hub's
+    cache, then tiktoken's own cache or download. Every GPT-2 source gives the same ids. model_folder may also be
+    a checkpoint file (a nanoGPT ckpt.pt): the folder that holds it is looked in."""
+    if model_folder is not None:
+        meta = find_meta(Path(model_folder))
+        if meta is not None:
+            return char_tokenizer(meta)
     tiktoken_file = tiktoken_file or os.environ.get(TIKTOKEN_FILE_ENV)
     if tiktoken_file:
-        if not Path(tiktoken_file).is_file():
-            raise TokenizerError(f"tokenizer rank file {tiktoken_file} does not exist: give the path of GPT-2's "
-                                 f"gpt2.tiktoken file")
-        return _encoding(load_tiktoken_bpe(str(tiktoken_file)))
+        return gpt2_encoding(ranks_from_tiktoken_file(Path(tiktoken_file)))
     if model_folder is not None:
         folder = Path(model_folder) if Path(model_folder).is_dir() else Path(model_folder).parent
-        if (folder / "vocab.json").is_file():
-            return _encoding(ranks_from_vocab(folder / "vocab.json"))
+        if os.path.lexists(folder / "vocab.json"):  # lexists: a broken link is there, and is refused as one
+            return gpt2_encoding(ranks_from_vocab(folder / "vocab.json"))
+    cached = hub_cached_vocab()
+    if cached is not None:
+        return gpt2_encoding(ranks_from_vocab(cached))
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # tiktoken raises whatever its HTTP client raised
@@ -50,9 +93,99 @@ def load_tokenizer(model_folder: Optional[Path] = None, tiktoken_file: Optional[
             f"model folder that has vocab.json and merges.txt.") from None
 
 
-def _encoding(ranks: dict[bytes, int]) -> tiktoken.Encoding:
-    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_SPLIT, mergeable_ranks=ranks,
-                             special_tokens={EOT: len(ranks)})
+def check_fits(enc: Union[tiktoken.Encoding, CharTokenizer], vocab_size: int) -> None:
+    """Refuse a tokenizer that does not belong to a model of vocab_size tokens: one with ids the model has no
+    embedding for (GPT-2's for a character-level model), or a character vocabulary of another size."""
+    if enc.n_vocab > vocab_size or (isinstance(enc, CharTokenizer) and enc.n_vocab != vocab_size):
+        which = f"{enc.source}'s characters" if isinstance(enc, CharTokenizer) else "GPT-2's tokenizer"
+        hint = ("this meta.pkl belongs to another model" if isinstance(enc, CharTokenizer) else
+                "a character-level nanoGPT model needs the meta.pkl that nanoGPT's prepare.py wrote for its data, "
+                "beside its ckpt.pt")
+        raise TokenizerError(f"{which} has {enc.n_vocab:,} tokens, but the model's vocabulary has {vocab_size:,}: "
+                             f"they do not belong together ({hint})")
+
+
+def gpt2_encoding(ranks: dict[bytes, int]) -> tiktoken.Encoding:
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_SPLIT, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
+
+
+def read_bytes(file: Path, what: str, fix: str) -> bytes:
+    try:
+        return file.read_bytes()
+    except OSError as e:  # missing, a folder, a broken link, unreadable
+        problem = "does not exist" if isinstance(e, FileNotFoundError) else (e.strerror or str(e)).lower()
+        link = " (a symbolic link to nothing)" if file.is_symlink() and not file.exists() else ""
+        raise TokenizerError(f"the {what} {file}{link} {problem}: {fix}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPT-2's ranks, from a tiktoken rank file or a Hugging Face vocab.json
+
+
+def ranks_from_tiktoken_file(file: Path) -> dict[bytes, int]:
+    """tiktoken's rank file, one 'base64(token) rank' a line, read here rather than by tiktoken.load, which keeps
+    a copy of every file it reads under the file's name and would go on returning it after the file changed."""
+    fix = "give the path of GPT-2's gpt2.tiktoken file"
+    data = read_bytes(file, "tokenizer rank file", fix)
+    if data.lstrip().startswith(b"{"):
+        raise TokenizerError(f"the tokenizer rank file {file} is JSON (a vocab.json?), not a tiktoken rank file: "
+                             f"{fix} (a model folder's own vocab.json is read without being named)")
+    ranks = {}
+    for number, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError:  # binascii.Error is a ValueError
+            raise TokenizerError(f"the tokenizer rank file {file}, line {number}, is {line[:40]!r}, not "
+                                 f"'base64-token rank': the file is damaged or not a rank file; {fix}") from None
+    if len(ranks) != EOT_ID:
+        raise TokenizerError(f"the tokenizer rank file {file} holds {len(ranks):,} ranks, and GPT-2's has "
+                             f"{EOT_ID:,}: it is truncated or not GPT-2's; {fix}")
+    check_ranks(ranks, file)
+    return ranks
+
+
+def ranks_from_vocab(vocab_file: Path) -> dict[bytes, int]:
+    """vocab.json's token -> id map as tiktoken's bytes -> rank map. In GPT-2 a token's id is its merge rank
+    (ids follow merges.txt's order), so the ids serve as ranks directly."""
+    fix = "restore it from the model's repository (or pass --tiktoken_file=path/to/gpt2.tiktoken)"
+    data = read_bytes(vocab_file, "tokenizer vocabulary", fix)
+    try:
+        vocab = json.loads(data)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise TokenizerError(f"{vocab_file} is not JSON text ({e}): it is damaged; {fix}") from None
+    if not isinstance(vocab, dict) or not all(type(i) is int for i in vocab.values()):
+        raise TokenizerError(f"{vocab_file} is not a map of tokens to whole-number ids, as a GPT-2 vocab.json is: "
+                             f"{fix}")
+    to_byte = {ch: b for b, ch in byte_to_unicode().items()}
+    ranks = {}
+    for token, rank in vocab.items():
+        if token == EOT:
+            continue
+        odd = [ch for ch in token if ch not in to_byte]
+        if odd:
+            raise TokenizerError(f"{vocab_file}: the token {token[:40]!r} holds {odd[0]!r}, which is not one of the "
+                                 f"256 characters GPT-2's vocab.json writes bytes as: it is not a byte-level BPE "
+                                 f"vocabulary; {fix}")
+        ranks[bytes(to_byte[ch] for ch in token)] = rank
+    if vocab.get(EOT, len(ranks)) != len(ranks):
+        raise TokenizerError(f"{vocab_file} gives {EOT} the id {vocab[EOT]}, and GPT-2's layout gives it the id "
+                             f"after the last token, {len(ranks)}: this vocabulary is not laid out as GPT-2's; {fix}")
+    check_ranks(ranks, vocab_file)
+    return ranks
+
+
+def check_ranks(ranks: dict[bytes, int], source: Path) -> None:
+    """What tiktoken needs and does not check: the ranks are 0 to n-1, each once, and every one of the 256 bytes
+    is a token (its encoder stops the process, past any except, on a byte it has no rank for)."""
+    if set(ranks.values()) != set(range(len(ranks))):
+        raise TokenizerError(f"{source}: the ids are not 0 to {len(ranks) - 1}, each once: the file is damaged")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise TokenizerError(f"{source} lacks tokens for {len(missing)} of the 256 bytes (the first, 0x"
+                             f"{missing[0]:02x}), which byte-level BPE needs: the file is damaged or not GPT-2's")
 
 
 def byte_to_unicode() -> dict[int, str]:
@@ -69,9 +202,79 @@ def byte_to_unicode() -> dict[int, str]:
     return mapping
 
 
-def ranks_from_vocab(vocab_file: Path) -> dict[bytes, int]:
-    """vocab.json's token -> id map as tiktoken's bytes -> rank map. In GPT-2 a token's id is its merge rank
-    (ids follow merges.txt's order), so the ids serve as ranks directly."""
-    to_byte = {ch: b for b, ch in byte_to_unicode().items()}
-    vocab = json.loads(Path(vocab_file).read_text(encoding="utf-8"))
-    return {bytes(to_byte[ch] for ch in token): rank for token, rank in vocab.items() if token != EOT}
+def hub_cached_vocab() -> Optional[Path]:
+    """GPT-2's vocab.json from huggingface_hub's cache, if any GPT-2 repository is there (they share one)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from load import HUB_NAMES
+
+    for repo in (*HUB_NAMES.values(), *HUB_NAMES):  # 'gpt2' and the others are also cached under their old ids
+        found = try_to_load_from_cache(repo, "vocab.json")
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# nanoGPT's character-level vocabularies
+
+
+def find_meta(path: Path) -> Optional[Path]:
+    """A nanoGPT checkpoint's meta.pkl: beside its ckpt.pt, in the folder above, or where nanoGPT's sample.py looks
+    for it, data/<dataset>/meta.pkl (from the current directory or the folder above the checkpoint's) for the
+    dataset the checkpoint's config names. None for a Hugging Face folder, or where there is none."""
+    if path.is_dir():
+        if os.path.lexists(path / "config.json") or not os.path.lexists(path / "ckpt.pt"):
+            return None
+        path = path / "ckpt.pt"
+    elif not path.is_file():
+        return None
+    candidates = [path.parent / "meta.pkl", path.parent.parent / "meta.pkl"]
+    dataset = nanogpt_dataset(path)
+    if dataset is not None:
+        candidates += [Path("data") / dataset / "meta.pkl", path.parent.parent / "data" / dataset / "meta.pkl"]
+    return next((c for c in candidates if os.path.lexists(c)), None)
+
+
+def nanogpt_dataset(checkpoint: Path) -> Optional[str]:
+    """The dataset name in a nanoGPT checkpoint's training config, if it has a plain one."""
+    from load import load_pickle
+
+    saved = load_pickle(checkpoint)
+    config = saved.get("config") if isinstance(saved, dict) else None
+    dataset = config.get("dataset") if isinstance(config, dict) else None
+    return dataset if isinstance(dataset, str) and dataset and Path(dataset).name == dataset else None
+
+
+class PlainUnpickler(pickle.Unpickler):
+    """Builds only what pickle builds by itself (dicts, lists, strings, numbers): it never looks up a class or a
+    function, so unpickling runs no code."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"it names {module}.{name}, and only plain data is read: unpickling anything "
+                                     f"else could run code")
+
+
+def char_tokenizer(meta_file: Path) -> CharTokenizer:
+    """The vocabulary in nanoGPT's meta.pkl ({'vocab_size', 'stoi', 'itos'}), checked whole."""
+    fix = "use the meta.pkl that nanoGPT's prepare.py wrote for this model's data"
+    data = read_bytes(meta_file, "character vocabulary", fix)
+    try:
+        meta = PlainUnpickler(io.BytesIO(data)).load()
+    except Exception as e:  # a damaged pickle fails with many exception types, all meaning that
+        raise TokenizerError(f"refused to read {meta_file} ({type(e).__name__}: {str(e)[:200]}): it is damaged or "
+                             f"not nanoGPT's meta.pkl; {fix}") from None
+    stoi, itos = (meta.get("stoi"), meta.get("itos")) if isinstance(meta, dict) else (None, None)
+    if not isinstance(stoi, dict) or not stoi or \
+            not all(isinstance(c, str) and len(c) == 1 and type(i) is int for c, i in stoi.items()):
+        raise TokenizerError(f"{meta_file} has no stoi that maps single characters to ids: it is not a character-"
+                             f"level vocabulary; {fix}")
+    if set(stoi.values()) != set(range(len(stoi))) or itos != {i: c for c, i in stoi.items()}:
+        raise TokenizerError(f"{meta_file}: stoi's ids are not 0 to {len(stoi) - 1}, each once, with itos their "
+                             f"inverse: the file is damaged; {fix}")
+    try:
+        "".join(stoi).encode("utf-8")
+    except UnicodeEncodeError:
+        raise TokenizerError(f"{meta_file} holds characters that are not text (lone surrogates): the file is "
+                             f"damaged; {fix}") from None
+    return CharTokenizer(stoi, meta_file)
