@@ -56,7 +56,8 @@ def read_pretrained(name_or_path: str, override_args: Optional[dict] = None) -> 
     if set(override_args) - {"dropout"}:
         raise ValueError(f"override_args may set only 'dropout', got {sorted(override_args)}")
     if "dropout" in override_args and not is_dropout(override_args["dropout"]):
-        raise ValueError(f"override_args['dropout'] must be a number from 0 to below 1, got {override_args['dropout']!r}")
+        raise ValueError(f"override_args['dropout'] must be a number from 0 to below 1, got "
+                         f"{override_args['dropout']!r}")
     config_args, state_dict = read_checkpoint(resolve_checkpoint(str(name_or_path)))
     config_args.update(override_args)
     return config_args, state_dict
@@ -250,12 +251,12 @@ def check_sizes(values: dict, keys: tuple[str, ...], source: str) -> None:
     missing = [k for k in keys if k not in values]
     if missing:
         raise LoadError(f"{source} lacks {', '.join(missing)}: it is incomplete or not a GPT-2 config; restore it "
-                        f"from the model's repository")
+                        f"from where the model came from")
     for key in keys:
         value = values[key]
         if type(value) is not int or value < 1:  # type(), not isinstance: a bool is an int to isinstance
             raise LoadError(f"{source}: {key} is {value!r:.60}, not a whole number of at least 1: the file is "
-                            f"damaged or not a GPT-2 config; restore it from the model's repository")
+                            f"damaged or not a GPT-2 config; restore it from where the model came from")
     if values["n_embd"] % values["n_head"]:
         raise LoadError(f"{source}: n_embd ({values['n_embd']}) is not a multiple of n_head ({values['n_head']}), "
                         f"so the width cannot be split into heads: the file is damaged or not a GPT-2 config")
@@ -341,7 +342,9 @@ def safetensors_names(file: Path) -> list[str]:
             return list(f.keys())
     except SafetensorError as e:
         header_size, file_size = int.from_bytes(head[:8].ljust(8, b"\0"), "little"), file.stat().st_size
-        if head[8:9] != b"{":  # the header is JSON text right after its 8-byte length
+        if file_size < 8:
+            reason = f"it is {file_size} bytes long, too short to hold even the header's length"
+        elif head[8:9] != b"{":  # the header is JSON text right after its 8-byte length
             reason = f"it is {describe_content(head)}"
         elif 8 + header_size > file_size:
             reason = f"its header claims {header_size:,} bytes, more than the whole file's {file_size:,}"

@@ -232,7 +232,7 @@ def find_meta(path: Path) -> Optional[Path]:
     candidates = [path.parent / "meta.pkl", path.parent.parent / "meta.pkl"]
     dataset = nanogpt_dataset(path)
     if dataset is not None:
-        candidates += [Path("data") / dataset / "meta.pkl", path.parent.parent / "data" / dataset / "meta.pkl"]
+        candidates += [Path.cwd() / "data" / dataset / "meta.pkl", path.parent.parent / "data" / dataset / "meta.pkl"]
     return next((c for c in candidates if os.path.lexists(c)), None)
 
 

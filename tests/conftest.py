@@ -2,6 +2,7 @@
 checkpoints written by transformers."""
 
 import os
+import pickle
 from pathlib import Path
 from typing import Callable
 
@@ -14,6 +15,7 @@ import torch
 from model import GPT
 
 ROOT_DIR = Path(__file__).resolve().parent.parent
+SHAKESPEARE_CHARS = "\n !$&',-.3:;?" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ" + "abcdefghijklmnopqrstuvwxyz"  # nanoGPT's 65
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -58,10 +60,36 @@ def random_checkpoint(trained_dir) -> Callable[..., Path]:
     def write(folder: Path, safe_serialization: bool = True, seed: int = 0, **config) -> Path:
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(GPT2Config(**config)).eval()
-        model.save_pretrained(folder, safe_serialization=safe_serialization)
+        model.save_pretrained(folder)
+        if not safe_serialization:  # transformers 5 writes safetensors only: write the pickle as version 4 did
+            torch.save(model.state_dict(), folder / "pytorch_model.bin")
+            (folder / "model.safetensors").unlink()
         for name in ("vocab.json", "merges.txt"):
             (folder / name).write_bytes((trained_dir / name).read_bytes())
         return folder
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def char_checkpoint() -> Callable[..., Path]:
+    """write(folder, meta="plain", dataset="shakespeare_char"): a small character-level nanoGPT checkpoint (65
+    tokens, saved as nanoGPT's train.py saves one) as folder/ckpt.pt, with meta.pkl beside it: nanoGPT's own for
+    its characters (meta="plain"), none (None), or the bytes given, or the object given, pickled."""
+    from model import GPTConfig
+
+    def write(folder: Path, meta: object = "plain", dataset: str = "shakespeare_char") -> Path:
+        config = GPTConfig(block_size=32, vocab_size=len(SHAKESPEARE_CHARS), n_layer=1, n_head=2, n_embd=16)
+        torch.manual_seed(0)
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": GPT(config).state_dict(), "model_args": vars(config), "config": {"dataset": dataset}},
+                   folder / "ckpt.pt")
+        if meta == "plain":
+            meta = {"vocab_size": len(SHAKESPEARE_CHARS), "itos": dict(enumerate(SHAKESPEARE_CHARS)),
+                    "stoi": {c: i for i, c in enumerate(SHAKESPEARE_CHARS)}}
+        if meta is not None:
+            (folder / "meta.pkl").write_bytes(meta if isinstance(meta, bytes) else pickle.dumps(meta))
+        return folder / "ckpt.pt"
 
     return write
 

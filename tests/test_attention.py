@@ -119,6 +119,13 @@ def test_unloadable_model_and_malformed_list(script, tmp_path):
     assert "'one,two' is not a comma-separated list of numbers" in err
 
 
+def test_character_level_model_is_refused(script, tmp_path, char_checkpoint):
+    status, _, err = script(f"--init_from={char_checkpoint(tmp_path)}", f"--out={tmp_path / 'a.gif'}")
+    assert status == 2
+    assert "vocabulary has 65 tokens: attention.py starts every sequence with GPT-2's <|endoftext|>" in err
+    assert not (tmp_path / "a.gif").exists()
+
+
 def test_help_lists_the_settings(script):
     status, out, _ = script("--help")
     assert status == 0

@@ -237,6 +237,29 @@ def test_device_dtype_and_tiktoken_file(sample, small_dir, shared_dir):
         assert status == 0 and f"on cpu/{name}" in err and len(samples(out)) == 2
 
 
+def test_character_level_model_writes_its_characters(sample, tmp_path, char_checkpoint):
+    """A nanoGPT shakespeare_char checkpoint: its meta.pkl is the tokenizer, as in nanoGPT's sample.py."""
+    checkpoint = char_checkpoint(tmp_path)
+    status, out, err = sample(f"--init_from={checkpoint}", "--start=ROMEO:", "--num_samples=2", "--max_new_tokens=20")
+    assert status == 0, err
+    prompt = load_tokenizer(checkpoint).encode("ROMEO:")
+    assert out == expected_text(checkpoint, prompt, 2, 20, temperature=0.8, top_k=200, seed=1337)
+
+
+@pytest.mark.parametrize("meta, args, message", [
+    (None, [], "GPT-2's tokenizer has 50,257 tokens, but the model's vocabulary has 65"),
+    ("plain", ["--stop_at_eot=True"], f"a character-level model, without {EOT}: --stop_at_eot has nothing to stop"),
+    ("plain", ["--start="], f"a character-level model, without {EOT}: give it a prompt to start from (--start)"),
+    ("plain", ["--start=naïve"], "the text holds characters that the vocabulary of"),
+])
+def test_character_level_model_refusals(sample, tmp_path, shared_dir, char_checkpoint, meta, args, message):
+    checkpoint = char_checkpoint(tmp_path, meta=meta)
+    status, out, err = sample(f"--init_from={checkpoint}", "--max_new_tokens=3",
+                              f"--tiktoken_file={shared_dir / 'gpt2.tiktoken'}", *args)
+    assert status == 2 and out == "" and "Traceback" not in err
+    assert message in err
+
+
 def test_stream_flag_gives_the_same_text(sample, small_dir):
     args = [f"--init_from={small_dir}", "--num_samples=3", "--max_new_tokens=12"]
     assert sample(*args, "--stream=True")[1] == sample(*args, "--stream=False")[1] == sample(*args)[1]

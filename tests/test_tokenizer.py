@@ -1,6 +1,10 @@
 """tokenizer.py gives the ids of tiktoken's own GPT-2 encoding and of transformers' GPT2TokenizerFast, from each of
 its offline sources, on text that stresses the byte-pair encoding and the pre-tokenizer split."""
 
+import json
+import pickle
+from pathlib import Path
+
 import pytest
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
@@ -95,3 +99,188 @@ def test_no_source_at_all_says_how_to_provide_one(tmp_path, monkeypatch):
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
     with pytest.raises(TokenizerError, match="--tiktoken_file"):
         load_tokenizer(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The split pattern: tiktoken's own
+
+
+def test_split_pattern_is_tiktokens_own_and_survives_a_million_spaces(encoding, reference):
+    assert tokenizer.GPT2_SPLIT == r50k_pat_str
+    text = "The end." + " " * 1_000_000  # the textbook pattern's backtracking exhausts the regex engine's stack here
+    ids = encoding.encode(text)
+    assert encoding.decode(ids) == text
+    assert encoding.encode("The end." + " " * 2000 + "\n") == reference.encode("The end." + " " * 2000 + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Broken tokenizer files: each a TokenizerError (a UsageError) that names the file and the problem
+
+
+def gpt2_bytes_vocab(**extra) -> dict:
+    """A vocab.json of the 256 single bytes, written as GPT-2 writes them, and extra tokens."""
+    return {**{ch: b for b, ch in tokenizer.byte_to_unicode().items()}, **extra}
+
+
+VOCAB_CASES = {
+    "not_json": (b'{"a": 0,', r"vocab.json is not JSON text"),
+    "empty": (b"", r"vocab.json is not JSON text"),
+    "not_utf8": (b'{"\xe9": 0}', r"vocab.json is not JSON text .*utf-8"),
+    "a_list": (b'["a", "b"]', r"vocab.json is not a map of tokens to whole-number ids"),
+    "string_ids": (json.dumps(gpt2_bytes_vocab(ab="256")).encode(), r"vocab.json is not a map of tokens"),
+    "float_ids": (json.dumps(gpt2_bytes_vocab(ab=256.0)).encode(), r"vocab.json is not a map of tokens"),
+    "unknown_character": (json.dumps(gpt2_bytes_vocab(**{"a b": 256})).encode(),
+                          r"vocab.json: the token 'a b' holds ' ', which is not one of the 256 characters"),
+    "duplicate_ids": (json.dumps(gpt2_bytes_vocab(ab=255)).encode(), r"vocab.json: the ids are not 0 to 256"),
+    "gap_in_ids": (json.dumps(gpt2_bytes_vocab(ab=300)).encode(), r"vocab.json: the ids are not 0 to 256"),
+    "missing_bytes": (b'{"a": 0, "b": 1}', r"vocab.json lacks tokens for 254 of the 256 bytes \(the first, 0x00\)"),
+    "eot_elsewhere": (json.dumps(gpt2_bytes_vocab(**{EOT: 0})).encode(), r"gives <\|endoftext\|> the id 0"),
+}
+
+
+@pytest.mark.parametrize("content, message", VOCAB_CASES.values(), ids=VOCAB_CASES.keys())
+def test_broken_vocab_json(tmp_path, monkeypatch, content, message):
+    monkeypatch.delenv(tokenizer.TIKTOKEN_FILE_ENV, raising=False)
+    (tmp_path / "vocab.json").write_bytes(content)
+    with pytest.raises(TokenizerError, match=message) as refused:
+        load_tokenizer(tmp_path)
+    assert str(tmp_path / "vocab.json") in str(refused.value)
+
+
+def rank_file_lines(shared_dir) -> list[bytes]:
+    return (shared_dir / "gpt2.tiktoken").read_bytes().splitlines(keepends=True)
+
+
+RANK_FILE_CASES = {
+    "vocab_json": (lambda lines, trained_dir: (trained_dir / "vocab.json").read_bytes(),
+                   r"is JSON \(a vocab.json\?\), not a tiktoken rank file"),
+    "cut_between_lines": (lambda lines, _: b"".join(lines[:30000]), r"holds 30,000 ranks, and GPT-2's has 50,256"),
+    "cut_inside_a_line": (lambda lines, _: b"".join(lines[:30000]) + lines[30000][:5],
+                          r"line 30001, is b'.{5}', not 'base64-token rank'"),
+    "garbage": (lambda lines, _: bytes(range(256)) * 8, r"line 1, is .* not 'base64-token rank'"),
+    "not_base64": (lambda lines, _: b"".join(lines[:-1]) + b"not*base64 50255\n", r"line 50256, is b'not\*base64"),
+    "empty": (lambda lines, _: b"", r"holds 0 ranks"),
+    "duplicate_rank": (lambda lines, _: b"".join(lines[:-1]) + lines[-1].split()[0] + b" 7\n",
+                       r"the ids are not 0 to 50255, each once"),
+}
+
+
+@pytest.mark.parametrize("make, message", RANK_FILE_CASES.values(), ids=RANK_FILE_CASES.keys())
+def test_broken_rank_file(tmp_path, shared_dir, trained_dir, make, message):
+    rank_file = tmp_path / "gpt2.tiktoken"
+    rank_file.write_bytes(make(rank_file_lines(shared_dir), trained_dir))
+    with pytest.raises(TokenizerError, match=message) as refused:
+        load_tokenizer(tiktoken_file=str(rank_file))
+    assert str(rank_file) in str(refused.value)
+
+
+def test_folder_or_broken_link_in_place_of_a_tokenizer_file(tmp_path, monkeypatch):
+    monkeypatch.delenv(tokenizer.TIKTOKEN_FILE_ENV, raising=False)
+    with pytest.raises(TokenizerError, match=r"rank file .* is a directory: give the path of GPT-2's gpt2.tiktoken"):
+        load_tokenizer(tiktoken_file=str(tmp_path))
+    (tmp_path / "vocab.json").mkdir()
+    with pytest.raises(TokenizerError, match=r"vocabulary .*vocab.json is a directory"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "vocab.json").rmdir()
+    (tmp_path / "vocab.json").symlink_to(tmp_path / "blobs" / "gone")
+    with pytest.raises(TokenizerError, match=r"vocab.json \(a symbolic link to nothing\) does not exist"):
+        load_tokenizer(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPT-2 from huggingface_hub's cache, for load_tokenizer() with no argument
+
+
+def test_no_argument_reads_gpt2_from_the_hub_cache_offline(tmp_path, monkeypatch, trained_dir):
+    snapshot = tmp_path / "hub" / "models--openai-community--gpt2" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "vocab.json").write_bytes((trained_dir / "vocab.json").read_bytes())  # vocab.json alone suffices
+    (tmp_path / "hub" / "models--openai-community--gpt2" / "refs").mkdir()
+    (tmp_path / "hub" / "models--openai-community--gpt2" / "refs" / "main").write_text("0" * 40)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # as $HF_HUB_CACHE at start-up sets it
+    monkeypatch.delenv(tokenizer.TIKTOKEN_FILE_ENV, raising=False)
+
+    def offline(name):
+        raise ConnectionError("network unreachable")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    enc = load_tokenizer()
+    assert enc.encode("Hello world") == [15496, 995] and enc.eot_token == EOT_ID
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# nanoGPT's character-level checkpoints and their meta.pkl
+
+def test_character_vocabulary_from_meta_pkl(tmp_path, char_checkpoint):
+    enc = load_tokenizer(char_checkpoint(tmp_path))
+    assert isinstance(enc, tokenizer.CharTokenizer) and enc.n_vocab == 65 and enc.eot_token is None
+    text = "ROMEO:\nBut soft, what light?"
+    assert enc.encode(text, allowed_special={EOT}) == [sorted(set(enc.stoi)).index(c) for c in text]
+    assert enc.decode(enc.encode(text)) == text
+    assert b"".join(enc.decode_single_token_bytes(i) for i in enc.encode(text)) == text.encode()
+    with pytest.raises(TokenizerError, match=r"lacks: '@' \(U\+0040\), 'é' \(U\+00E9\).*65 characters"):
+        enc.encode("mail@café")
+
+
+@pytest.mark.parametrize("where", ["beside", "above", "data_dir_of_the_repo", "data_dir_of_the_working_dir"])
+def test_meta_pkl_is_found_where_nanogpt_keeps_it(tmp_path, monkeypatch, char_checkpoint, where):
+    checkpoint = char_checkpoint(tmp_path / "repo" / "out-shakespeare-char")
+    meta = checkpoint.parent / "meta.pkl"
+    destination = {"beside": meta, "above": tmp_path / "repo" / "meta.pkl",
+                   "data_dir_of_the_repo": tmp_path / "repo" / "data" / "shakespeare_char" / "meta.pkl",
+                   "data_dir_of_the_working_dir": tmp_path / "elsewhere" / "data" / "shakespeare_char" / "meta.pkl"}
+    destination[where].parent.mkdir(parents=True, exist_ok=True)
+    meta.rename(destination[where])
+    monkeypatch.chdir(destination["data_dir_of_the_working_dir"].parent.parent.parent if "working" in where else
+                      tmp_path)
+    enc = load_tokenizer(checkpoint.parent)  # the folder that holds ckpt.pt, or the file itself: the same
+    assert isinstance(enc, tokenizer.CharTokenizer) and enc.source == destination[where]
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (Path.touch, (Path(MARKER),))
+
+
+MARKER = ""
+
+META_CASES = {
+    "runs_code": (lambda: {"stoi": RunsCode()}, r"refused to read .*meta.pkl \(UnpicklingError: it names "
+                                                r"pathlib.*only plain data is read"),
+    "a_list": (lambda: list("abc"), r"meta.pkl has no stoi that maps single characters to ids"),
+    "words_not_characters": (lambda: {"stoi": {"to": 0, "be": 1}, "itos": {0: "to", 1: "be"}},
+                             r"has no stoi that maps single characters"),
+    "itos_not_the_inverse": (lambda: {"stoi": {"a": 0, "b": 1}, "itos": {0: "b", 1: "a"}},
+                             r"stoi's ids are not 0 to 1, each once, with itos their inverse"),
+    "ids_with_a_gap": (lambda: {"stoi": {"a": 0, "b": 2}, "itos": {0: "a", 2: "b"}}, r"stoi's ids are not 0 to 1"),
+    "lone_surrogate": (lambda: {"stoi": {"\ud800": 0}, "itos": {0: "\ud800"}}, r"characters that are not text"),
+    "garbage": (lambda: bytes(range(128, 256)), r"refused to read .*meta.pkl \(ValueError: unsupported pickle"),
+    "empty": (lambda: b"", r"refused to read .*meta.pkl \(EOFError"),
+    "truncated": (lambda: pickle.dumps({"stoi": {"a": 0}})[:-3], r"refused to read .*meta.pkl"),
+}
+
+
+@pytest.mark.parametrize("make, message", META_CASES.values(), ids=META_CASES.keys())
+def test_broken_meta_pkl(tmp_path, char_checkpoint, make, message):
+    global MARKER
+    MARKER = str(tmp_path / "code-ran")
+    checkpoint = char_checkpoint(tmp_path, meta=make())
+    with pytest.raises(TokenizerError, match=message) as refused:
+        load_tokenizer(checkpoint)
+    assert str(tmp_path / "meta.pkl") in str(refused.value)
+    assert not Path(MARKER).exists()
+
+
+def test_a_tokenizer_must_fit_the_models_vocabulary(tmp_path, shared_dir, char_checkpoint):
+    gpt2 = load_tokenizer(tiktoken_file=str(shared_dir / "gpt2.tiktoken"))
+    with pytest.raises(TokenizerError, match=r"GPT-2's tokenizer has 50,257 tokens, but the model's vocabulary has "
+                                             r"65: .*needs the meta.pkl"):
+        tokenizer.check_fits(gpt2, 65)
+    tokenizer.check_fits(gpt2, 50304)  # nanoGPT pads GPT-2's vocabulary to 50304: the ids fit
+    chars = load_tokenizer(char_checkpoint(tmp_path))
+    tokenizer.check_fits(chars, 65)
+    with pytest.raises(TokenizerError, match=r"meta.pkl's characters has 65 tokens, but the model's vocabulary has "
+                                             r"50,304: .*belongs to another model"):
+        tokenizer.check_fits(chars, 50304)
