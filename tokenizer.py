@@ -100,7 +100,7 @@ def check_fits(enc: Union[tiktoken.Encoding, CharTokenizer], vocab_size: int) ->
         which = f"{enc.source}'s characters" if isinstance(enc, CharTokenizer) else "GPT-2's tokenizer"
         hint = ("this meta.pkl belongs to another model" if isinstance(enc, CharTokenizer) else
                 "a character-level nanoGPT model needs the meta.pkl that nanoGPT's prepare.py wrote for its data, "
-                "beside its ckpt.pt")
+                "beside its ckpt.pt; another model, its own vocab.json")
         raise TokenizerError(f"{which} has {enc.n_vocab:,} tokens, but the model's vocabulary has {vocab_size:,}: "
                              f"they do not belong together ({hint})")
 

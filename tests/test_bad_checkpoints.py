@@ -339,7 +339,15 @@ def not_a_model_folder(folder: Path, source: Path) -> Path:
     return folder
 
 
+def broken_link_as_the_model(folder: Path, source: Path) -> Path:
+    folder.mkdir()
+    (folder / "gpt2-local").symlink_to(folder / "moved-away")
+    return folder / "gpt2-local"
+
+
 WEIGHT_CASES += [
+    ("init_from_a_broken_link", broken_link_as_the_model, r"gpt2-local is a symbolic link to .*moved-away, which "
+                                                          r"does not exist"),
     ("safetensors_file_alone", safetensors_file_alone, r"model.safetensors is a safetensors file alone, without "
                                                        r"the config.json"),
     ("no_model_files", not_a_model_folder, r"is not a model folder: .* it holds notes.txt"),
@@ -410,6 +418,12 @@ def test_one_weight_file_of_another_name_loads(tmp_path, small_dir):
     linked_model(tmp_path, small_dir, "model.safetensors")
     (tmp_path / "gpt2-finetuned.safetensors").symlink_to(small_dir / "model.safetensors")
     assert read_checkpoint(tmp_path)[0]["n_layer"] == 2
+
+
+@pytest.mark.parametrize("dropout", [math.nan, -0.1, 1.0, "0.1", None])
+def test_override_dropout_must_be_a_probability(small_dir, dropout):
+    with pytest.raises(ValueError, match=r"override_args\['dropout'\] must be a number from 0 to below 1"):
+        GPT.from_pretrained(str(small_dir), override_args={"dropout": dropout})
 
 
 @pytest.mark.parametrize("bias", [True, False])
