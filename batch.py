@@ -43,7 +43,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
 
 from configurator import Setting, UsageError, convert, read_settings
 from tokenizer import EOT, EOT_ID
@@ -78,8 +78,7 @@ def read_prompts(path: str, text_key: str, settings: Optional[dict[str, Setting]
     (the per-line keys allowed) and by value with check (raising ValueError). UsageError names the line."""
     settings, defaults = settings or {}, defaults or {}
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = Path(path).read_bytes()
     except OSError as e:
         raise UsageError(f"cannot read the {text_key}s file '{path}': {e.strerror or e}") from None
     try:
@@ -358,7 +357,7 @@ class Progress:
         self.prompts = self.tokens = self.batches = self.rows = 0
         label = f"rank 0 of {ranks.world}" if ranks.world > 1 else None
         self.bar = tqdm(total=total, initial=done, unit=unit, desc=label, file=sys.stderr, dynamic_ncols=True,
-                        mininterval=0.5, disable=ranks.rank != 0, smoothing=0.1)
+                        mininterval=0.5, disable=ranks.rank != 0, smoothing=0)
 
     def update(self, rows: int, finished_prompts: int, tokens: int) -> None:
         self.prompts += finished_prompts
@@ -384,6 +383,24 @@ class Progress:
         mean_rows = f"{rows / batches:.1f}" if batches else "0"
         print(f"{rows} {self.unit}s of {prompts} {what} ({tokens} tokens) in {elapsed:.2f} s{processes}: {rate}; "
               f"{batches} batches, {mean_rows} rows on average; wrote {out}", file=sys.stderr)
+
+
+def run_job(output: Output, progress: Progress, steps: Iterator[None], what: str) -> int:
+    """Run a job's steps (each writes its finished lines and counts them in progress), then merge the parts into
+    the output and report. Returns the exit status: 130 on Ctrl-C, which keeps every finished line for the next
+    run."""
+    try:
+        for _ in steps:
+            pass
+    except KeyboardInterrupt:
+        output.close()
+        progress.bar.close()
+        print(f"interrupted: the finished lines are in {output.part}; run the same command to go on",
+              file=sys.stderr)
+        return 130
+    output.merge()
+    progress.summary(what, str(output.path))
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -524,28 +541,19 @@ def sample_prompts(job: SampleJob, model: GPT, enc: tiktoken.Encoding, ranks: Ra
         return 0
     done = output.resume()
     todo = [s for s in mine if s.key not in done]
-    left = {}  # samples still to finish, per prompt, to count finished prompts
-    for s in todo:
-        left[s.order] = left.get(s.order, 0) + 1
     progress = Progress(ranks, len(mine), len(mine) - len(todo), "sample")
-    try:
+
+    def steps() -> Iterator[None]:
         for batch in batches(todo, job, model):
             ends = sample_batch(model, batch, job.compile)
-            finished = 0
             for s, (tokens, finish) in zip(batch, ends):
                 text = token_bytes(tokens).decode("utf-8", errors="replace")
                 output.write(json.dumps(dict(id=s.prompt.id, sample=s.index, text=text, tokens=len(tokens),
                                              finish=finish, seed=s.seed), ensure_ascii=False))
-                left[s.order] -= 1
-                finished += left[s.order] == 0
-            progress.update(len(batch), finished, sum(len(tokens) for tokens, _ in ends))
-    except KeyboardInterrupt:
-        output.close()
-        progress.bar.close()
-        print(f"interrupted: the finished samples are in {output.part}; run the same command to go on",
-              file=sys.stderr)
-        return 130
-    output.merge()
-    progress.summary("prompts", job.out)
+            last = sum(s.index == s.prompt.settings["num_samples"] - 1 for s in batch)  # a prompt counts once
+            progress.update(len(batch), last, sum(len(tokens) for tokens, _ in ends))
+            yield
+
+    status = run_job(output, progress, steps(), "prompts")
     ranks.close()
-    return 0
+    return status

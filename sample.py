@@ -6,6 +6,10 @@ Sample from a GPT-2 model, as nanoGPT's sample.py does:
 Samples go to stdout, each followed by a line of dashes; status lines go to stderr. All samples are drawn together
 in one batch. On a terminal the first unfinished sample is written as it is generated and the others follow as
 they finish; piped, the same text is written once each sample is complete.
+
+    python sample.py --prompts=prompts.jsonl --out=samples.jsonl [--key=value ...]   (or under torchrun)
+
+samples every prompt of a file to JSONL instead, batched and resumable (batch.py holds that job).
 """
 
 from __future__ import annotations

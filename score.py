@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from typing import Iterator
 
 from configurator import UsageError, configure, run_main
 from tokenizer import EOT
@@ -76,6 +77,26 @@ def score_batch(model, rows: list[list[int]], firsts: list[int]) -> list[float]:
     return [logprobs[i, first - 1:].double().sum().item() for i, first in enumerate(firsts)]
 
 
+def score_texts(model, texts: list[list[int]], stride: int) -> list[tuple[float, int]]:
+    """(summed log-probability, tokens scored) of each text. Windows of one length, from any of the texts, share
+    a batch: at most batch_size, and fewer where their logits (three copies: the logits, their log-softmax, a
+    float32 copy) would pass logits_mb."""
+    block_size, vocab_size = model.config.block_size, model.config.vocab_size
+    logprob, count = [0.0] * len(texts), [0] * len(texts)
+    spans = sorted(((end - begin, t, begin, first) for t, ids in enumerate(texts)
+                    for begin, end, first in windows(len(ids), block_size, stride)), reverse=True)
+    while spans:
+        length = spans[0][0]
+        rows = max(1, min(batch_size, logits_mb * 2 ** 20 // (3 * length * vocab_size * 4)))
+        chunk = [span for span in spans[:rows] if span[0] == length]
+        spans = spans[len(chunk):]
+        sums = score_batch(model, [texts[t][b:b + n] for n, t, b, _ in chunk], [f - b for _, _, b, f in chunk])
+        for (n, t, b, f), value in zip(chunk, sums):
+            logprob[t] += value
+            count[t] += b + n - f
+    return list(zip(logprob, count))
+
+
 def main() -> int:
     import batch
     from sample import load_model, pick_device
@@ -87,17 +108,16 @@ def main() -> int:
     items = batch.read_prompts(texts, "text")  # before the model loads: a bad file answers at once
     ranks = batch.start_ranks(device)
     model, enc = load_model(init_from, pick_device(ranks.device), dtype, quantize, tiktoken_file)
-    block_size = model.config.block_size
-    step = block_size // 2 if stride is None else stride
-    if step > block_size:
-        raise UsageError(f"stride {step} is longer than the model's context of {block_size}: tokens between "
-                         f"windows would go unscored")
-
+    step = model.config.block_size // 2 if stride is None else stride
+    if step > model.config.block_size:
+        raise UsageError(f"stride {step} is longer than the model's context of {model.config.block_size}: tokens "
+                         f"between windows would go unscored")
     ids = [enc.encode(item.text, allowed_special={EOT}) for item in items]
     for item, tokens in zip(items, ids):
         if tokens and max(tokens) >= model.config.vocab_size:
             raise UsageError(f"{texts} line {item.line}: the text holds token {max(tokens)}, outside the model's "
                              f"vocabulary of {model.config.vocab_size}: this tokenizer does not fit the model")
+
     keys = [(json.dumps(item.id),) for item in items]
     order = sorted(range(len(items)), key=lambda i: (len(ids[i]), i))  # texts of a length together
     mine = batch.share(order, lambda i: len(ids[i]) + 1, ranks)
@@ -108,37 +128,19 @@ def main() -> int:
         done = output.resume()
         todo = [i for i in mine if keys[i] not in done]
         progress = batch.Progress(ranks, len(mine), len(mine) - len(todo), "text")
-        vocab_bytes = model.config.vocab_size * 4
-        try:
-            for group in text_groups(todo, ids, block_size, step, batch_size * 4):
-                logprob = {i: 0.0 for i in group}
-                spans = sorted(((end - begin, i, begin, first) for i in group
-                                for begin, end, first in windows(len(ids[i]), block_size, step)), reverse=True)
-                while spans:
-                    length = spans[0][0]
-                    rows = max(1, min(batch_size, logits_mb * 2 ** 20 // (3 * length * vocab_bytes)))
-                    chunk = [s for s in spans[:rows] if s[0] == length]
-                    spans = spans[len(chunk):]
-                    sums = score_batch(model, [ids[i][b:b + n] for n, i, b, _ in chunk],
-                                       [f - b for _, _, b, f in chunk])
-                    for (_, i, _, _), value in zip(chunk, sums):
-                        logprob[i] += value
-                counts = {i: sum(end - first for _, end, first in windows(len(ids[i]), block_size, step))
-                          for i in group}
-                for i in group:
-                    n = counts[i]
-                    output.write(json.dumps(dict(id=items[i].id, tokens=n, logprob=logprob[i],
-                                                 perplexity=math.exp(-logprob[i] / n) if n else None)))
-                progress.update(len(group), len(group), sum(counts.values()))
-        except KeyboardInterrupt:
-            output.close()
-            progress.bar.close()
-            print(f"interrupted: the finished scores are in {output.part}; run the same command to go on",
-                  file=sys.stderr)
+
+        def steps() -> Iterator[None]:
+            for group in text_groups(todo, ids, model.config.block_size, step, batch_size * 4):
+                scores = score_texts(model, [ids[i] for i in group], step)
+                for i, (logprob, n) in zip(group, scores):
+                    output.write(json.dumps(dict(id=items[i].id, tokens=n, logprob=logprob,
+                                                 perplexity=math.exp(-logprob / n) if n else None)))
+                progress.update(len(group), len(group), sum(n for _, n in scores))
+                yield
+
+        if batch.run_job(output, progress, steps(), "texts") != 0:
             return 130
-        output.merge()
-        progress.summary("texts", out)
-    if ranks.rank == 0:
+    if ranks.rank == 0:  # the corpus: every token of every text together
         records = [json.loads(line) for line in open(out, encoding="utf-8")]
         n, total = sum(r["tokens"] for r in records), sum(r["logprob"] for r in records)
         print(json.dumps(dict(texts=len(records), tokens=n, logprob=total,
@@ -147,7 +149,8 @@ def main() -> int:
     return 0
 
 
-def text_groups(todo: list[int], ids: list[list[int]], block_size: int, stride: int, max_windows: int):
+def text_groups(todo: list[int], ids: list[list[int]], block_size: int, stride: int,
+                max_windows: int) -> Iterator[list[int]]:
     """The texts to do, in groups of about max_windows windows (at least one text each): a group's windows are
     batched together and its texts' lines written when it is done."""
     group, count = [], 0
