@@ -217,7 +217,7 @@ def test_interrupted_then_killed_then_resumed_equals_an_uninterrupted_run(run_sc
     wait_for_lines(part, proc, 2)
     proc.send_signal(signal.SIGINT)  # Ctrl-C: the finished samples stay
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and f"the finished samples are in {part}" in err
+    assert proc.returncode == 130 and f"the finished lines are in {part}" in err
     kept = part.read_bytes()
     assert kept.count(b"\n") >= 2 and kept.endswith(b"\n")
 
