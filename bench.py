@@ -8,6 +8,9 @@ no-cache method, on the same weights, prompts and lengths:
 
 Systems: (a) ours, model.generate_stream with the KV cache; (b) transformers' GPT2LMHeadModel.generate, greedy,
 KV cache on; (c) ours without the cache (use_kv_cache=False, nanoGPT's method); (d) sample.py's default workload.
+--prompts_file_bench runs only (e): a prompts file of 200 prompts of mixed lengths through batch.py against
+model.generate looped prompt by prompt, and sample.py --prompts as 2 processes x 1 thread (torchrun) against
+1 process x 2 threads (and 1 x 1), pinned to the same two cores.
 Each measurement is the median of `repeats` runs after one warm-up run. Time to first token is the time until
 the first step is yielded (prefill plus the first sampling); decode tokens/s counts the remaining steps. The
 roofline is the weight bytes a decode step reads over the read bandwidth measured in this run: the most decode
@@ -55,7 +58,8 @@ workload: bool = True  # run (d): sample.py's default shape, (a) against (c) sam
 workload_samples: int = 10  # (d)'s samples
 workload_tokens: int = 500  # (d)'s new tokens per sample
 fidelity: bool = False  # measure int8 and bfloat16 against float32 on the trained model over assets/heldout.txt
-fidelity_model: str = '../shared/tiny-gpt2-en'  # the trained model for --fidelity (relative to this file's folder)
+fidelity_model: str = '../shared/tiny-gpt2-en'  # the trained model for --fidelity and --prompts_file_bench
+prompts_file_bench: bool = False  # only (e): sample.py --prompts on 200 prompts against generate looped, and processes
 bandwidth_mb: int = 2048  # size of the buffer read to measure memory bandwidth (far larger than the caches)
 threads: int | None = None  # torch's thread count; None keeps its default (one per core)
 device: str = 'cpu'  # cpu or cuda (int8 runs on the CPU only)
@@ -339,6 +343,110 @@ def fidelity_figures(folder: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# (e): a prompts file, batched, against generate looped prompt by prompt; processes against threads
+
+PROMPTS_FILE_SIZE = 200
+PROMPT_LENGTHS = {"narrow": (8, 24), "wide": (4, 64)}  # prompt tokens, uniform between the two
+
+
+def prompts_file_figures(folder: Path) -> dict:
+    """Samples per second of batch.py's prompts-file path (length buckets, batch size 32) and of model.generate
+    called prompt by prompt, in this process on the same prompts (slices of assets/heldout.txt) and settings
+    (new_tokens each, temperature 0.8, top-k 200); then sample.py --prompts on the wide file as processes."""
+    import random
+    import tempfile
+
+    import batch
+    from tokenizer import EOT, EOT_ID, load_tokenizer
+
+    model, enc = GPT.from_pretrained(str(folder)), load_tokenizer(folder)
+    text = enc.encode_ordinary((ROOT / "assets" / "heldout.txt").read_text(encoding="utf-8"))
+    rng = random.Random(seed)
+    settings = dict(max_new_tokens=new_tokens, temperature=0.8, top_k=200, top_p=None, num_samples=1,
+                    stop_at_eot=False, seed=seed)
+    figures = {"model": str(folder), "prompts": PROMPTS_FILE_SIZE, "new_tokens": new_tokens,
+               "threads": torch.get_num_threads(), "machine": cpu_description()}
+    scratch = Path(tempfile.mkdtemp())
+    for name, (lo, hi) in PROMPT_LENGTHS.items():
+        texts = []
+        for _ in range(PROMPTS_FILE_SIZE):
+            n = rng.randint(lo, hi)
+            start = rng.randrange(len(text) - n)
+            texts.append(enc.decode(text[start:start + n]))
+        ids = [enc.encode(t, allowed_special={EOT}) or [EOT_ID] for t in texts]
+        print(f"bench.py: (e) {name} prompts, generate looped", file=sys.stderr, flush=True)
+        began = time.perf_counter()
+        for i, prompt in enumerate(ids):
+            model.generate(torch.tensor([prompt]), new_tokens, 0.8, 200, seed=i)
+        looped = time.perf_counter() - began
+        print(f"bench.py: (e) {name} prompts, prompts file", file=sys.stderr, flush=True)
+        job = batch.SampleJob([batch.Prompt(i, i, t, dict(settings)) for i, t in enumerate(texts, 1)], "bench",
+                              str(scratch / f"{name}.jsonl"), 32, 2048, False)
+        began = time.perf_counter()
+        batch.sample_prompts(job, model, enc, batch.Ranks(), enc.decode_bytes)
+        batched = time.perf_counter() - began
+        figures[name] = dict(lengths=[lo, hi], distinct_lengths=len({len(i) for i in ids}), looped_s=looped,
+                             file_s=batched, speedup=looped / batched)
+        (scratch / f"{name}-prompts.jsonl").write_text(
+            "".join(jsonlib.dumps(dict(id=i, prompt=t)) + "\n" for i, t in enumerate(texts, 1)), encoding="utf-8")
+    figures["processes"] = process_figures(folder, scratch / "wide-prompts.jsonl")
+    return figures
+
+
+def process_figures(folder: Path, prompts: Path) -> dict:
+    """sample.py --prompts as 1 process x 1 thread, 1 x 2 and 2 x 1 (torchrun), each pinned to the same two
+    cores: the generation's own time and rate, from its summary line, and the wall time with start-up."""
+    import re
+    import subprocess
+
+    cores = sorted(os.sched_getaffinity(0))[:2] if hasattr(os, "sched_getaffinity") else None
+    common = [f"--init_from={folder}", f"--prompts={prompts}", "--num_samples=1", f"--max_new_tokens={new_tokens}",
+              "--device=cpu", f"--seed={seed}"]
+    runs = {"1 process x 1 thread": ([sys.executable, "sample.py"], "1"),
+            "1 process x 2 threads": ([sys.executable, "sample.py"], "2"),
+            "2 processes x 1 thread": ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                        "--nproc_per_node=2", "sample.py"], "1")}
+    figures = {}
+    for name, (command, omp) in runs.items():
+        print(f"bench.py: (e) sample.py --prompts, {name}", file=sys.stderr, flush=True)
+        out = prompts.with_name(f"out-{len(figures)}.jsonl")
+        began = time.perf_counter()
+        done = subprocess.run([*command, *common, f"--out={out}"], cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": omp},
+                              preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
+        wall = time.perf_counter() - began
+        summary = re.search(r"in ([\d.]+) s(?: on \d+ processes)?: ([\d.]+) prompts/s, ([\d.]+) tokens/s", done.stderr)
+        if done.returncode != 0 or summary is None:
+            raise RuntimeError(f"sample.py --prompts ({name}) failed: {done.stderr[-2000:]}")
+        figures[name] = dict(generation_s=float(summary[1]), prompts_s=float(summary[2]),
+                             tokens_s=float(summary[3]), wall_s=wall, output=out.read_bytes())
+    outputs = {f.pop("output") for f in figures.values()}
+    figures["identical_outputs"] = len(outputs) == 1
+    return figures
+
+
+def prompts_file_table(f: dict) -> str:
+    m = f["machine"]
+    lines = [f"machine: {m['model']}, {m['cores']} cores; load average at start "
+             f"{' '.join(f'{x:.2f}' for x in m['load_average'] or [])}",
+             f"(e) prompts file: {f['prompts']} prompts, {f['new_tokens']} new tokens each (temperature 0.8, top-k "
+             f"200), model {f['model']}, batch size 32, {f['threads']} torch threads in this process:"]
+    for name in PROMPT_LENGTHS:
+        e = f[name]
+        lines.append(f"  {name} lengths ({e['lengths'][0]}-{e['lengths'][1]} tokens, {e['distinct_lengths']} "
+                     f"distinct): generate looped {e['looped_s']:.1f} s, prompts file {e['file_s']:.1f} s: "
+                     f"{e['speedup']:.2f}x (target >= 4x: {'met' if e['speedup'] >= 4 else 'NOT met'})")
+    lines.append("  sample.py --prompts on the wide file, pinned to two cores (generation time from its summary; "
+                 "wall time with start-up):")
+    for name, p in f["processes"].items():
+        if isinstance(p, dict):
+            lines.append(f"    {name:<24} {p['generation_s']:6.1f} s, {p['prompts_s']:6.2f} prompts/s, "
+                         f"{p['tokens_s']:7.1f} tokens/s; wall {p['wall_s']:.1f} s")
+    lines.append(f"    outputs byte-identical: {'yes' if f['processes']['identical_outputs'] else 'NO'}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Report
 
 
@@ -398,6 +506,11 @@ def tables(report: dict) -> str:
 def main() -> int:
     if threads is not None:
         torch.set_num_threads(threads)
+    if prompts_file_bench:
+        folder = Path(init_from or fidelity_model)
+        figures = prompts_file_figures((folder if folder.is_absolute() else ROOT / folder).resolve())
+        print(jsonlib.dumps(figures, indent=1) if json else prompts_file_table(figures))
+        return 0 if figures["processes"]["identical_outputs"] else 1
     torch.manual_seed(seed)
     import transformers
     transformers.logging.set_verbosity_error()

@@ -307,16 +307,19 @@ class GPT(nn.Module):
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: Optional[int] = None, *, top_p: Optional[float] = None, num_samples: int = 1,
                         stop_tokens: Optional[Sequence[int]] = None, seed: Optional[int] = None,
-                        generator: Optional[torch.Generator] = None, use_kv_cache: bool = True,
+                        generator: Optional[torch.Generator] = None,
+                        generators: Optional[Sequence[torch.Generator]] = None, use_kv_cache: bool = True,
                         compile: bool = False) -> Iterator[torch.Tensor]:
         """Yield each step's new tokens, a [B * num_samples] tensor on the model's device, as they are made.
 
         idx is [B, T] prompt ids; each prompt row is prefilled once and shared by its num_samples samples (rows
         come out sample-major per prompt, like repeat_interleave). A row that draws one of stop_tokens has ended:
         it repeats that token from then on, and the stream stops when every row has ended (on a GPU, which is
-        asked only every 8 steps, up to 7 steps later). seed (or a
-        torch.Generator) makes sampling repeatable on one device. use_kv_cache=False recomputes the whole window
-        each step (nanoGPT's method), the reference the cache is tested against. compile=True runs the decode
+        asked only every 8 steps, up to 7 steps later). seed (or a torch.Generator) makes sampling repeatable on
+        one device. generators, one per output row, draw each row's noise from its own generator instead, so that
+        a row's draws never depend on the other rows of its batch (batch.py's prompts files); a one-row batch
+        with seed=s draws the noise of a row whose generator is seeded s. use_kv_cache=False recomputes the whole
+        window each step (nanoGPT's method), the reference the cache is tested against. compile=True runs the decode
         step compiled over a static cache (see KVCache).
 
         Past block_size positions the model conditions on the last block_size tokens, as nanoGPT does. GPT-2's
@@ -324,8 +327,11 @@ class GPT(nn.Module):
         those steps each cost a full forward pass over block_size tokens.
         """
         check_generation_args(idx, max_new_tokens, temperature, top_k, top_p, num_samples, self.config.vocab_size)
-        if seed is not None and generator is not None:
-            raise ValueError("give either seed or generator, not both")
+        if sum(x is not None for x in (seed, generator, generators)) > 1:
+            raise ValueError("give one of seed, generator and generators, not several")
+        if generators is not None and len(generators) != idx.size(0) * num_samples:
+            raise ValueError(f"generators must hold one generator per output row ({idx.size(0) * num_samples}), "
+                             f"got {len(generators)}")
         device = idx.device
         if seed is not None:
             generator = torch.Generator(device=device).manual_seed(seed)
@@ -355,7 +361,7 @@ class GPT(nn.Module):
                 logits = decode_step(token[:, None], input_pos, kv_cache)
             else:  # no cache (the reference), or past block_size, where the cache no longer applies
                 logits = self.slide_window_step(seq[:, :n])
-            next_token = sample_next_token(logits, temperature, top_k, top_p, generator)
+            next_token = sample_next_token(logits, temperature, top_k, top_p, generator, generators=generators)
             if stop is not None:
                 if token is not None:
                     next_token = torch.where(ended, token, next_token)
@@ -386,8 +392,10 @@ class GPT(nn.Module):
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
-                      top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                      top_p: Optional[float] = None, generator: Optional[torch.Generator] = None, *,
+                      generators: Optional[Sequence[torch.Generator]] = None) -> torch.Tensor:
     """[B, V] logits to [B] token ids. Temperature, then top-k, then top-p (nucleus); temperature 0 is argmax.
+    generators (one per row) draw each row's noise on its own, in place of the one generator for the batch.
 
     Everything stays on the logits' device, so a GPU never waits on the host here.
     """
@@ -408,7 +416,11 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Opt
         probs = probs.masked_fill(mass_above >= top_p, 0.0)
     # argmax(p / E) with E ~ Exp(1) draws index i with probability p_i / sum(p): an exact sample without the
     # host-side checks of torch.multinomial. The clamp keeps a zero draw from turning 0/0 into NaN.
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator).clamp_(min=torch.finfo(probs.dtype).tiny)
+    if generators is None:
+        noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    else:  # row i's draws come from generators[i] alone: the same whatever else is in the batch
+        noise = torch.stack([torch.empty_like(row).exponential_(1.0, generator=g) for row, g in zip(probs, generators)])
+    noise = noise.clamp_(min=torch.finfo(probs.dtype).tiny)
     choice = (probs / noise).argmax(dim=-1)
     return choice if candidates is None else candidates.gather(-1, choice[:, None])[:, 0]
 

@@ -6,6 +6,10 @@ Sample from a GPT-2 model, as nanoGPT's sample.py does:
 Samples go to stdout, each followed by a line of dashes; status lines go to stderr. All samples are drawn together
 in one batch. On a terminal the first unfinished sample is written as it is generated and the others follow as
 they finish; piped, the same text is written once each sample is complete.
+
+    python sample.py --prompts=prompts.jsonl --out=samples.jsonl [--key=value ...]   (or under torchrun)
+
+samples every prompt of a file to JSONL instead, batched and resumable (batch.py holds that job).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from tokenizer import EOT, EOT_ID, check_fits, load_tokenizer
 if TYPE_CHECKING:
     import tiktoken
     import torch
+
+    from model import GPT
 
 # -----------------------------------------------------------------------------
 init_from: str = 'gpt2'  # gpt2, gpt2-medium, gpt2-large, gpt2-xl, a hub repo id, a model folder or a nanoGPT ckpt.pt
@@ -38,6 +44,10 @@ compile: bool = False  # compile the decoding step with torch.compile: a slow fi
 quantize: str | None = None  # int8: int8 weights with per-row scales (CPU only; GPT.quantize_int8); None keeps dtype's
 stream: bool | None = None  # write the first sample as it is generated; None: only when stdout is a terminal
 tiktoken_file: str | None = None  # GPT-2's gpt2.tiktoken rank file (else $GPT2_TIKTOKEN_FILE, the model's vocab.json)
+prompts: str | None = None  # a prompts file (.jsonl, or text with one prompt a line): their samples go to --out
+out: str | None = None  # the JSONL file of --prompts' samples; rerun the same command to resume (see batch.py)
+batch_size: int = 32  # --prompts: the most samples generated together
+kv_cache_mb: int = 2048  # --prompts: the most memory one batch's KV cache may take (fewer rows for long samples)
 # -----------------------------------------------------------------------------
 
 SEPARATOR = "---------------"
@@ -168,39 +178,50 @@ class SampleWriter:
             self.out.flush()
 
 
+def load_model(name: str, dev: torch.device, dtype_name: str, quantize_mode: str | None,
+               tiktoken_path: str | None) -> tuple[GPT, tiktoken.Encoding]:
+    """The model `name` on dev, in dtype_name's dtype (and int8 weights if asked), and its tokenizer; the load is
+    reported on stderr. score.py loads through here too."""
+    from load import check_checkpoint, resolve_checkpoint
+    from model import GPT
+
+    dt = pick_dtype(dtype_name, dev)
+    checkpoint = resolve_checkpoint(name)
+    check_checkpoint(checkpoint)  # a broken model folder is named as such, not as a tokenizer that cannot be found
+    enc = load_tokenizer(checkpoint, tiktoken_path)
+    t0 = time.perf_counter()
+    model = GPT.from_pretrained(str(checkpoint)).to(device=dev, dtype=dt)  # resolved once, above
+    if quantize_mode is not None:
+        if quantize_mode != "int8" or dev.type != "cpu":
+            raise UsageError(f"--quantize takes int8 on the CPU only, got {quantize_mode!r} on {dev}")
+        model.quantize_int8()
+    dt_name = str(dt).removeprefix("torch.")
+    print(f"loaded {name} ({model.get_num_params(non_embedding=False):,} params) on {dev}/{dt_name} "
+          f"in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    check_fits(enc, model.config.vocab_size)
+    return model, enc
+
+
 def main() -> int:
+    if prompts is not None or out is not None:
+        return sample_prompts_file()
     prompt = read_prompt(start)  # before the slow imports: a mistake here answers at once
 
     import torch
-    from load import check_checkpoint, resolve_checkpoint
-    from model import GPT, check_sampling_args
+    from model import check_sampling_args
 
     try:  # model.generate_stream's own checks, run now so that no model loads in vain
         check_sampling_args(max_new_tokens, temperature, top_k, top_p, num_samples)
     except ValueError as e:
         raise UsageError(e) from None
     dev = pick_device(device)
-    dt = pick_dtype(dtype, dev)
-    checkpoint = resolve_checkpoint(init_from)
-    check_checkpoint(checkpoint)  # a broken model folder is named as such, not as a tokenizer that cannot be found
-    enc = load_tokenizer(checkpoint, tiktoken_file)
+    model, enc = load_model(init_from, dev, dtype, quantize, tiktoken_file)
     if enc.eot_token is None and (stop_at_eot or not prompt):
         raise UsageError(f"{init_from} is a character-level model, without {EOT}: " + (
             "--stop_at_eot has nothing to stop at" if stop_at_eot else "give it a prompt to start from (--start)"))
     ids = enc.encode(prompt, allowed_special={EOT})
     if not ids:
         print(f"the prompt is empty: starting from {EOT}", file=sys.stderr)
-
-    t0 = time.perf_counter()
-    model = GPT.from_pretrained(str(checkpoint)).to(device=dev, dtype=dt)  # resolved once, above
-    if quantize is not None:
-        if quantize != "int8" or dev.type != "cpu":
-            raise UsageError(f"--quantize takes int8 on the CPU only, got {quantize!r} on {dev}")
-        model.quantize_int8()
-    dt_name = str(dt).removeprefix("torch.")
-    print(f"loaded {init_from} ({model.get_num_params(non_embedding=False):,} params) on {dev}/{dt_name} "
-          f"in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
-    check_fits(enc, model.config.vocab_size)
     block_size = model.config.block_size
     if len(ids) > block_size:
         print(f"warning: the prompt is {len(ids)} tokens, longer than the model's context of {block_size}: "
@@ -245,6 +266,16 @@ def main() -> int:
         print("interrupted: each sample above ends where generation stopped", file=sys.stderr)
         return 130
     return 0
+
+
+def sample_prompts_file() -> int:
+    """--prompts: every prompt's samples as JSONL lines in --out, batched, resumable, sharded under torchrun."""
+    import batch
+
+    job = batch.SampleJob.from_settings(globals())  # the file is read and checked before any model loads
+    ranks = batch.start_ranks(device)
+    model, enc = load_model(init_from, pick_device(ranks.device), dtype, quantize, tiktoken_file)
+    return batch.sample_prompts(job, model, enc, ranks, lambda tokens: b"".join(token_bytes(enc, t) for t in tokens))
 
 
 def start_copy(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:

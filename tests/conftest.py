@@ -3,6 +3,9 @@ checkpoints written by transformers."""
 
 import os
 import pickle
+import runpy
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -149,3 +152,41 @@ def hub_style_tensors(hf_model):
         return renamed
 
     return tensors
+
+
+@pytest.fixture
+def run_script(monkeypatch, capsys) -> Callable[..., tuple[int, str, str]]:
+    """run(script, *args): the project's script run as `python script args` runs it, but in this process, which
+    shares one torch import between runs: (exit status, stdout, stderr)."""
+
+    def run(script: str, *args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", [script, *args])
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(ROOT_DIR / script), run_name="__main__")
+        return (exit_info.value.code, *capsys.readouterr())
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def torchrun() -> Callable[..., subprocess.CompletedProcess]:
+    """run(script, *args, nproc=2, timeout=180): the script under `torchrun --standalone` (a free port, so runs
+    beside other jobs do not collide) as nproc processes on this CPU (gloo), one thread each."""
+
+    def run(script: str, *args: str, nproc: int = 2, timeout: float = 180) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   script, *args]
+        return subprocess.run(command, cwd=ROOT_DIR, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              capture_output=True, text=True, timeout=timeout)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for a module's tests, as torchrun and the subprocesses get: on a small machine shared with
+    other jobs, tiny models run slower on more."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
