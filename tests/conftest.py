@@ -2,6 +2,8 @@
 checkpoints written by transformers."""
 
 import os
+import runpy
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -70,6 +72,34 @@ def random_checkpoint(trained_dir) -> Callable[..., Path]:
 def small_dir(tmp_path_factory, random_checkpoint) -> Path:
     """A 2-layer random GPT-2 with a short context, for fast end-to-end runs."""
     return random_checkpoint(tmp_path_factory.mktemp("small"), n_layer=2, n_head=2, n_embd=64, n_positions=64)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tiny models: on a small machine shared with other jobs, torch's spinning worker
+    threads make them many times slower, not faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def run_script(monkeypatch, capsys) -> Callable[..., tuple[int, str, str]]:
+    """run(script, *args): the project's script (sample.py, bench.py, attention.py) run as `python script args`
+    would run it, but in this process, sharing its torch import: (exit status, stdout, stderr)."""
+
+    def run(script: str, *args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", [script, *args])
+        try:
+            runpy.run_path(str(ROOT_DIR / script), run_name="__main__")
+            status = 0
+        except SystemExit as exit_info:
+            status = exit_info.code
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    return run
 
 
 @pytest.fixture(scope="session")
