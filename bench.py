@@ -14,7 +14,11 @@ model.generate looped prompt by prompt, and sample.py --prompts as 2 processes x
 Each measurement is the median of `repeats` runs after one warm-up run. Time to first token is the time until
 the first step is yielded (prefill plus the first sampling); decode tokens/s counts the remaining steps. The
 roofline is the weight bytes a decode step reads over the read bandwidth measured in this run: the most decode
-steps per second the memory allows. Exit status 1 if the float32 greedy tokens of (a), (b) and (c) differ.
+steps per second the memory allows.
+
+Exit status: 0 done, the float32 greedy tokens of (a), (b) and (c) identical; 3 done, but those tokens differ (a
+correctness failure, not a crash); 2 a wrong setting (a one-line message); 1 a crash (with its traceback); 130
+Ctrl-C, 143 SIGTERM.
 """
 
 import copy
@@ -30,10 +34,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from configurator import UsageError, configure, quiet_startup, run_main
+
+if __name__ == "__main__":
+    quiet_startup()  # before torch's import below: Ctrl-C during it ends without a traceback
+
+import numpy  # noqa: F401 (before torch, which imports it from C and swallows any error there, a Ctrl-C too)
 import torch
 import torch.nn as nn
 
-from configurator import UsageError, configure, run_main
 from linear import Int8Linear
 from load import CONV1D_WEIGHTS
 from model import GPT, GPTConfig
@@ -69,6 +78,7 @@ json: bool = False  # print the results as JSON instead of tables
 seed: int = 1337  # seed of the random weights and prompts
 # -----------------------------------------------------------------------------
 
+MISMATCH = 3  # exit status when the greedy tokens differ
 QUICK = dict(n_layer=2, n_head=2, n_embd=64, vocab_size=512, block_size=128, prompt_len=8, new_tokens=8,
              repeats=1, workload_samples=2, workload_tokens=16, bandwidth_mb=256, slow_batches='1,10')
 ROOT = Path(__file__).resolve().parent
@@ -503,7 +513,56 @@ def tables(report: dict) -> str:
     return "\n".join(lines)
 
 
+def parse_sizes(name: str, text: str) -> list[int]:
+    """--name's comma-separated batch sizes, each a positive int and none twice."""
+    try:
+        sizes = [int(part) for part in text.split(",")] if text.strip() else []
+    except ValueError:
+        raise UsageError(f"--{name}='{text}' is not a comma-separated list of batch sizes such as 1,10") from None
+    if any(size < 1 for size in sizes) or len(set(sizes)) != len(sizes):
+        raise UsageError(f"--{name}='{text}': each batch size must be at least 1, and given once")
+    return sizes
+
+
+def check_settings() -> tuple[list[int], list[int], list[str]]:
+    """Every setting checked before anything slow runs, as sample.py does; the batch sizes, the slow ones, and the
+    dtypes."""
+    from sample import pick_device
+
+    at_least = dict(prompt_len=1, new_tokens=2, repeats=1, bandwidth_mb=1, workload_samples=1, workload_tokens=1,
+                    n_layer=1, n_head=1, n_embd=1, vocab_size=1, block_size=1)
+    for name, low in at_least.items():
+        if globals()[name] < low:
+            why = " (decode speed is timed from the second token on)" if name == "new_tokens" else ""
+            raise UsageError(f"--{name}={globals()[name]}: it must be at least {low}{why}")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads={threads}: give at least 1 thread, or None for torch's default")
+    if max_seconds <= 0:
+        raise UsageError(f"--max_seconds={max_seconds}: give a time limit above 0 seconds")
+    if n_embd % n_head:
+        raise UsageError(f"--n_embd={n_embd} is not a multiple of --n_head={n_head}")
+    if not init_from and prompt_len + new_tokens > block_size:
+        raise UsageError(f"--prompt_len={prompt_len} plus --new_tokens={new_tokens} is more than --block_size="
+                         f"{block_size}: transformers' GPT-2 (b) cannot generate past its context")
+    if not 0 <= seed < 2 ** 64:
+        raise UsageError(f"--seed={seed}: give a seed from 0 to 2**64-1")
+    if pick_device(device).type not in ("cpu", "cuda"):
+        raise UsageError(f"--device={device}: bench.py runs on cpu or cuda")
+    batches = parse_sizes("batch_sizes", batch_sizes)
+    if not batches:
+        raise UsageError("--batch_sizes is empty: give at least one batch size, such as 1")
+    slow = parse_sizes("slow_batches", slow_batches)
+    dtypes = ["float32"] + [d for d in dtype.split(",") if d and d != "float32"]
+    for d in dtypes:
+        if d not in ("float32", "bfloat16", "float16"):
+            raise UsageError(f"unknown dtype '{d}': use float32, bfloat16 or float16")
+    if quantize not in (None, "int8"):
+        raise UsageError(f"quantize must be int8 or None, got '{quantize}'")
+    return batches, slow, dtypes
+
+
 def main() -> int:
+    batches, slow, dtypes = check_settings()
     if threads is not None:
         torch.set_num_threads(threads)
     if prompts_file_bench:
@@ -526,14 +585,10 @@ def main() -> int:
         name = f"random weights, {n_layer} layers, {n_head} heads, {n_embd} wide, vocabulary {vocab_size}"
     name += f" ({model.get_num_params(non_embedding=False) / 1e6:.1f}M parameters)"
     vocab = model.config.vocab_size
+    if prompt_len + new_tokens > model.config.block_size:
+        raise UsageError(f"--prompt_len={prompt_len} plus --new_tokens={new_tokens} is more than {init_from}'s "
+                         f"context of {model.config.block_size}: transformers' GPT-2 (b) cannot generate past it")
     model = model.to(device)
-    dtypes = ["float32"] + [d for d in dtype.split(",") if d and d != "float32"]
-    for d in dtypes:
-        if d not in ("float32", "bfloat16", "float16"):
-            raise UsageError(f"unknown dtype '{d}': use float32, bfloat16 or float16")
-    if quantize not in (None, "int8"):
-        raise UsageError(f"quantize must be int8 or None, got '{quantize}'")
-    batches = [int(b) for b in batch_sizes.split(",") if b]
 
     ours = {d: model if d == "float32" else copy.deepcopy(model).to(getattr(torch, d)) for d in dtypes}
     theirs = {}
@@ -554,7 +609,7 @@ def main() -> int:
                 results.append(measure(f"(a) ours {variant} compiled", lambda: run_ours(m, idx, new_tokens,
                                                                                           compiled=True),
                                        batch, prompt_len, repeats, nbytes))
-            if variant in theirs and (variant == "float32" or str(batch) in slow_batches.split(",")):
+            if variant in theirs and (variant == "float32" or batch in slow):
                 hf = theirs[variant]
                 results.append(measure(f"(b) transformers {variant}", lambda: run_transformers(hf, idx, new_tokens),
                                        batch, prompt_len, repeats, nbytes))
@@ -630,7 +685,7 @@ def main() -> int:
         print(jsonlib.dumps(report, indent=1))
     else:
         print(tables(report))
-    return 0 if ok else 1
+    return 0 if ok else MISMATCH
 
 
 if __name__ == "__main__":

@@ -103,6 +103,34 @@ def small_dir(tmp_path_factory, random_checkpoint) -> Path:
     return random_checkpoint(tmp_path_factory.mktemp("small"), n_layer=2, n_head=2, n_embd=64, n_positions=64)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tiny models: on a small machine shared with other jobs, torch's spinning worker
+    threads make them many times slower, not faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def run_script(monkeypatch, capsys) -> Callable[..., tuple[int, str, str]]:
+    """run(script, *args): the project's script (sample.py, bench.py, attention.py) run as `python script args`
+    would run it, but in this process, sharing its torch import: (exit status, stdout, stderr)."""
+
+    def run(script: str, *args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", [script, *args])
+        try:
+            runpy.run_path(str(ROOT_DIR / script), run_name="__main__")
+            status = 0
+        except SystemExit as exit_info:
+            status = exit_info.code
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def hf_model():
     """load(folder): transformers' GPT2LMHeadModel of a checkpoint folder, the oracle, in eval mode."""
@@ -152,20 +180,6 @@ def hub_style_tensors(hf_model):
         return renamed
 
     return tensors
-
-
-@pytest.fixture
-def run_script(monkeypatch, capsys) -> Callable[..., tuple[int, str, str]]:
-    """run(script, *args): the project's script run as `python script args` runs it, but in this process, which
-    shares one torch import between runs: (exit status, stdout, stderr)."""
-
-    def run(script: str, *args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", [script, *args])
-        with pytest.raises(SystemExit) as exit_info:
-            runpy.run_path(str(ROOT_DIR / script), run_name="__main__")
-        return (exit_info.value.code, *capsys.readouterr())
-
-    return run
 
 
 @pytest.fixture(scope="session")
