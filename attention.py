@@ -39,7 +39,8 @@ from matplotlib.ticker import MultipleLocator
 from PIL import Image
 
 from load import resolve_checkpoint
-from model import GPT, check_sampling_args
+from model import GPT
+from sampling import check_sampling_args
 from tokenizer import EOT, EOT_ID, load_tokenizer
 
 if TYPE_CHECKING:

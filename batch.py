@@ -438,7 +438,7 @@ class SampleJob:
     @classmethod
     def from_settings(cls, config: dict) -> "SampleJob":
         """sample.py's settings (its globals) as a job; the prompts file is read and checked here."""
-        from model import check_sampling_args
+        from sampling import check_sampling_args
 
         if config["prompts"] is None or config["out"] is None:
             raise UsageError("--prompts and --out go together: --prompts=prompts.jsonl --out=samples.jsonl")

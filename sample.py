@@ -326,7 +326,7 @@ def main() -> int:
 
     import numpy  # noqa: F401 (before torch, which imports it from C and swallows any error there, a Ctrl-C too)
     import torch
-    from model import check_sampling_args
+    from sampling import check_sampling_args
 
     try:  # model.generate_stream's own checks, run now so that no model loads in vain
         check_sampling_args(max_new_tokens, temperature, top_k, top_p, num_samples, seed)

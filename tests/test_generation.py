@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from model import GPT, GPTConfig, KVCache, sample_next_token
+from model import GPT, GPTConfig, KVCache
+from sampling import sample_next_token
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import model as model_module
+import sampling
 from model import GPT, GPTConfig
 
 VOCAB = 97
@@ -80,8 +81,9 @@ def test_ids_are_checked_once_per_call_not_per_decoding_step(monkeypatch):
     """The range check waits for the device: generation checks its prompt on entry, and no step checks again."""
     model = tiny_model(block_size=8)
     calls = []
-    check = model_module.check_token_ids
-    monkeypatch.setattr(model_module, "check_token_ids", lambda *a: calls.append(1) or check(*a))
+    check = sampling.check_token_ids
+    for module in (model_module, sampling):  # forward's calls and check_generation_args' calls
+        monkeypatch.setattr(module, "check_token_ids", lambda *a: calls.append(1) or check(*a))
     model.generate(prompt(), 20, temperature=0)  # past block_size: window steps too
     model.generate(prompt(), 20, temperature=0, use_kv_cache=False)
     assert len(calls) == 2

@@ -1,0 +1,126 @@
+"""
+Choosing each next token, and the checks on generation's arguments.
+
+sample_next_token turns a step's logits into token ids (temperature, then top-k, then top-p, then an exact draw);
+the check functions raise TypeError or ValueError naming the argument at fault, for generate_stream, forward and
+the scripts, which run them before any model loads.
+"""
+
+import math
+import numbers
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+from torch.nn import functional as F
+
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+                      top_p: Optional[float] = None, generator: Optional[torch.Generator] = None, *,
+                      generators: Optional[Sequence[torch.Generator]] = None) -> torch.Tensor:
+    """[B, V] logits to [B] token ids. Temperature, then top-k, then top-p (nucleus); temperature 0 is argmax.
+    generators (one per row) draw each row's noise on its own, in place of the one generator for the batch.
+
+    Everything stays on the logits' device, so a GPU never waits on the host here.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    candidates = None  # token ids of the columns of logits, once narrowed to the likeliest (most likely first)
+    if top_k is not None and top_k < logits.size(-1):
+        # Only the k likeliest tokens can be drawn: the rest of the work is done on those k columns alone.
+        logits, candidates = torch.topk(logits, top_k, dim=-1)
+    probs = F.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        if candidates is None:
+            probs, candidates = probs.sort(dim=-1, descending=True)
+        # Keep the smallest set of most likely tokens whose mass reaches top_p: a token stays while the mass of
+        # the tokens ranked above it is still short of top_p (so the most likely one always stays).
+        mass_above = probs.cumsum(dim=-1) - probs
+        probs = probs.masked_fill(mass_above >= top_p, 0.0)
+    # argmax(p / E) with E ~ Exp(1) draws index i with probability p_i / sum(p): an exact sample without the
+    # host-side checks of torch.multinomial. The clamp keeps a zero draw from turning 0/0 into NaN.
+    if generators is None:
+        noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    else:  # row i's draws come from generators[i] alone: the same whatever else is in the batch
+        noise = torch.stack([torch.empty_like(row).exponential_(1.0, generator=g) for row, g in zip(probs, generators)])
+    noise = noise.clamp_(min=torch.finfo(probs.dtype).tiny)
+    choice = (probs / noise).argmax(dim=-1)
+    return choice if candidates is None else candidates.gather(-1, choice[:, None])[:, 0]
+
+
+def check_generation_args(idx: torch.Tensor, max_new_tokens: int, temperature: float, top_k: Optional[int],
+                          top_p: Optional[float], num_samples: int, vocab_size: int,
+                          stop_tokens: Optional[Iterable[int]] = None, seed: Optional[int] = None,
+                          generator: Optional[torch.Generator] = None) -> Optional[list[int]]:
+    """Raise TypeError or ValueError naming the first argument of generation that is wrong; the stop tokens as a
+    list (None for none)."""
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p, num_samples, seed)
+    check_token_ids(idx, vocab_size)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if seed is not None and generator is not None:
+        raise ValueError("give either seed or generator, not both")
+    if stop_tokens is None:
+        return None
+    if isinstance(stop_tokens, torch.Tensor):
+        stop_tokens = stop_tokens.tolist()
+    if isinstance(stop_tokens, (str, bytes)) or not isinstance(stop_tokens, Iterable):
+        raise TypeError(f"stop_tokens must be a list of token ids, such as [50256], or None; got {stop_tokens!r} "
+                        f"({type(stop_tokens).__name__})")
+    stop_tokens = list(stop_tokens)
+    for token in stop_tokens:
+        check_int("each of stop_tokens", token, 0, vocab_size - 1)
+    return stop_tokens
+
+
+def check_sampling_args(max_new_tokens: int, temperature: float, top_k: Optional[int], top_p: Optional[float],
+                        num_samples: int, seed: Optional[int] = None) -> None:
+    """The checks on generation's numbers alone, for callers that validate before any model or prompt exists."""
+    check_int("max_new_tokens", max_new_tokens, 0)
+    check_number("temperature", temperature, ">= 0 (0 is greedy)", lambda t: t >= 0)
+    if top_k is not None:
+        check_int("top_k", top_k, 1, none_ok=True)
+    if top_p is not None:
+        check_number("top_p", top_p, "in (0, 1] or None", lambda p: 0 < p <= 1)
+    check_int("num_samples", num_samples, 1)
+    if seed is not None:
+        check_int("seed", seed, -2 ** 63, 2 ** 64 - 1, rule="in -2**63..2**64-1 (what torch.Generator takes) or None")
+
+
+def check_token_ids(idx: torch.Tensor, vocab_size: int) -> None:
+    """idx must be a non-empty [B, T] tensor of integer ids in 0..vocab_size - 1 (one device sync, for the range)."""
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"idx must be a (batch, length) tensor of token ids, got {type(idx).__name__}; for a list "
+                        f"of ids use torch.tensor([ids])")
+    if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int):
+        raise ValueError(f"idx must be a (batch, length) tensor of token ids (torch.long), got {idx.dim()} "
+                         f"dimension(s) of {idx.dtype}; for a single prompt use ids[None]")
+    if idx.numel() == 0:
+        raise ValueError(f"idx is empty (shape {tuple(idx.shape)}); start from <|endoftext|> (id 50256) "
+                         "to generate without a prompt")
+    low, high = torch.aminmax(idx)
+    low, high = low.item(), high.item()
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"idx holds token ids outside the vocabulary: they must be in 0..{vocab_size - 1}, "
+                         f"got {low}..{high}")
+
+
+def check_int(name: str, value: Any, low: int, high: Optional[int] = None, none_ok: bool = False,
+              rule: Optional[str] = None) -> None:
+    """TypeError unless value is an int (a bool is not one); ValueError unless low <= value (<= high)."""
+    rule = rule or (f">= {low}" if high is None else f"in {low}..{high}") + (" or None" if none_ok else "")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int {rule}, got {value!r} ({type(value).__name__})")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be {rule}, got {value}")
+
+
+def check_number(name: str, value: Any, rule: str, in_range: Callable[[float], bool]) -> None:
+    """TypeError unless value is a real number (a bool is not one); ValueError unless it is finite and in range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number {rule}, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number {rule}, got {value}")
+    if not in_range(value):
+        raise ValueError(f"{name} must be {rule}, got {value}")
