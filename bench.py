@@ -4,7 +4,7 @@ no-cache method, on the same weights, prompts and lengths:
 
     python bench.py [--key=value ...]            (--help lists every setting)
     python bench.py --quick                      (a smoke test: tiny model, seconds)
-    python bench.py --fidelity                   (int8 and bfloat16 against float32 on the trained model)
+    python bench.py --fidelity                   (int8, fp16 and bfloat16 against float32 on the trained model)
 
 Systems: (a) ours, model.generate_stream with the KV cache; (b) transformers' GPT2LMHeadModel.generate, greedy,
 KV cache on; (c) ours without the cache (use_kv_cache=False, nanoGPT's method); (d) sample.py's default workload.
@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from configurator import UsageError, configure, run_main
-from linear import Int8Linear
+from linear import Fp16Linear, Int8Linear
 from load import CONV1D_WEIGHTS
 from model import GPT, GPTConfig
 
@@ -46,7 +46,7 @@ prompt_len: int = 32  # prompt tokens per row (random ids, the same for every sy
 new_tokens: int = 64  # greedy tokens generated per row
 batch_sizes: str = '1,10'  # comma-separated batch sizes
 dtype: str = 'float32,bfloat16'  # weight dtypes for (a) and (b), comma-separated; float32 always runs (the baseline)
-quantize: str | None = 'int8'  # also run (a) with int8 weights (GPT.quantize_int8); None skips it
+quantize: str | None = 'int8,fp16'  # also run (a) with int8 and/or fp16 weights (GPT.quantize_int8/_fp16); None skips
 slow_batches: str = '1'  # batch sizes for (b) in dtypes other than float32 (bfloat16 at batch 10 takes minutes)
 repeats: int = 3  # timed runs per measurement (the median is reported), after one warm-up run
 max_seconds: float = 30.0  # fewer repeats (at least one) for a system whose runs take longer than this in all
@@ -54,11 +54,11 @@ reference: bool = True  # run (c), the no-cache path, at batch 1 (once: it is sl
 workload: bool = True  # run (d): sample.py's default shape, (a) against (c) sample after sample
 workload_samples: int = 10  # (d)'s samples
 workload_tokens: int = 500  # (d)'s new tokens per sample
-fidelity: bool = False  # measure int8 and bfloat16 against float32 on the trained model over assets/heldout.txt
+fidelity: bool = False  # measure int8, fp16 and bfloat16 against float32 on the trained model over assets/heldout.txt
 fidelity_model: str = '../shared/tiny-gpt2-en'  # the trained model for --fidelity (relative to this file's folder)
 bandwidth_mb: int = 2048  # size of the buffer read to measure memory bandwidth (far larger than the caches)
 threads: int | None = None  # torch's thread count; None keeps its default (one per core)
-device: str = 'cpu'  # cpu or cuda (int8 runs on the CPU only)
+device: str = 'cpu'  # cpu or cuda (int8 and fp16 run on the CPU only)
 compile: bool = False  # also run (a) compiled (compile=True: static KV cache, CUDA graphs on a GPU)
 quick: bool = False  # smoke test: a tiny model, few tokens, one repeat, short workload (explicit settings still win)
 json: bool = False  # print the results as JSON instead of tables
@@ -170,7 +170,7 @@ def decode_bytes(model: nn.Module) -> int:
     LM head); of the embedding tables a step reads one row per token, which is left out."""
     total = 0
     for module in model.modules():
-        if isinstance(module, Int8Linear):
+        if isinstance(module, (Int8Linear, Fp16Linear)):
             total += module.nbytes
         elif isinstance(module, (nn.Linear, nn.LayerNorm)):
             total += sum(p.nbytes for p in module.parameters(recurse=False))
@@ -310,7 +310,7 @@ def workload_times(model: GPT, samples: int, steps: int, repeats: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Fidelity of int8 and bfloat16 on the trained model
+# Fidelity of int8, fp16 and bfloat16 on the trained model
 
 
 def fidelity_figures(folder: Path) -> dict:
@@ -323,7 +323,8 @@ def fidelity_figures(folder: Path) -> dict:
     base = GPT.from_pretrained(str(folder))
     window = base.config.block_size
     chunks = [ids[i:i + window][None] for i in range(0, len(ids) - 1, window)]
-    variants = {"int8": copy.deepcopy(base).quantize_int8(), "bfloat16": copy.deepcopy(base).to(torch.bfloat16)}
+    variants = {"int8": copy.deepcopy(base).quantize_int8(), "fp16": copy.deepcopy(base).quantize_fp16(),
+                "bfloat16": copy.deepcopy(base).to(torch.bfloat16)}
     figures = {"text_tokens": len(ids), "model": str(folder)}
     with torch.no_grad():
         reference = [base(chunk, all_logits=True)[0][0].float().log_softmax(-1) for chunk in chunks]
@@ -389,7 +390,7 @@ def tables(report: dict) -> str:
         f = report["fidelity"]
         lines += ["", f"fidelity on {f['model']} over assets/heldout.txt ({f['text_tokens']} tokens), against "
                   f"float32 at every position:"]
-        for name in ("int8", "bfloat16"):
+        for name in ("int8", "fp16", "bfloat16"):
             lines.append(f"  {name:<9} mean KL {f[name]['mean_kl']:.2e} nats, top-1 agreement "
                          f"{100 * f[name]['top1_agreement']:.1f}% of {f[name]['positions']} positions")
     return "\n".join(lines)
@@ -418,16 +419,18 @@ def main() -> int:
     for d in dtypes:
         if d not in ("float32", "bfloat16", "float16"):
             raise UsageError(f"unknown dtype '{d}': use float32, bfloat16 or float16")
-    if quantize not in (None, "int8"):
-        raise UsageError(f"quantize must be int8 or None, got '{quantize}'")
+    quantized = [q for q in (quantize or "").split(",") if q]
+    if not set(quantized) <= {"int8", "fp16"}:
+        raise UsageError(f"quantize must be int8, fp16, int8,fp16 or None, got '{quantize}'")
     batches = [int(b) for b in batch_sizes.split(",") if b]
 
     ours = {d: model if d == "float32" else copy.deepcopy(model).to(getattr(torch, d)) for d in dtypes}
     theirs = {}
     for d in dtypes:
         theirs[d] = transformers_model(model).to(device=device, dtype=getattr(torch, d))
-    if quantize and device == "cpu":
-        ours["int8"] = copy.deepcopy(model).quantize_int8()
+    if device == "cpu":
+        for q in quantized:
+            ours[q] = getattr(copy.deepcopy(model), f"quantize_{q}")()
 
     results, checks, ok = [], [], True
     generator = torch.Generator().manual_seed(seed)
@@ -437,7 +440,7 @@ def main() -> int:
             nbytes = decode_bytes(m)
             results.append(measure(f"(a) ours {variant}", lambda: run_ours(m, idx, new_tokens), batch, prompt_len,
                                    repeats, nbytes))
-            if compile and variant != "int8":
+            if compile and variant not in quantized:
                 results.append(measure(f"(a) ours {variant} compiled", lambda: run_ours(m, idx, new_tokens,
                                                                                           compiled=True),
                                        batch, prompt_len, repeats, nbytes))
@@ -496,6 +499,7 @@ def main() -> int:
     for b in batches:
         ratio(f"batch {b} decode, ours bfloat16 / transformers bfloat16", ("(a) ours bfloat16", b),
               ("(b) transformers bfloat16", b), 1.0)
+        ratio(f"batch {b} decode, ours fp16 / ours float32", ("(a) ours fp16", b), ("(a) ours float32", b))
 
     report = dict(machine=machine, transformers=transformers.__version__, model=name,
                   prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats, bandwidth_mb=bandwidth_mb,

@@ -1,12 +1,15 @@
 """
-How the network's matrix products are computed on a CPU: the two-core route for decoding, and int8 weights.
+How the network's matrix products are computed on a CPU: the two-core route for decoding, int8 and float16
+weights, and the choice of thread count for each decode step.
 
 model.py builds every projection as a `RoutedLinear`, which is nn.Linear with a faster route for the few-row
-products of decoding on a CPU. `quantize_int8` swaps each of them for an `Int8Linear`. Neither knows anything of
-GPT-2; the measurements behind the choices here are in the README's speed section.
+products of decoding on a CPU. `quantize_int8` and `quantize_fp16` swap each of them for an `Int8Linear` or an
+`Fp16Linear`. None of this knows anything of GPT-2; the measurements behind the choices here are in the README's
+speed section.
 """
 
 import warnings
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -81,11 +84,48 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row scales"
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Swap every Linear inside model for an Int8Linear, in place (a tied LM head too: it gets its own int8 copy,
-    while the input embedding stays float32, of which a step reads only one row per token)."""
+class Fp16Linear(nn.Module):
+    """A Linear held as float16 weights, multiplied by fbgemm in float32: the weights are widened to float32 as they
+    are read (the F16C instructions, which every AVX2 CPU has) and the sums are float32.
+
+    It reads half of float32's bytes for a relative error of about 2e-4 per product. On a CPU without bfloat16
+    instructions this is the fast half precision: bfloat16 weights there are converted by slower generic code
+    (see the README's speed section). CPU only.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        if linear.weight.device.type != "cpu":
+            raise ValueError(f"fp16 weights run on the CPU only; this Linear is on {linear.weight.device}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        self._packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach().float(), bias)
+        # What a decode step reads: the float16 weights and the float32 bias (for bench.py's roofline).
+        self.nbytes = 2 * self.in_features * self.out_features + (0 if bias is None else 4 * self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in_features]
+        y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, self.in_features).float(), self._packed)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, float16 weights"
+
+
+def swap_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> nn.Module:
+    """Replace every Linear inside model by make(linear), in place (a tied LM head too: it gets its own copy, while
+    the input embedding stays float32, of which a step reads only one row per token)."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, name, Int8Linear(child))
+                setattr(module, name, make(child))
     return model
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Every Linear inside model as an Int8Linear, in place."""
+    return swap_linears(model, Int8Linear)
+
+
+def quantize_fp16(model: nn.Module) -> nn.Module:
+    """Every Linear inside model as an Fp16Linear, in place."""
+    return swap_linears(model, Fp16Linear)

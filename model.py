@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import load
-from linear import RoutedLinear, quantize_int8
+from linear import RoutedLinear, quantize_fp16, quantize_int8
 
 
 @dataclass
@@ -209,6 +209,10 @@ class GPT(nn.Module):
     def quantize_int8(self) -> "GPT":
         """Int8 weights with per-output-channel scales for every Linear, in place (CPU only; see linear.py)."""
         return quantize_int8(self)
+
+    def quantize_fp16(self) -> "GPT":
+        """Float16 weights for every Linear, multiplied in float32, in place (CPU only; see linear.py)."""
+        return quantize_fp16(self)
 
     def _embed(self, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(input_pos))  # [B, T, C]

@@ -35,7 +35,7 @@ seed: int | None = 1337  # the same seed gives the same samples on the same devi
 device: str = 'auto'  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
 dtype: str = 'auto'  # float32, bfloat16 or float16; auto: bfloat16 on CUDA where supported, else float16; float32 on CPU
 compile: bool = False  # compile the decoding step with torch.compile: a slow first step, faster ones after
-quantize: str | None = None  # int8: int8 weights with per-row scales (CPU only; GPT.quantize_int8); None keeps dtype's
+quantize: str | None = None  # int8 (per-row scales) or fp16 weights, CPU only (GPT.quantize_int8/_fp16); None: dtype's
 stream: bool | None = None  # write the first sample as it is generated; None: only when stdout is a terminal
 tiktoken_file: str | None = None  # GPT-2's gpt2.tiktoken rank file (else $GPT2_TIKTOKEN_FILE, the model's vocab.json)
 # -----------------------------------------------------------------------------
@@ -198,9 +198,9 @@ def main() -> int:
     t0 = time.perf_counter()
     model = GPT.from_pretrained(str(checkpoint)).to(device=dev, dtype=dt)  # resolved once, above
     if quantize is not None:
-        if quantize != "int8" or dev.type != "cpu":
-            raise UsageError(f"--quantize takes int8 on the CPU only, got {quantize!r} on {dev}")
-        model.quantize_int8()
+        if quantize not in ("int8", "fp16") or dev.type != "cpu":
+            raise UsageError(f"--quantize takes int8 or fp16 on the CPU only, got {quantize!r} on {dev}")
+        getattr(model, f"quantize_{quantize}")()
     dt_name = str(dt).removeprefix("torch.")
     print(f"loaded {init_from} ({model.get_num_params(non_embedding=False):,} params) on {dev}/{dt_name} "
           f"in {time.perf_counter() - t0:.2f} s", file=sys.stderr)

@@ -15,8 +15,8 @@ def test_quick_bench_runs_every_system_with_identical_tokens(root_dir):
     assert report["identical"] is True
     systems = {(r["system"], r["batch"]) for r in report["results"]}
     for batch in (1, 10):
-        for system in ("(a) ours float32", "(b) transformers float32", "(a) ours int8", "(a) ours bfloat16",
-                       "(b) transformers bfloat16"):
+        for system in ("(a) ours float32", "(b) transformers float32", "(a) ours int8", "(a) ours fp16",
+                       "(a) ours bfloat16", "(b) transformers bfloat16"):
             assert (system, batch) in systems
     assert ("(c) ours no cache float32", 1) in systems
     for r in report["results"]:

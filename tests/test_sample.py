@@ -260,6 +260,15 @@ def test_character_level_model_refusals(sample, tmp_path, shared_dir, char_check
     assert message in err
 
 
+def test_quantize(sample, small_dir):
+    args = [f"--init_from={small_dir}", "--num_samples=2", "--max_new_tokens=6"]
+    for kind in ("int8", "fp16"):
+        status, out, err = sample(*args, f"--quantize={kind}")
+        assert status == 0 and len(samples(out)) == 2, err
+    status, out, err = sample(*args, "--quantize=int4")
+    assert (status, out) == (2, "") and "--quantize takes int8 or fp16 on the CPU only, got 'int4'" in err
+
+
 def test_stream_flag_gives_the_same_text(sample, small_dir):
     args = [f"--init_from={small_dir}", "--num_samples=3", "--max_new_tokens=12"]
     assert sample(*args, "--stream=True")[1] == sample(*args, "--stream=False")[1] == sample(*args)[1]
