@@ -7,19 +7,23 @@ no-cache method, on the same weights, prompts and lengths:
     python bench.py --fidelity                   (int8, fp16 and bfloat16 against float32 on the trained model)
 
 Systems: (a) ours, model.generate_stream with the KV cache; (b) transformers' GPT2LMHeadModel.generate, greedy,
-KV cache on; (c) ours without the cache (use_kv_cache=False, nanoGPT's method); (d) sample.py's default workload.
+KV cache on; (c) ours without the cache (use_kv_cache=False, nanoGPT's method); (d) sample.py's default workload;
+(e) with --busy_core, (a) in float32 at torch's default thread count and at one thread, quiet and while another
+process spins on one core.
 Each measurement is the median of `repeats` runs after one warm-up run. Time to first token is the time until
 the first step is yielded (prefill plus the first sampling); decode tokens/s counts the remaining steps. The
 roofline is the weight bytes a decode step reads over the read bandwidth measured in this run: the most decode
 steps per second the memory allows. Exit status 1 if the float32 greedy tokens of (a), (b) and (c) differ.
 """
 
+import contextlib
 import copy
 import json as jsonlib
 import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -59,6 +63,7 @@ fidelity_model: str = '../shared/tiny-gpt2-en'  # the trained model for --fideli
 bandwidth_mb: int = 2048  # size of the buffer read to measure memory bandwidth (far larger than the caches)
 threads: int | None = None  # torch's thread count; None keeps its default (one per core)
 device: str = 'cpu'  # cpu or cuda (int8 and fp16 run on the CPU only)
+busy_core: bool = False  # (e): (a) float32 at default threads and at 1, quiet and with one core kept busy (CPU)
 compile: bool = False  # also run (a) compiled (compile=True: static KV cache, CUDA graphs on a GPU)
 quick: bool = False  # smoke test: a tiny model, few tokens, one repeat, short workload (explicit settings still win)
 json: bool = False  # print the results as JSON instead of tables
@@ -259,6 +264,37 @@ def measure(system: str, run: Callable[[], tuple[list[float], torch.Tensor]], ba
                   rss_growth_mb=rss.growth_mb, weight_mb=weight_bytes / 1e6, runs=len(ttfts), tokens=tokens.tolist())
 
 
+class BusyCore:
+    """Another process spinning on one core (the last this process may use) while the block runs: the load that
+    makes a multi-threaded operation wait for its descheduled thread."""
+
+    def __enter__(self) -> "BusyCore":
+        self.spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(self.spinner.pid, {max(os.sched_getaffinity(0))})
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.spinner.kill()
+        self.spinner.wait()
+
+
+def under_load(model: GPT, idx: torch.Tensor, batch: int) -> list[Result]:
+    """(e): ours float32 at one thread quiet (the default quiet is (a)), then at the default and at one thread with
+    one core busy. The default picks its thread count step by step (linear.ThreadChooser); one thread is fixed."""
+    default, results = torch.get_num_threads(), []
+    for system, threads, busy in (("(e) quiet, 1 thread", 1, False), ("(e) busy core, default threads", default, True),
+                                  ("(e) busy core, 1 thread", 1, True)):
+        torch.set_num_threads(threads)
+        try:
+            with BusyCore() if busy else contextlib.nullcontext():
+                results.append(measure(system, lambda: run_ours(model, idx, new_tokens), batch, idx.size(1), repeats,
+                                       decode_bytes(model)))
+        finally:
+            torch.set_num_threads(default)
+    return results
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # (d): sample.py's default workload
 
@@ -448,6 +484,8 @@ def main() -> int:
                 hf = theirs[variant]
                 results.append(measure(f"(b) transformers {variant}", lambda: run_transformers(hf, idx, new_tokens),
                                        batch, prompt_len, repeats, nbytes))
+        if busy_core and device == "cpu":
+            results += under_load(model, idx, batch)
         if reference and batch == 1:
             results.append(measure("(c) ours no cache float32", lambda: run_ours(model, idx, new_tokens, False),
                                    batch, prompt_len, 1, decode_bytes(model)))
@@ -500,6 +538,10 @@ def main() -> int:
         ratio(f"batch {b} decode, ours bfloat16 / transformers bfloat16", ("(a) ours bfloat16", b),
               ("(b) transformers bfloat16", b), 1.0)
         ratio(f"batch {b} decode, ours fp16 / ours float32", ("(a) ours fp16", b), ("(a) ours float32", b))
+        ratio(f"batch {b} decode, quiet, ours float32 default threads / one thread", ("(a) ours float32", b),
+              ("(e) quiet, 1 thread", b), 0.9)
+        ratio(f"batch {b} decode, one core busy, ours float32 default threads / one thread",
+              ("(e) busy core, default threads", b), ("(e) busy core, 1 thread", b), 0.9)
 
     report = dict(machine=machine, transformers=transformers.__version__, model=name,
                   prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats, bandwidth_mb=bandwidth_mb,

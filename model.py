@@ -4,9 +4,10 @@ GPT-2 in plain PyTorch: the network and its generation.
 The file reads top to bottom: the config, the KV cache, attention, MLP and block, then GPT with its forward pass,
 from_pretrained, and generation in named phases (prefill, decode_step, slide_window_step, and the loop that drives
 them, generate_stream), and last the sampling of a token and the checks on generation's arguments. Checkpoint files
-are read by load.py; the CPU's matmul routes and int8 weights live in linear.py.
+are read by load.py; the CPU's matmul routes, int8 and float16 weights and thread choice live in linear.py.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
@@ -16,7 +17,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import load
-from linear import RoutedLinear, quantize_fp16, quantize_int8
+from linear import RoutedLinear, ThreadChooser, quantize_fp16, quantize_int8
 
 
 @dataclass
@@ -347,6 +348,9 @@ class GPT(nn.Module):
             kv_cache, prefill, decode_step = self._generation_phases(
                 B, min(block_size, T + max_new_tokens), device, compile)
             input_pos = torch.tensor([T - 1], device=device)  # advanced on the device: no host copy per step
+            if device.type == "cpu" and not compile and torch.get_num_threads() > 1:
+                # Every core, or one where that is faster now (another program keeps a core busy): see linear.py.
+                decode_step = functools.partial(ThreadChooser().run, decode_step)
         token = None
         for step in range(max_new_tokens):
             n = T + step  # tokens known; the newest sits at position n - 1
