@@ -9,7 +9,7 @@ no-cache method, on the same weights, prompts and lengths:
 Systems: (a) ours, model.generate_stream with the KV cache; (b) transformers' GPT2LMHeadModel.generate, greedy,
 KV cache on; (c) ours without the cache (use_kv_cache=False, nanoGPT's method); (d) sample.py's default workload;
 (e) with --busy_core, (a) in float32 at torch's default thread count and at one thread, quiet and while another
-process spins on one core.
+process spins on one core; (p) with --peers, CTranslate2 and llama.cpp on the same weights (peers.py).
 Each measurement is the median of `repeats` runs after one warm-up run. Time to first token is the time until
 the first step is yielded (prefill plus the first sampling); decode tokens/s counts the remaining steps. The
 roofline is the weight bytes a decode step reads over the read bandwidth measured in this run: the most decode
@@ -63,6 +63,7 @@ fidelity_model: str = '../shared/tiny-gpt2-en'  # the trained model for --fideli
 bandwidth_mb: int = 2048  # size of the buffer read to measure memory bandwidth (far larger than the caches)
 threads: int | None = None  # torch's thread count; None keeps its default (one per core)
 device: str = 'cpu'  # cpu or cuda (int8 and fp16 run on the CPU only)
+peers: bool = False  # (p): CTranslate2 and llama.cpp on the same weights, where installed (peers.py; CPU)
 busy_core: bool = False  # (e): (a) float32 at default threads and at 1, quiet and with one core kept busy (CPU)
 compile: bool = False  # also run (a) compiled (compile=True: static KV cache, CUDA graphs on a GPU)
 quick: bool = False  # smoke test: a tiny model, few tokens, one repeat, short workload (explicit settings still win)
@@ -469,6 +470,16 @@ def main() -> int:
             ours[q] = getattr(copy.deepcopy(model), f"quantize_{q}")()
 
     results, checks, ok = [], [], True
+    peer_engines = contextlib.ExitStack()
+    engines = []
+    if peers and device == "cpu":
+        from peers import missing, open_peers
+
+        for engine, install in missing().items():
+            checks.append(f"peers: {engine} skipped, not installed ({install})")
+        print("bench.py: (p) converting the weights for the peer engines", file=sys.stderr, flush=True)
+        engines = peer_engines.enter_context(open_peers(theirs["float32"], model.state_dict(),
+                                                        torch.get_num_threads()))
     generator = torch.Generator().manual_seed(seed)
     for batch in batches:
         idx = torch.randint(0, vocab, (batch, prompt_len), generator=generator).to(device)
@@ -486,6 +497,9 @@ def main() -> int:
                                        batch, prompt_len, repeats, nbytes))
         if busy_core and device == "cpu":
             results += under_load(model, idx, batch)
+        for peer in engines:
+            results.append(measure(f"(p) {peer.name}", lambda: peer.generate(idx, new_tokens), batch, prompt_len,
+                                   repeats, peer.weight_bytes))
         if reference and batch == 1:
             results.append(measure("(c) ours no cache float32", lambda: run_ours(model, idx, new_tokens, False),
                                    batch, prompt_len, 1, decode_bytes(model)))
@@ -509,6 +523,12 @@ def main() -> int:
                     text += (f"; equal to transformers {variant}'s at "
                              f"{100 * agreement(ours_v, by[f'(b) transformers {variant}'].tokens):.0f}%")
                 checks.append(text)
+        for peer in engines:
+            if f"(a) ours {peer.like}" in by:
+                same = agreement(by[f"(p) {peer.name}"].tokens, by[f"(a) ours {peer.like}"].tokens)
+                checks.append(f"batch {batch}: {peer.name} greedy tokens equal to ours {peer.like}'s at "
+                              f"{100 * same:.0f}% of steps")
+    peer_engines.close()
     bandwidth += read_bandwidth(bandwidth_mb * 2 ** 20)
     bw = statistics.median(bandwidth)
     for r in results:
@@ -542,6 +562,9 @@ def main() -> int:
               ("(e) quiet, 1 thread", b), 0.9)
         ratio(f"batch {b} decode, one core busy, ours float32 default threads / one thread",
               ("(e) busy core, default threads", b), ("(e) busy core, 1 thread", b), 0.9)
+        for peer in engines:
+            ratio(f"batch {b} decode, ours {peer.like} / {peer.name}", (f"(a) ours {peer.like}", b),
+                  (f"(p) {peer.name}", b), 1.0)
 
     report = dict(machine=machine, transformers=transformers.__version__, model=name,
                   prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats, bandwidth_mb=bandwidth_mb,
