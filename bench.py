@@ -5,6 +5,8 @@ no-cache method, on the same weights, prompts and lengths:
     python bench.py [--key=value ...]            (--help lists every setting)
     python bench.py --quick                      (a smoke test: tiny model, seconds)
     python bench.py --fidelity                   (int8, fp16 and bfloat16 against float32 on the trained model)
+    python bench.py --peers                      (CTranslate2 and llama.cpp too, where installed: peers.py)
+    python bench.py --busy_core                  (default threads and one, while another process keeps a core busy)
 
 Systems: (a) ours, model.generate_stream with the KV cache; (b) transformers' GPT2LMHeadModel.generate, greedy,
 KV cache on; (c) ours without the cache (use_kv_cache=False, nanoGPT's method); (d) sample.py's default workload;
