@@ -19,9 +19,15 @@ of one token, and every head then looks alike over the looping part.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, BinaryIO, Callable, Optional, Sequence
+
+from configurator import UsageError, configure, quiet_startup, run_main
+
+if __name__ == "__main__":
+    quiet_startup()  # before the slow imports below: Ctrl-C during them ends without a traceback
 
 import numpy as np
 import torch
@@ -32,7 +38,6 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MultipleLocator
 from PIL import Image
 
-from configurator import UsageError, configure, run_main
 from load import resolve_checkpoint
 from model import GPT, check_sampling_args
 from tokenizer import EOT, EOT_ID, load_tokenizer
@@ -46,7 +51,7 @@ text: str | None = None  # draw attention over this text (after <|endoftext|>); 
 length: int = 256  # tokens in the sequence, <|endoftext|> included, at most the model's context
 layers: str = '1,2,3,4'  # 1-based layers drawn side by side in every frame, e.g. 1,2,3,4 or all
 heads: str = 'all'  # 1-based heads, one frame each, e.g. 1,5,9 or all
-duration: int = 1000  # milliseconds per frame
+duration: int = 1000  # milliseconds per frame: a multiple of 10 (GIF counts hundredths of a second), at most 655350
 out: str = 'assets/attention.gif'  # where to write the GIF
 png: str | None = None  # also write one frame as a PNG here; None writes none
 frame: int | None = None  # the head (1-based) whose frame --png shows; None: the first of --heads
@@ -182,21 +187,34 @@ def save_gif(frames: Sequence[Image.Image], path: Path, duration: int) -> None:
         montage.paste(frame, (0, i * height))
     palette = montage.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
     indexed = [frame.quantize(palette=palette, dither=Image.Dither.NONE) for frame in frames]
-    indexed[0].save(path, save_all=True, append_images=indexed[1:], duration=duration, loop=0,
-                    format="GIF")  # whatever the file's name ends with
+    save_whole(path, lambda f: indexed[0].save(f, save_all=True, append_images=indexed[1:], duration=duration,
+                                                loop=0, format="GIF"))  # whatever the file's name ends with
+
+
+def save_whole(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """write(file) into a temporary file beside path, then renamed to path: a Ctrl-C or a full disk midway leaves
+    no truncated picture, and an older picture at path stays until the new one is whole."""
+    part = path.with_name(path.name + ".part")
+    try:
+        with open(part, "wb") as f:
+            write(f)
+        os.replace(part, path)
+    finally:
+        part.unlink(missing_ok=True)
 
 
 def main() -> None:
     """Draw the picture the settings ask for; a UsageError (LoadError, TokenizerError) for a mistake."""
     # Every check that needs no model runs first, so that no model loads in vain.
-    if duration < 1:
-        raise UsageError(f"--duration={duration}: give the milliseconds per frame, at least 1")
+    if not 10 <= duration <= 655350 or duration % 10:
+        raise UsageError(f"--duration={duration}: a GIF stores a frame's time in hundredths of a second, up to "
+                         f"6553.5 s: give milliseconds that are a multiple of 10, from 10 to 655350")
     if frame is not None and png is None:
         raise UsageError("--frame chooses the head that --png shows: give --png=path.png as well")
     layer_list, head_list = parse_indices("layers", layers), parse_indices("heads", heads)
-    try:  # generate's own checks of --temperature and --top_k
-        check_sampling_args(0, temperature, top_k, None, 1)
-    except ValueError as e:
+    try:  # generate's own checks of --temperature, --top_k and --seed
+        check_sampling_args(0, temperature, top_k, None, 1, seed)
+    except (TypeError, ValueError) as e:
         raise UsageError(e) from None
     checkpoint = resolve_checkpoint(init_from)  # once: the model and the tokenizer both come from it
     model = GPT.from_pretrained(str(checkpoint))
@@ -230,7 +248,7 @@ def main() -> None:
             if head is None:
                 save_gif([figure.render(h) for h in head_list], path, duration)
             else:
-                figure.render(head).save(path, format="PNG")
+                save_whole(path, lambda f: figure.render(head).save(f, format="PNG"))
     except OSError as e:
         raise UsageError(f"cannot write {path}: {e}") from None
     print(f"wrote {out}: heads {','.join(map(str, head_list))} of layers {','.join(map(str, layer_list))} "

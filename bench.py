@@ -10,12 +10,19 @@ no-cache method, on the same weights, prompts and lengths:
 
 Systems: (a) ours, model.generate_stream with the KV cache; (b) transformers' GPT2LMHeadModel.generate, greedy,
 KV cache on; (c) ours without the cache (use_kv_cache=False, nanoGPT's method); (d) sample.py's default workload;
-(e) with --busy_core, (a) in float32 at torch's default thread count and at one thread, quiet and while another
+(f) with --busy_core, (a) in float32 at torch's default thread count and at one thread, quiet and while another
 process spins on one core; (p) with --peers, CTranslate2 and llama.cpp on the same weights (peers.py).
+--prompts_file_bench runs only (e): a prompts file of 200 prompts of mixed lengths through batch.py against
+model.generate looped prompt by prompt, and sample.py --prompts as 2 processes x 1 thread (torchrun) against
+1 process x 2 threads (and 1 x 1), pinned to the same two cores.
 Each measurement is the median of `repeats` runs after one warm-up run. Time to first token is the time until
 the first step is yielded (prefill plus the first sampling); decode tokens/s counts the remaining steps. The
 roofline is the weight bytes a decode step reads over the read bandwidth measured in this run: the most decode
-steps per second the memory allows. Exit status 1 if the float32 greedy tokens of (a), (b) and (c) differ.
+steps per second the memory allows.
+
+Exit status: 0 done, the float32 greedy tokens of (a), (b) and (c) identical; 3 done, but those tokens differ (a
+correctness failure, not a crash); 2 a wrong setting (a one-line message); 1 a crash (with its traceback); 130
+Ctrl-C, 143 SIGTERM.
 """
 
 import contextlib
@@ -33,10 +40,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from configurator import UsageError, configure, quiet_startup, run_main
+
+if __name__ == "__main__":
+    quiet_startup()  # before torch's import below: Ctrl-C during it ends without a traceback
+
+import numpy  # noqa: F401 (before torch, which imports it from C and swallows any error there, a Ctrl-C too)
 import torch
 import torch.nn as nn
 
-from configurator import UsageError, configure, run_main
 from linear import Fp16Linear, Int8Linear
 from load import CONV1D_WEIGHTS
 from model import GPT, GPTConfig
@@ -61,18 +73,20 @@ workload: bool = True  # run (d): sample.py's default shape, (a) against (c) sam
 workload_samples: int = 10  # (d)'s samples
 workload_tokens: int = 500  # (d)'s new tokens per sample
 fidelity: bool = False  # measure int8, fp16 and bfloat16 against float32 on the trained model over assets/heldout.txt
-fidelity_model: str = '../shared/tiny-gpt2-en'  # the trained model for --fidelity (relative to this file's folder)
+fidelity_model: str = '../shared/tiny-gpt2-en'  # the trained model for --fidelity and --prompts_file_bench
+prompts_file_bench: bool = False  # only (e): sample.py --prompts on 200 prompts against generate looped, and processes
 bandwidth_mb: int = 2048  # size of the buffer read to measure memory bandwidth (far larger than the caches)
 threads: int | None = None  # torch's thread count; None keeps its default (one per core)
 device: str = 'cpu'  # cpu or cuda (int8 and fp16 run on the CPU only)
 peers: bool = False  # (p): CTranslate2 and llama.cpp on the same weights, where installed (peers.py; CPU)
-busy_core: bool = False  # (e): (a) float32 at default threads and at 1, quiet and with one core kept busy (CPU)
+busy_core: bool = False  # (f): (a) float32 at default threads and at 1, quiet and with one core kept busy (CPU)
 compile: bool = False  # also run (a) compiled (compile=True: static KV cache, CUDA graphs on a GPU)
 quick: bool = False  # smoke test: a tiny model, few tokens, one repeat, short workload (explicit settings still win)
 json: bool = False  # print the results as JSON instead of tables
 seed: int = 1337  # seed of the random weights and prompts
 # -----------------------------------------------------------------------------
 
+MISMATCH = 3  # exit status when the greedy tokens differ
 QUICK = dict(n_layer=2, n_head=2, n_embd=64, vocab_size=512, block_size=128, prompt_len=8, new_tokens=8,
              repeats=1, workload_samples=2, workload_tokens=16, bandwidth_mb=256, slow_batches='1,10')
 ROOT = Path(__file__).resolve().parent
@@ -283,11 +297,11 @@ class BusyCore:
 
 
 def under_load(model: GPT, idx: torch.Tensor, batch: int) -> list[Result]:
-    """(e): ours float32 at one thread quiet (the default quiet is (a)), then at the default and at one thread with
+    """(f): ours float32 at one thread quiet (the default quiet is (a)), then at the default and at one thread with
     one core busy. The default picks its thread count step by step (linear.ThreadChooser); one thread is fixed."""
     default, results = torch.get_num_threads(), []
-    for system, threads, busy in (("(e) quiet, 1 thread", 1, False), ("(e) busy core, default threads", default, True),
-                                  ("(e) busy core, 1 thread", 1, True)):
+    for system, threads, busy in (("(f) quiet, 1 thread", 1, False), ("(f) busy core, default threads", default, True),
+                                  ("(f) busy core, 1 thread", 1, True)):
         torch.set_num_threads(threads)
         try:
             with BusyCore() if busy else contextlib.nullcontext():
@@ -349,7 +363,7 @@ def workload_times(model: GPT, samples: int, steps: int, repeats: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Fidelity of int8, fp16 and bfloat16 on the trained model
+# Fidelity of int8 and bfloat16 on the trained model
 
 
 def fidelity_figures(folder: Path) -> dict:
@@ -376,6 +390,108 @@ def fidelity_figures(folder: Path) -> dict:
                 n += ref.size(0)
             figures[name] = dict(mean_kl=kl / n, top1_agreement=agree / n, positions=n)
     return figures
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (e): a prompts file, batched, against generate looped prompt by prompt; processes against threads
+
+PROMPTS_FILE_SIZE = 200
+PROMPT_LENGTHS = {"narrow": (8, 24), "wide": (4, 64)}  # prompt tokens, uniform between the two
+
+
+def prompts_file_figures(folder: Path) -> dict:
+    """Samples per second of batch.py's prompts-file path (length buckets, batch size 32) and of model.generate
+    called prompt by prompt, in this process on the same prompts (slices of assets/heldout.txt) and settings
+    (new_tokens each, temperature 0.8, top-k 200); then sample.py --prompts on the wide file as processes."""
+    import random
+    import tempfile
+
+    import batch
+    from tokenizer import EOT, EOT_ID, load_tokenizer
+
+    model, enc = GPT.from_pretrained(str(folder)), load_tokenizer(folder)
+    text = enc.encode_ordinary((ROOT / "assets" / "heldout.txt").read_text(encoding="utf-8"))
+    rng = random.Random(seed)
+    settings = dict(max_new_tokens=new_tokens, temperature=0.8, top_k=200, top_p=None, num_samples=1,
+                    stop_at_eot=False, seed=seed)
+    figures = {"model": str(folder), "prompts": PROMPTS_FILE_SIZE, "new_tokens": new_tokens,
+               "threads": torch.get_num_threads(), "machine": cpu_description()}
+    scratch = Path(tempfile.mkdtemp())
+    for name, (lo, hi) in PROMPT_LENGTHS.items():
+        texts = []
+        for _ in range(PROMPTS_FILE_SIZE):
+            n = rng.randint(lo, hi)
+            start = rng.randrange(len(text) - n)
+            texts.append(enc.decode(text[start:start + n]))
+        ids = [enc.encode(t, allowed_special={EOT}) or [EOT_ID] for t in texts]
+        print(f"bench.py: (e) {name} prompts, generate looped", file=sys.stderr, flush=True)
+        began = time.perf_counter()
+        for i, prompt in enumerate(ids):
+            model.generate(torch.tensor([prompt]), new_tokens, 0.8, 200, seed=i)
+        looped = time.perf_counter() - began
+        print(f"bench.py: (e) {name} prompts, prompts file", file=sys.stderr, flush=True)
+        job = batch.SampleJob([batch.Prompt(i, i, t, dict(settings)) for i, t in enumerate(texts, 1)], "bench",
+                              str(scratch / f"{name}.jsonl"), 32, 2048, False)
+        began = time.perf_counter()
+        batch.sample_prompts(job, model, enc, batch.Ranks(), enc.decode_bytes)
+        batched = time.perf_counter() - began
+        figures[name] = dict(lengths=[lo, hi], distinct_lengths=len({len(i) for i in ids}), looped_s=looped,
+                             file_s=batched, speedup=looped / batched)
+        (scratch / f"{name}-prompts.jsonl").write_text(
+            "".join(jsonlib.dumps(dict(id=i, prompt=t)) + "\n" for i, t in enumerate(texts, 1)), encoding="utf-8")
+    figures["processes"] = process_figures(folder, scratch / "wide-prompts.jsonl")
+    return figures
+
+
+def process_figures(folder: Path, prompts: Path) -> dict:
+    """sample.py --prompts as 1 process x 1 thread, 1 x 2 and 2 x 1 (torchrun), each pinned to the same two
+    cores: the generation's own time and rate, from its summary line, and the wall time with start-up."""
+    import re
+    cores = sorted(os.sched_getaffinity(0))[:2] if hasattr(os, "sched_getaffinity") else None
+    common = [f"--init_from={folder}", f"--prompts={prompts}", "--num_samples=1", f"--max_new_tokens={new_tokens}",
+              "--device=cpu", f"--seed={seed}"]
+    runs = {"1 process x 1 thread": ([sys.executable, "sample.py"], "1"),
+            "1 process x 2 threads": ([sys.executable, "sample.py"], "2"),
+            "2 processes x 1 thread": ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                        "--nproc_per_node=2", "sample.py"], "1")}
+    figures = {}
+    for name, (command, omp) in runs.items():
+        print(f"bench.py: (e) sample.py --prompts, {name}", file=sys.stderr, flush=True)
+        out = prompts.with_name(f"out-{len(figures)}.jsonl")
+        began = time.perf_counter()
+        done = subprocess.run([*command, *common, f"--out={out}"], cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": omp},
+                              preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
+        wall = time.perf_counter() - began
+        summary = re.search(r"in ([\d.]+) s(?: on \d+ processes)?: ([\d.]+) prompts/s, ([\d.]+) tokens/s", done.stderr)
+        if done.returncode != 0 or summary is None:
+            raise RuntimeError(f"sample.py --prompts ({name}) failed: {done.stderr[-2000:]}")
+        figures[name] = dict(generation_s=float(summary[1]), prompts_s=float(summary[2]),
+                             tokens_s=float(summary[3]), wall_s=wall, output=out.read_bytes())
+    outputs = {f.pop("output") for f in figures.values()}
+    figures["identical_outputs"] = len(outputs) == 1
+    return figures
+
+
+def prompts_file_table(f: dict) -> str:
+    m = f["machine"]
+    lines = [f"machine: {m['model']}, {m['cores']} cores; load average at start "
+             f"{' '.join(f'{x:.2f}' for x in m['load_average'] or [])}",
+             f"(e) prompts file: {f['prompts']} prompts, {f['new_tokens']} new tokens each (temperature 0.8, top-k "
+             f"200), model {f['model']}, batch size 32, {f['threads']} torch threads in this process:"]
+    for name in PROMPT_LENGTHS:
+        e = f[name]
+        lines.append(f"  {name} lengths ({e['lengths'][0]}-{e['lengths'][1]} tokens, {e['distinct_lengths']} "
+                     f"distinct): generate looped {e['looped_s']:.1f} s, prompts file {e['file_s']:.1f} s: "
+                     f"{e['speedup']:.2f}x (target >= 4x: {'met' if e['speedup'] >= 4 else 'NOT met'})")
+    lines.append("  sample.py --prompts on the wide file, pinned to two cores (generation time from its summary; "
+                 "wall time with start-up):")
+    for name, p in f["processes"].items():
+        if isinstance(p, dict):
+            lines.append(f"    {name:<24} {p['generation_s']:6.1f} s, {p['prompts_s']:6.2f} prompts/s, "
+                         f"{p['tokens_s']:7.1f} tokens/s; wall {p['wall_s']:.1f} s")
+    lines.append(f"    outputs byte-identical: {'yes' if f['processes']['identical_outputs'] else 'NO'}")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -435,9 +551,68 @@ def tables(report: dict) -> str:
     return "\n".join(lines)
 
 
+def parse_sizes(name: str, text: str) -> list[int]:
+    """--name's comma-separated batch sizes, each a positive int and none twice."""
+    try:
+        sizes = [int(part) for part in text.split(",")] if text.strip() else []
+    except ValueError:
+        raise UsageError(f"--{name}='{text}' is not a comma-separated list of batch sizes such as 1,10") from None
+    if any(size < 1 for size in sizes) or len(set(sizes)) != len(sizes):
+        raise UsageError(f"--{name}='{text}': each batch size must be at least 1, and given once")
+    return sizes
+
+
+def quantize_kinds() -> list[str]:
+    """--quantize's variants: int8, fp16, both or none."""
+    return [q for q in (quantize or "").split(",") if q]
+
+
+def check_settings() -> tuple[list[int], list[int], list[str]]:
+    """Every setting checked before anything slow runs, as sample.py does; the batch sizes, the slow ones, and the
+    dtypes."""
+    from sample import pick_device
+
+    at_least = dict(prompt_len=1, new_tokens=2, repeats=1, bandwidth_mb=1, workload_samples=1, workload_tokens=1,
+                    n_layer=1, n_head=1, n_embd=1, vocab_size=1, block_size=1)
+    for name, low in at_least.items():
+        if globals()[name] < low:
+            why = " (decode speed is timed from the second token on)" if name == "new_tokens" else ""
+            raise UsageError(f"--{name}={globals()[name]}: it must be at least {low}{why}")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads={threads}: give at least 1 thread, or None for torch's default")
+    if max_seconds <= 0:
+        raise UsageError(f"--max_seconds={max_seconds}: give a time limit above 0 seconds")
+    if n_embd % n_head:
+        raise UsageError(f"--n_embd={n_embd} is not a multiple of --n_head={n_head}")
+    if not init_from and prompt_len + new_tokens > block_size:
+        raise UsageError(f"--prompt_len={prompt_len} plus --new_tokens={new_tokens} is more than --block_size="
+                         f"{block_size}: transformers' GPT-2 (b) cannot generate past its context")
+    if not 0 <= seed < 2 ** 64:
+        raise UsageError(f"--seed={seed}: give a seed from 0 to 2**64-1")
+    if pick_device(device).type not in ("cpu", "cuda"):
+        raise UsageError(f"--device={device}: bench.py runs on cpu or cuda")
+    batches = parse_sizes("batch_sizes", batch_sizes)
+    if not batches:
+        raise UsageError("--batch_sizes is empty: give at least one batch size, such as 1")
+    slow = parse_sizes("slow_batches", slow_batches)
+    dtypes = ["float32"] + [d for d in dtype.split(",") if d and d != "float32"]
+    for d in dtypes:
+        if d not in ("float32", "bfloat16", "float16"):
+            raise UsageError(f"unknown dtype '{d}': use float32, bfloat16 or float16")
+    if not set(quantize_kinds()) <= {"int8", "fp16"}:
+        raise UsageError(f"quantize must be int8, fp16, int8,fp16 or None, got '{quantize}'")
+    return batches, slow, dtypes
+
+
 def main() -> int:
+    batches, slow, dtypes = check_settings()
     if threads is not None:
         torch.set_num_threads(threads)
+    if prompts_file_bench:
+        folder = Path(init_from or fidelity_model)
+        figures = prompts_file_figures((folder if folder.is_absolute() else ROOT / folder).resolve())
+        print(jsonlib.dumps(figures, indent=1) if json else prompts_file_table(figures))
+        return 0 if figures["processes"]["identical_outputs"] else 1
     torch.manual_seed(seed)
     import transformers
     transformers.logging.set_verbosity_error()
@@ -453,20 +628,16 @@ def main() -> int:
         name = f"random weights, {n_layer} layers, {n_head} heads, {n_embd} wide, vocabulary {vocab_size}"
     name += f" ({model.get_num_params(non_embedding=False) / 1e6:.1f}M parameters)"
     vocab = model.config.vocab_size
+    if prompt_len + new_tokens > model.config.block_size:
+        raise UsageError(f"--prompt_len={prompt_len} plus --new_tokens={new_tokens} is more than {init_from}'s "
+                         f"context of {model.config.block_size}: transformers' GPT-2 (b) cannot generate past it")
     model = model.to(device)
-    dtypes = ["float32"] + [d for d in dtype.split(",") if d and d != "float32"]
-    for d in dtypes:
-        if d not in ("float32", "bfloat16", "float16"):
-            raise UsageError(f"unknown dtype '{d}': use float32, bfloat16 or float16")
-    quantized = [q for q in (quantize or "").split(",") if q]
-    if not set(quantized) <= {"int8", "fp16"}:
-        raise UsageError(f"quantize must be int8, fp16, int8,fp16 or None, got '{quantize}'")
-    batches = [int(b) for b in batch_sizes.split(",") if b]
 
     ours = {d: model if d == "float32" else copy.deepcopy(model).to(getattr(torch, d)) for d in dtypes}
     theirs = {}
     for d in dtypes:
         theirs[d] = transformers_model(model).to(device=device, dtype=getattr(torch, d))
+    quantized = quantize_kinds()
     if device == "cpu":
         for q in quantized:
             ours[q] = getattr(copy.deepcopy(model), f"quantize_{q}")()
@@ -493,7 +664,7 @@ def main() -> int:
                 results.append(measure(f"(a) ours {variant} compiled", lambda: run_ours(m, idx, new_tokens,
                                                                                           compiled=True),
                                        batch, prompt_len, repeats, nbytes))
-            if variant in theirs and (variant == "float32" or str(batch) in slow_batches.split(",")):
+            if variant in theirs and (variant == "float32" or batch in slow):
                 hf = theirs[variant]
                 results.append(measure(f"(b) transformers {variant}", lambda: run_transformers(hf, idx, new_tokens),
                                        batch, prompt_len, repeats, nbytes))
@@ -561,9 +732,9 @@ def main() -> int:
               ("(b) transformers bfloat16", b), 1.0)
         ratio(f"batch {b} decode, ours fp16 / ours float32", ("(a) ours fp16", b), ("(a) ours float32", b))
         ratio(f"batch {b} decode, quiet, ours float32 default threads / one thread", ("(a) ours float32", b),
-              ("(e) quiet, 1 thread", b), 0.9)
+              ("(f) quiet, 1 thread", b), 0.9)
         ratio(f"batch {b} decode, one core busy, ours float32 default threads / one thread",
-              ("(e) busy core, default threads", b), ("(e) busy core, 1 thread", b), 0.9)
+              ("(f) busy core, default threads", b), ("(f) busy core, 1 thread", b), 0.9)
         for peer in engines:
             ratio(f"batch {b} decode, ours {peer.like} / {peer.name}", (f"(a) ours {peer.like}", b),
                   (f"(p) {peer.name}", b), 1.0)
@@ -588,7 +759,7 @@ def main() -> int:
         print(jsonlib.dumps(report, indent=1))
     else:
         print(tables(report))
-    return 0 if ok else 1
+    return 0 if ok else MISMATCH
 
 
 if __name__ == "__main__":

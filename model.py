@@ -9,15 +9,18 @@ are read by load.py; the CPU's matmul routes, int8 and float16 weights and threa
 
 import functools
 import math
+import numbers
+import threading
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
 import load
-from linear import RoutedLinear, ThreadChooser, quantize_fp16, quantize_int8
+from linear import Fp16Linear, Int8Linear, RoutedLinear, ThreadChooser, quantize_fp16, quantize_int8
 
 
 @dataclass
@@ -75,6 +78,29 @@ class KVCache:
         if not self.static or input_pos.numel() > 1:
             return None
         return (self.positions <= input_pos.view(-1, 1))[None, None]
+
+
+class CompiledTurn:
+    """Compiled generation runs one at a time in a process: its static KV cache lives on the model, and torch.compile
+    is not thread-safe. Another thread waits for its turn; the thread holding it (with a compiled generate_stream
+    left open) is refused, as waiting on itself would never end."""
+
+    def __init__(self):
+        self.lock, self.owner = threading.Lock(), None
+
+    def __enter__(self) -> None:
+        if self.owner == threading.get_ident():
+            raise RuntimeError("a compiled generate_stream is still open in this thread: finish or close() it before "
+                               "starting another compiled generation, or use compile=False")
+        self.lock.acquire()
+        self.owner = threading.get_ident()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.owner = None
+        self.lock.release()
+
+
+COMPILED_TURN = CompiledTurn()
 
 
 class CausalSelfAttention(nn.Module):
@@ -201,11 +227,12 @@ class GPT(nn.Module):
         return n
 
     def crop_block_size(self, block_size: int) -> None:
-        """Shrink the context, e.g. to sample a 1024-position checkpoint with less memory."""
-        if not 0 < block_size <= self.config.block_size:
-            raise ValueError(f"block_size must be in 1..{self.config.block_size}, got {block_size}")
-        self.config.block_size = block_size
+        """Shrink the context, e.g. to sample a 1024-position checkpoint with less memory (checked first: a refusal
+        leaves the model as it was)."""
+        check_int("block_size", block_size, 1, self.config.block_size)
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        self.config.block_size = int(block_size)
+        self._compiled.clear()  # its static cache was shaped for the old context
 
     def quantize_int8(self) -> "GPT":
         """Int8 weights with per-output-channel scales for every Linear, in place (CPU only; see linear.py)."""
@@ -237,6 +264,7 @@ class GPT(nn.Module):
         With targets: logits for every position and the mean cross-entropy (targets of -1 are ignored). Without:
         logits for the last position only, shape [B, 1, V], unless all_logits=True asks for every position.
         """
+        check_token_ids(idx, self.config.vocab_size)
         x = self._hidden(idx, self._positions(idx))
         if targets is not None:
             logits = self.lm_head(x)
@@ -247,6 +275,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def forward_with_attention(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits for every position and the attention probabilities, shape [n_layer, B, n_head, T, T]."""
+        check_token_ids(idx, self.config.vocab_size)
         x = self._embed(idx, self._positions(idx))
         probs = []
         for block in self.transformer.h:
@@ -274,8 +303,9 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------------------------------------------------
     # Generation: the prompt is run once (prefill), then each step feeds one new token per row (decode_step).
 
-    def prefill(self, idx: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
-        """Run the [B, T] prompt, writing its keys and values into the cache; logits [B, V] for the next token."""
+    def prefill(self, idx: torch.Tensor, kv_cache: Optional[KVCache]) -> torch.Tensor:
+        """Run the [B, T] prompt, writing its keys and values into the cache (if any); logits [B, V] for the next
+        token. Unchecked: generation checked the ids on entry, and each step would otherwise wait for the device."""
         x = self._hidden(idx, torch.arange(idx.size(1), device=idx.device), kv_cache)
         return self.lm_head(x[:, -1, :])
 
@@ -288,8 +318,7 @@ class GPT(nn.Module):
         """Logits [B, V] for the token after [B, n] tokens, recomputed from scratch over the last block_size of
         them, as nanoGPT does: the no-cache reference, and every step past block_size (GPT-2's positions are
         absolute, so sliding the window shifts every position and no cached key stays valid)."""
-        window = tokens[:, -self.config.block_size:]  # crop to the context
-        return self(window)[0][:, -1, :]
+        return self.prefill(tokens[:, -self.config.block_size:], None)  # cropped to the context
 
     def _generation_phases(self, batch_size: int, max_len: int, device: torch.device, compile: bool):
         """The cache and the (prefill, decode_step) pair to use: eager, or compiled over a static cache that is
@@ -297,6 +326,9 @@ class GPT(nn.Module):
         dtype = self.transformer.wte.weight.dtype
         if not compile:
             return KVCache(self.config, batch_size, max_len, dtype, device), self.prefill, self.decode_step
+        if any(isinstance(m, (Int8Linear, Fp16Linear)) for m in self.modules()):
+            raise ValueError("compile=True does not take int8 weights or fp16 weights (torch.compile cannot trace "
+                             "fbgemm's packed products): use compile=False, where their decoding is already fast")
         max_len = self.config.block_size  # one shape for every call
         cache = self._compiled.get("kv_cache")
         if cache is None or cache.k.shape[1] != batch_size or cache.k.dtype != dtype or cache.k.device != device:
@@ -311,68 +343,83 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: Optional[int] = None, *, top_p: Optional[float] = None, num_samples: int = 1,
-                        stop_tokens: Optional[Sequence[int]] = None, seed: Optional[int] = None,
-                        generator: Optional[torch.Generator] = None, use_kv_cache: bool = True,
+                        stop_tokens: Optional[Iterable[int]] = None, seed: Optional[int] = None,
+                        generator: Optional[torch.Generator] = None,
+                        generators: Optional[Sequence[torch.Generator]] = None, use_kv_cache: bool = True,
                         compile: bool = False) -> Iterator[torch.Tensor]:
         """Yield each step's new tokens, a [B * num_samples] tensor on the model's device, as they are made.
 
         idx is [B, T] prompt ids; each prompt row is prefilled once and shared by its num_samples samples (rows
         come out sample-major per prompt, like repeat_interleave). A row that draws one of stop_tokens has ended:
         it repeats that token from then on, and the stream stops when every row has ended (on a GPU, which is
-        asked only every 8 steps, up to 7 steps later). seed (or a
-        torch.Generator) makes sampling repeatable on one device. use_kv_cache=False recomputes the whole window
-        each step (nanoGPT's method), the reference the cache is tested against. compile=True runs the decode
-        step compiled over a static cache (see KVCache).
+        asked only every 8 steps, up to 7 steps later). seed (or a torch.Generator) makes sampling repeatable on
+        one device. generators, one per output row, draw each row's noise from its own generator instead, so that
+        a row's draws never depend on the other rows of its batch (batch.py's prompts files); a one-row batch
+        with seed=s draws the noise of a row whose generator is seeded s. use_kv_cache=False recomputes the whole
+        window each step (nanoGPT's method), the reference the cache is tested against. compile=True runs the decode
+        step compiled over a static cache (see KVCache), one compiled generation at a time (see CompiledTurn). A
+        wrong argument raises TypeError or ValueError naming it.
 
         Past block_size positions the model conditions on the last block_size tokens, as nanoGPT does. GPT-2's
         position embeddings are absolute, so each such step shifts every position and the cache cannot be reused:
         those steps each cost a full forward pass over block_size tokens.
         """
-        check_generation_args(idx, max_new_tokens, temperature, top_k, top_p, num_samples, self.config.vocab_size)
-        if seed is not None and generator is not None:
-            raise ValueError("give either seed or generator, not both")
+        stop_tokens = check_generation_args(idx, max_new_tokens, temperature, top_k, top_p, num_samples,
+                                            self.config.vocab_size, stop_tokens, seed, generator)
+        if generators is not None and (seed is not None or generator is not None):
+            raise ValueError("give one of seed, generator and generators, not several")
+        if generators is not None and len(generators) != idx.size(0) * num_samples:
+            raise ValueError(f"generators must hold one generator per output row ({idx.size(0) * num_samples}), "
+                             f"got {len(generators)}")
         device = idx.device
         if seed is not None:
             generator = torch.Generator(device=device).manual_seed(seed)
         block_size = self.config.block_size
         prompt = idx[:, -block_size:]
         B, T = prompt.size(0) * num_samples, prompt.size(1)
-        stop = torch.tensor(list(stop_tokens), device=device) if stop_tokens else None
+        stop = torch.tensor(stop_tokens, device=device) if stop_tokens else None
         ended = torch.zeros(B, dtype=torch.bool, device=device)
         check_every = 1 if device.type == "cpu" else 8  # reading `ended` back waits for the GPU: do it rarely
-        # Every token so far, for the steps that recompute a window; written in place, one column a step.
-        seq = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)
+        # The tokens so far, for the steps that recompute a window: written in place, one column a step, into at
+        # most twice block_size columns; when full, the older half goes, so its size never grows with max_new_tokens.
+        seq = torch.empty(B, min(T + max_new_tokens, 2 * block_size), dtype=torch.long, device=device)
         seq[:, :T] = prompt.repeat_interleave(num_samples, dim=0)
+        kept = T  # columns of seq in use
 
-        if use_kv_cache:
-            kv_cache, prefill, decode_step = self._generation_phases(
-                B, min(block_size, T + max_new_tokens), device, compile)
-            input_pos = torch.tensor([T - 1], device=device)  # advanced on the device: no host copy per step
-            if device.type == "cpu" and not compile and torch.get_num_threads() > 1:
-                # Every core, or one where that is faster now (another program keeps a core busy): see linear.py.
-                decode_step = functools.partial(ThreadChooser().run, decode_step)
-        token = None
-        for step in range(max_new_tokens):
-            n = T + step  # tokens known; the newest sits at position n - 1
-            if use_kv_cache and step == 0:
-                kv_cache.length = T
-                logits = prefill(prompt, kv_cache).repeat_interleave(num_samples, dim=0)
-            elif use_kv_cache and n <= block_size:
-                kv_cache.length = n
-                input_pos += 1
-                logits = decode_step(token[:, None], input_pos, kv_cache)
-            else:  # no cache (the reference), or past block_size, where the cache no longer applies
-                logits = self.slide_window_step(seq[:, :n])
-            next_token = sample_next_token(logits, temperature, top_k, top_p, generator)
-            if stop is not None:
-                if token is not None:
-                    next_token = torch.where(ended, token, next_token)
-                ended |= torch.isin(next_token, stop)
-            seq[:, n] = next_token
-            token = next_token
-            yield next_token
-            if stop is not None and (step + 1) % check_every == 0 and bool(ended.all()):
-                return
+        with COMPILED_TURN if compile and use_kv_cache else nullcontext():
+            if use_kv_cache:
+                kv_cache, prefill, decode_step = self._generation_phases(
+                    B, min(block_size, T + max_new_tokens), device, compile)
+                input_pos = torch.tensor([T - 1], device=device)  # advanced on the device: no host copy per step
+                if device.type == "cpu" and not compile and torch.get_num_threads() > 1:
+                    # Every core, or one where that is faster now (another program keeps a core busy): see linear.py.
+                    decode_step = functools.partial(ThreadChooser().run, decode_step)
+            token = None
+            for step in range(max_new_tokens):
+                n = T + step  # tokens known; the newest sits at position n - 1
+                if use_kv_cache and step == 0:
+                    kv_cache.length = T
+                    logits = prefill(prompt, kv_cache).repeat_interleave(num_samples, dim=0)
+                elif use_kv_cache and n <= block_size:
+                    kv_cache.length = n
+                    input_pos += 1
+                    logits = decode_step(token[:, None], input_pos, kv_cache)
+                else:  # no cache (the reference), or past block_size, where the cache no longer applies
+                    logits = self.slide_window_step(seq[:, :kept])
+                next_token = sample_next_token(logits, temperature, top_k, top_p, generator, generators=generators)
+                if stop is not None:
+                    if token is not None:
+                        next_token = torch.where(ended, token, next_token)
+                    ended |= torch.isin(next_token, stop)
+                if kept == seq.size(1):  # full (only ever at 2 * block_size): keep the newer half, all a window needs
+                    seq[:, :block_size] = seq[:, block_size:]
+                    kept = block_size
+                seq[:, kept] = next_token
+                kept += 1
+                token = next_token
+                yield next_token
+                if stop is not None and (step + 1) % check_every == 0 and bool(ended.all()):
+                    return
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -394,8 +441,10 @@ class GPT(nn.Module):
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
-                      top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                      top_p: Optional[float] = None, generator: Optional[torch.Generator] = None, *,
+                      generators: Optional[Sequence[torch.Generator]] = None) -> torch.Tensor:
     """[B, V] logits to [B] token ids. Temperature, then top-k, then top-p (nucleus); temperature 0 is argmax.
+    generators (one per row) draw each row's noise on its own, in place of the one generator for the batch.
 
     Everything stays on the logits' device, so a GPU never waits on the host here.
     """
@@ -416,36 +465,87 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Opt
         probs = probs.masked_fill(mass_above >= top_p, 0.0)
     # argmax(p / E) with E ~ Exp(1) draws index i with probability p_i / sum(p): an exact sample without the
     # host-side checks of torch.multinomial. The clamp keeps a zero draw from turning 0/0 into NaN.
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator).clamp_(min=torch.finfo(probs.dtype).tiny)
+    if generators is None:
+        noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    else:  # row i's draws come from generators[i] alone: the same whatever else is in the batch
+        noise = torch.stack([torch.empty_like(row).exponential_(1.0, generator=g) for row, g in zip(probs, generators)])
+    noise = noise.clamp_(min=torch.finfo(probs.dtype).tiny)
     choice = (probs / noise).argmax(dim=-1)
     return choice if candidates is None else candidates.gather(-1, choice[:, None])[:, 0]
 
 
 def check_generation_args(idx: torch.Tensor, max_new_tokens: int, temperature: float, top_k: Optional[int],
-                          top_p: Optional[float], num_samples: int, vocab_size: int) -> None:
-    """Raise ValueError naming the first argument that is out of its range."""
-    check_sampling_args(max_new_tokens, temperature, top_k, top_p, num_samples)
-    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.long:
-        raise ValueError("idx must be a (batch, length) tensor of token ids (torch.long); "
-                         "for a single prompt use ids[None]")
-    if idx.size(0) == 0 or idx.size(1) == 0:
-        raise ValueError(f"idx is empty (shape {tuple(idx.shape)}); start from <|endoftext|> (id 50256) "
-                         "to generate without a prompt")
-    if int(idx.min()) < 0 or int(idx.max()) >= vocab_size:
-        raise ValueError(f"idx holds token ids outside the vocabulary: they must be in 0..{vocab_size - 1}, "
-                         f"got {int(idx.min())}..{int(idx.max())}")
+                          top_p: Optional[float], num_samples: int, vocab_size: int,
+                          stop_tokens: Optional[Iterable[int]] = None, seed: Optional[int] = None,
+                          generator: Optional[torch.Generator] = None) -> Optional[list[int]]:
+    """Raise TypeError or ValueError naming the first argument of generation that is wrong; the stop tokens as a
+    list (None for none)."""
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p, num_samples, seed)
+    check_token_ids(idx, vocab_size)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if seed is not None and generator is not None:
+        raise ValueError("give either seed or generator, not both")
+    if stop_tokens is None:
+        return None
+    if isinstance(stop_tokens, torch.Tensor):
+        stop_tokens = stop_tokens.tolist()
+    if isinstance(stop_tokens, (str, bytes)) or not isinstance(stop_tokens, Iterable):
+        raise TypeError(f"stop_tokens must be a list of token ids, such as [50256], or None; got {stop_tokens!r} "
+                        f"({type(stop_tokens).__name__})")
+    stop_tokens = list(stop_tokens)
+    for token in stop_tokens:
+        check_int("each of stop_tokens", token, 0, vocab_size - 1)
+    return stop_tokens
 
 
 def check_sampling_args(max_new_tokens: int, temperature: float, top_k: Optional[int], top_p: Optional[float],
-                        num_samples: int) -> None:
+                        num_samples: int, seed: Optional[int] = None) -> None:
     """The checks on generation's numbers alone, for callers that validate before any model or prompt exists."""
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    check_int("max_new_tokens", max_new_tokens, 0)
+    check_number("temperature", temperature, ">= 0 (0 is greedy)", lambda t: t >= 0)
+    if top_k is not None:
+        check_int("top_k", top_k, 1, none_ok=True)
+    if top_p is not None:
+        check_number("top_p", top_p, "in (0, 1] or None", lambda p: 0 < p <= 1)
+    check_int("num_samples", num_samples, 1)
+    if seed is not None:
+        check_int("seed", seed, -2 ** 63, 2 ** 64 - 1, rule="in -2**63..2**64-1 (what torch.Generator takes) or None")
+
+
+def check_token_ids(idx: torch.Tensor, vocab_size: int) -> None:
+    """idx must be a non-empty [B, T] tensor of integer ids in 0..vocab_size - 1 (one device sync, for the range)."""
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"idx must be a (batch, length) tensor of token ids, got {type(idx).__name__}; for a list "
+                        f"of ids use torch.tensor([ids])")
+    if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int):
+        raise ValueError(f"idx must be a (batch, length) tensor of token ids (torch.long), got {idx.dim()} "
+                         f"dimension(s) of {idx.dtype}; for a single prompt use ids[None]")
+    if idx.numel() == 0:
+        raise ValueError(f"idx is empty (shape {tuple(idx.shape)}); start from <|endoftext|> (id 50256) "
+                         "to generate without a prompt")
+    low, high = torch.aminmax(idx)
+    low, high = low.item(), high.item()
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"idx holds token ids outside the vocabulary: they must be in 0..{vocab_size - 1}, "
+                         f"got {low}..{high}")
+
+
+def check_int(name: str, value: Any, low: int, high: Optional[int] = None, none_ok: bool = False,
+              rule: Optional[str] = None) -> None:
+    """TypeError unless value is an int (a bool is not one); ValueError unless low <= value (<= high)."""
+    rule = rule or (f">= {low}" if high is None else f"in {low}..{high}") + (" or None" if none_ok else "")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int {rule}, got {value!r} ({type(value).__name__})")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be {rule}, got {value}")
+
+
+def check_number(name: str, value: Any, rule: str, in_range: Callable[[float], bool]) -> None:
+    """TypeError unless value is a real number (a bool is not one); ValueError unless it is finite and in range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number {rule}, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number {rule}, got {value}")
+    if not in_range(value):
+        raise ValueError(f"{name} must be {rule}, got {value}")

@@ -4,23 +4,42 @@ Sample from a GPT-2 model, as nanoGPT's sample.py does:
     python sample.py [config/file.py ...] [--key=value ...]      (--help lists every setting)
 
 Samples go to stdout, each followed by a line of dashes; status lines go to stderr. All samples are drawn together
-in one batch. On a terminal the first unfinished sample is written as it is generated and the others follow as
-they finish; piped, the same text is written once each sample is complete.
+in one batch, or in as few batches as the memory holds (said on stderr). On a terminal the first unfinished sample
+is written as it is generated and the others follow as they finish; piped, the same text is written once each
+sample is complete. A stdout whose encoding is not UTF-8 gets UTF-8 (a console: '?' for what it cannot show).
+
+    python sample.py --prompts=prompts.jsonl --out=samples.jsonl [--key=value ...]   (or under torchrun)
+
+samples every prompt of a file to JSONL instead, batched and resumable (batch.py holds that job).
+
+Exit status: 0 done; 2 a mistake in a setting or a file (a one-paragraph message); 130 Ctrl-C and 143 SIGTERM, after
+writing every sample as far as it got; 141 the reader of the pipe left; 1 stdout cannot be written (a full disk).
 """
 
 from __future__ import annotations
 
 import codecs
+import os
+import select
+import stat
 import sys
 import time
-from typing import TYPE_CHECKING, TextIO
+from itertools import accumulate
+from typing import TYPE_CHECKING, Optional, TextIO
 
-from configurator import UsageError, configure, run_main
+from configurator import Terminated, UsageError, configure, flush_stdout, quiet_startup, run_main, signals_held, \
+    writing_stdout
+
+if __name__ == "__main__":
+    quiet_startup()  # before the imports below (and torch's, in main): Ctrl-C during them ends without a traceback
+
 from tokenizer import EOT, EOT_ID, check_fits, load_tokenizer
 
 if TYPE_CHECKING:
     import tiktoken
     import torch
+
+    from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
 init_from: str = 'gpt2'  # gpt2, gpt2-medium, gpt2-large, gpt2-xl, a hub repo id, a model folder or a nanoGPT ckpt.pt
@@ -38,10 +57,16 @@ compile: bool = False  # compile the decoding step with torch.compile: a slow fi
 quantize: str | None = None  # int8 (per-row scales) or fp16 weights, CPU only (GPT.quantize_int8/_fp16); None: dtype's
 stream: bool | None = None  # write the first sample as it is generated; None: only when stdout is a terminal
 tiktoken_file: str | None = None  # GPT-2's gpt2.tiktoken rank file (else $GPT2_TIKTOKEN_FILE, the model's vocab.json)
+prompts: str | None = None  # a prompts file (.jsonl, or text with one prompt a line): their samples go to --out
+out: str | None = None  # the JSONL file of --prompts' samples; rerun the same command to resume (see batch.py)
+batch_size: int = 32  # --prompts: the most samples generated together
+kv_cache_mb: int = 2048  # --prompts: the most memory one batch's KV cache may take (fewer rows for long samples)
 # -----------------------------------------------------------------------------
 
 SEPARATOR = "---------------"
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+MAX_PROMPT_MB = 16  # thousands of times any GPT-2's context; a file that never ends (/dev/zero) is cut off here
+MEMORY_SHARE = 0.8  # of the memory available, what a batch's KV caches and logits may take
 
 
 def read_prompt(start: str) -> str:
@@ -49,11 +74,16 @@ def read_prompt(start: str) -> str:
     if not start.startswith("FILE:"):
         return start
     path = start[len("FILE:"):]
+    limit = MAX_PROMPT_MB * 2 ** 20
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read(limit + 1)
     except OSError as e:
         raise UsageError(f"cannot read the prompt file '{path}': {e.strerror or e}") from None
+    if len(data) > limit:
+        raise UsageError(f"the prompt file '{path}' holds more than {MAX_PROMPT_MB} MB (or never ends, as /dev/zero "
+                         f"does): a model sees only its last block_size tokens (1024 for GPT-2, a few KB of text), "
+                         f"so give the end of the text")
     try:
         return data.decode("utf-8-sig")  # a byte-order mark, as some editors write, is not part of the prompt
     except UnicodeDecodeError as e:
@@ -109,9 +139,102 @@ def pick_dtype(name: str, dev: torch.device) -> torch.dtype:
     return dt
 
 
+def prepare_stdout() -> TextIO:
+    """stdout, able to take every character a model writes. One whose encoding is not UTF-8 (a file or pipe under
+    Windows' cp1252, say) is switched to UTF-8, which keeps every character; a console that is not UTF-8 shows '?'
+    for what it cannot show. Either is said once on stderr."""
+    out = sys.stdout
+    if out is None:
+        raise UsageError("stdout is closed (the command ends in >&-): the samples would have nowhere to go; send "
+                         "them to a file, or to /dev/null")
+    encoding = getattr(out, "encoding", None) or "utf-8"
+    try:
+        is_utf8 = codecs.lookup(encoding).name == "utf-8"
+    except LookupError:
+        is_utf8 = False
+    if is_utf8 or not hasattr(out, "reconfigure"):
+        return out
+    if out.isatty():
+        out.reconfigure(errors="replace")
+        what = "characters it cannot show are written as '?'"
+    else:
+        out.reconfigure(encoding="utf-8")
+        what = "writing the samples as UTF-8, which keeps every character (PYTHONIOENCODING=utf-8 says so at once)"
+    print(f"sample.py: stdout's encoding is {encoding}, not UTF-8: {what}", file=sys.stderr)
+    return out
+
+
+def available_memory(dev: torch.device) -> Optional[int]:
+    """Bytes that dev can still allocate: CUDA's free memory plus what torch holds unused, or Linux's MemAvailable
+    for the CPU; None where it is not known."""
+    import torch
+
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+    if dev.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024  # given in kB
+        except (OSError, ValueError, IndexError):
+            pass
+    return None
+
+
+def bytes_per_sample(config: GPTConfig, prompt_len: int, dtype_bytes: int) -> int:
+    """What one sample of a batch takes: its KV cache (keys and values of every layer at every position it will
+    hold), a step's logits with the sampling's float32 copies of them, and past the context a window step's
+    activations."""
+    context = min(config.block_size, prompt_len + max_new_tokens)
+    kv_cache = 2 * config.n_layer * context * config.n_embd * dtype_bytes
+    logits = 6 * config.vocab_size * 4
+    window = 12 * config.block_size * config.n_embd * dtype_bytes if prompt_len + max_new_tokens > context else 0
+    return kv_cache + logits + window
+
+
+def batch_sizes(config: GPTConfig, dtype_bytes: int, prompt_len: int, dev: torch.device) -> list[int]:
+    """num_samples in one batch if it fits in the memory available, else in as few even batches as fit, said on
+    stderr. UsageError if not even one sample fits."""
+    per_sample = bytes_per_sample(config, prompt_len, dtype_bytes)
+    available = available_memory(dev)
+    if available is None or num_samples * per_sample <= MEMORY_SHARE * available:
+        return [num_samples]
+    fit = int(MEMORY_SHARE * available // per_sample)
+    if fit < 1:
+        raise UsageError(f"one sample needs about {per_sample / 1e6:,.0f} MB (KV cache and logits) and {dev} has "
+                         f"{available / 1e6:,.0f} MB available: lower --max_new_tokens, or use a smaller model, "
+                         f"a smaller --dtype or a device with more memory")
+    n = -(-num_samples // fit)
+    sizes = [num_samples // n + (i < num_samples % n) for i in range(n)]
+    print(f"sample.py: {num_samples} samples need about {num_samples * per_sample / 1e6:,.0f} MB for their KV "
+          f"caches and logits, more than the {available / 1e6:,.0f} MB available on {dev} allow: drawing them in "
+          f"{n} batches of up to {sizes[0]} (one seed's samples then differ from one batch's)", file=sys.stderr)
+    return sizes
+
+
+def pipe_watch(out: TextIO) -> Optional[select.poll]:
+    """A poller that answers, without waiting, once the reader of out (a pipe) has gone; None if out is no pipe.
+    Piped, samples are written only once complete, so without asking, a run whose reader left (`| head`) would go
+    on generating for nobody."""
+    try:
+        fd = out.fileno()
+        is_pipe = stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except (AttributeError, OSError, ValueError):  # not a file (a test's capture)
+        return None
+    if not is_pipe or not hasattr(select, "poll"):
+        return None
+    poller = select.poll()
+    poller.register(fd, 0)  # no events asked for: only an error (the reader has gone) or a hang-up comes back
+    return poller
+
+
 def token_bytes(enc: tiktoken.Encoding, token: int) -> bytes:
     # nanoGPT checkpoints pad the vocabulary past the tokenizer's; such a token has no text.
-    return enc.decode_single_token_bytes(token) if token < enc.n_vocab else "\N{REPLACEMENT CHARACTER}".encode()
+    # U+FFFD, the replacement character (spelled as a number: a \N{...} name makes Python load a module while
+    # compiling this file, where a Ctrl-C would become a SyntaxError)
+    return enc.decode_single_token_bytes(token) if token < enc.n_vocab else "\ufffd".encode()
 
 
 class SampleWriter:
@@ -132,123 +255,185 @@ class SampleWriter:
         self.ended = [False] * num_samples
         self.current = 0  # the first sample not completely written
 
-    def add(self, tokens: list[int]) -> None:
-        """One step's tokens, one per sample."""
-        for i, token in enumerate(tokens):
-            if self.ended[i]:
-                continue
-            if self.stop_at_eot and token == EOT_ID:
-                self._end(i)
-            else:
-                self.unwritten[i].append(self.decoders[i].decode(token_bytes(self.enc, token)))
-        self._write()
+    def add(self, tokens: list[int], first: int = 0) -> None:
+        """One step's tokens, one per sample, for the samples from `first` on (a batch's)."""
+        with signals_held():  # a Ctrl-C waits until the step is written: no text written twice or lost
+            for i, token in enumerate(tokens, first):
+                if self.ended[i]:
+                    continue
+                if self.stop_at_eot and token == EOT_ID:
+                    self._end(i)
+                else:
+                    self.unwritten[i].append(self.decoders[i].decode(token_bytes(self.enc, token)))
+            self._write()
 
     def finish(self) -> None:
         """Every sample is as long as it will get (generation ended or was interrupted): write them all."""
-        for i, ended in enumerate(self.ended):
-            if not ended:
-                self._end(i)
-        self._write()
+        with signals_held():
+            for i, ended in enumerate(self.ended):
+                if not ended:
+                    self._end(i)
+            self._write()
 
     def _end(self, i: int) -> None:
         self.unwritten[i].append(self.decoders[i].decode(b"", final=True))
         self.ended[i] = True
 
     def _write(self) -> None:
-        while self.current < len(self.ended):
-            i = self.current
-            if self.live or self.ended[i]:
-                self.out.write("".join(self.unwritten[i]))
-                self.unwritten[i].clear()
-            if not self.ended[i]:
-                break
-            self.out.write(f"\n{SEPARATOR}\n")
-            self.current += 1
-        if self.live:
-            self.out.flush()
+        with writing_stdout("the samples "):
+            while self.current < len(self.ended):
+                i = self.current
+                if self.live or self.ended[i]:
+                    self.out.write("".join(self.unwritten[i]))
+                    self.unwritten[i].clear()
+                if not self.ended[i]:
+                    break
+                self.out.write(f"\n{SEPARATOR}\n")
+                self.current += 1
+            if self.live:
+                self.out.flush()
+
+
+def keep_eager_on_a_cpu(dev: torch.device) -> None:
+    """--compile=True on a CPU turns itself off, in one line on stderr: compiled CPU decoding measured 0.6x eager's
+    speed on an AVX2 machine and 0.2x on an AVX-512 one (bench.py --compile=True shows both)."""
+    global compile
+    if compile and dev.type == "cpu":
+        print("--compile=True: decoding stays eager on the CPU, where the compiled step measured 0.2-0.6x eager's "
+              "speed (bench.py --compile shows both)", file=sys.stderr)
+        compile = False
+
+
+def load_model(name: str, dev: torch.device, dtype_name: str, quantize_mode: str | None,
+               tiktoken_path: str | None) -> tuple[GPT, tiktoken.Encoding]:
+    """The model `name` on dev, in dtype_name's dtype (and int8 or fp16 weights if asked), and its tokenizer; the
+    load is reported on stderr. score.py loads through here too."""
+    from load import check_checkpoint, resolve_checkpoint
+    from model import GPT
+
+    dt = pick_dtype(dtype_name, dev)
+    checkpoint = resolve_checkpoint(name)
+    check_checkpoint(checkpoint)  # a broken model folder is named as such, not as a tokenizer that cannot be found
+    enc = load_tokenizer(checkpoint, tiktoken_path)
+    t0 = time.perf_counter()
+    model = GPT.from_pretrained(str(checkpoint)).to(device=dev, dtype=dt)  # resolved once, above
+    if quantize_mode is not None:
+        if quantize_mode not in ("int8", "fp16") or dev.type != "cpu":
+            raise UsageError(f"--quantize takes int8 or fp16 on the CPU only, got {quantize_mode!r} on {dev}")
+        getattr(model, f"quantize_{quantize_mode}")()
+    dt_name = str(dt).removeprefix("torch.")
+    print(f"loaded {name} ({model.get_num_params(non_embedding=False):,} params) on {dev}/{dt_name} "
+          f"in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    check_fits(enc, model.config.vocab_size)
+    return model, enc
 
 
 def main() -> int:
+    if prompts is not None or out is not None:
+        return sample_prompts_file()
+    stdout = prepare_stdout()
     prompt = read_prompt(start)  # before the slow imports: a mistake here answers at once
 
+    import numpy  # noqa: F401 (before torch, which imports it from C and swallows any error there, a Ctrl-C too)
     import torch
-    from load import check_checkpoint, resolve_checkpoint
-    from model import GPT, check_sampling_args
+    from model import check_sampling_args
 
     try:  # model.generate_stream's own checks, run now so that no model loads in vain
-        check_sampling_args(max_new_tokens, temperature, top_k, top_p, num_samples)
-    except ValueError as e:
+        check_sampling_args(max_new_tokens, temperature, top_k, top_p, num_samples, seed)
+    except (TypeError, ValueError) as e:
         raise UsageError(e) from None
+    if compile and quantize is not None:
+        raise UsageError("--compile=True does not take --quantize (torch.compile cannot trace the int8 or fp16 "
+                         "products): choose one; their decoding is fast without compiling")
     dev = pick_device(device)
-    dt = pick_dtype(dtype, dev)
-    compiled = compile and dev.type != "cpu"
-    if compile and not compiled:
-        print("--compile=True: decoding stays eager on the CPU, where the compiled step measured 0.2-0.6x eager's "
-              "speed (bench.py --compile shows both)", file=sys.stderr)
-    checkpoint = resolve_checkpoint(init_from)
-    check_checkpoint(checkpoint)  # a broken model folder is named as such, not as a tokenizer that cannot be found
-    enc = load_tokenizer(checkpoint, tiktoken_file)
+    keep_eager_on_a_cpu(dev)
+    model, enc = load_model(init_from, dev, dtype, quantize, tiktoken_file)
     if enc.eot_token is None and (stop_at_eot or not prompt):
         raise UsageError(f"{init_from} is a character-level model, without {EOT}: " + (
             "--stop_at_eot has nothing to stop at" if stop_at_eot else "give it a prompt to start from (--start)"))
     ids = enc.encode(prompt, allowed_special={EOT})
     if not ids:
         print(f"the prompt is empty: starting from {EOT}", file=sys.stderr)
-
-    t0 = time.perf_counter()
-    model = GPT.from_pretrained(str(checkpoint)).to(device=dev, dtype=dt)  # resolved once, above
-    if quantize is not None:
-        if quantize not in ("int8", "fp16") or dev.type != "cpu":
-            raise UsageError(f"--quantize takes int8 or fp16 on the CPU only, got {quantize!r} on {dev}")
-        getattr(model, f"quantize_{quantize}")()
-    dt_name = str(dt).removeprefix("torch.")
-    print(f"loaded {init_from} ({model.get_num_params(non_embedding=False):,} params) on {dev}/{dt_name} "
-          f"in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
-    check_fits(enc, model.config.vocab_size)
     block_size = model.config.block_size
     if len(ids) > block_size:
         print(f"warning: the prompt is {len(ids)} tokens, longer than the model's context of {block_size}: "
               f"keeping its last {block_size}", file=sys.stderr)
         ids = ids[-block_size:]
 
-    live = sys.stdout.isatty() if stream is None else stream
-    writer = SampleWriter(enc, ids, num_samples, stop_at_eot, live, sys.stdout)  # an empty prompt prints as ""
     idx = torch.tensor([ids or [EOT_ID]], dtype=torch.long, device=dev)
-    steps = []  # unless live, tokens stay on the device until the end, so a GPU never waits for the host
-    in_flight = None  # live on a GPU: the last step's tokens, copying to the host while the next step runs
-    n_steps, first_step, interrupted = 0, 0.0, False
+    sizes = batch_sizes(model.config, model.transformer.wte.weight.element_size(), idx.size(1), dev)
+    live = stdout.isatty() if stream is None else stream
+    writer = SampleWriter(enc, ids, num_samples, stop_at_eot, live, stdout)  # an empty prompt prints as ""
+    generator = None if seed is None else torch.Generator(device=dev).manual_seed(seed)  # shared by the batches
+    steps, first_step, status = [], 0.0, 0  # steps: how many each batch made
     t0 = time.perf_counter()
     try:
-        for tokens in model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p=top_p,
-                                            num_samples=num_samples, stop_tokens=[EOT_ID] if stop_at_eot else None,
-                                            seed=seed, compile=compiled):
+        for first, count in zip(accumulate([0] + sizes), sizes):
+            n_steps, step_time = generate_batch(model, idx, count, writer, first, generator, live)
+            steps.append(n_steps)
+            first_step = first_step or step_time
+    except KeyboardInterrupt:
+        status = 130
+    except Terminated:
+        status = 143
+    with signals_held():  # from here a Ctrl-C waits until every sample is written
+        elapsed = time.perf_counter() - t0
+        writer.finish()
+        flush_stdout()
+        if any(steps):
+            report_speed(steps, sizes, elapsed, first_step)
+        if status:
+            print(f"{'interrupted' if status == 130 else 'terminated'}: each sample above ends where generation "
+                  f"stopped", file=sys.stderr)
+    return status
+
+
+def generate_batch(model: GPT, idx: torch.Tensor, count: int, writer: SampleWriter, first: int,
+                   generator: Optional[torch.Generator], live: bool) -> tuple[int, float]:
+    """Draw `count` samples, the writer's from `first` on, handing it every step's tokens, even when stopped by
+    Ctrl-C or SIGTERM; the steps made and the first step's time (prompt and compilation)."""
+    steps = []  # unless live, tokens stay on the device until the end, so a GPU never waits for the host
+    in_flight = None  # live on a GPU: the last step's tokens, copying to the host while the next step runs
+    watch = None if live else pipe_watch(writer.out)
+    n_steps, first_step, t0 = 0, 0.0, time.perf_counter()
+    try:
+        for tokens in model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p=top_p, num_samples=count,
+                                            stop_tokens=[EOT_ID] if stop_at_eot else None, generator=generator,
+                                            compile=compile):
             n_steps += 1
             if n_steps == 1:
                 tokens.cpu()  # waits for the device, so the time is the first step's (prompt, compilation)
                 first_step = time.perf_counter() - t0
             if not live:
                 steps.append(tokens)
-            elif dev.type != "cuda":
-                writer.add(tokens.tolist())
+                if watch is not None and watch.poll(0):
+                    raise BrokenPipeError("the reader of stdout has gone")
+            elif idx.device.type != "cuda":
+                writer.add(tokens.tolist(), first)
             else:
                 if in_flight is not None:  # written one step late: by now its copy has landed
-                    writer.add(finish_copy(*in_flight))
+                    writer.add(finish_copy(*in_flight), first)
                 in_flight = start_copy(tokens)
-    except KeyboardInterrupt:
-        interrupted = True
-    if in_flight is not None:
-        writer.add(finish_copy(*in_flight))
-    for tokens in torch.stack(steps).tolist() if steps else []:
-        writer.add(tokens)
-    elapsed = time.perf_counter() - t0
-    writer.finish()
-    sys.stdout.flush()
-    if n_steps:
-        report_speed(n_steps, elapsed, first_step, compiled)
-    if interrupted:
-        print("interrupted: each sample above ends where generation stopped", file=sys.stderr)
-        return 130
-    return 0
+    finally:  # what was made reaches the writer, whatever stopped the loop, and a Ctrl-C now waits until it has
+        with signals_held():
+            if in_flight is not None:
+                writer.add(finish_copy(*in_flight), first)
+            for tokens in steps:
+                writer.add(tokens.tolist(), first)
+    return n_steps, first_step
+
+
+def sample_prompts_file() -> int:
+    """--prompts: every prompt's samples as JSONL lines in --out, batched, resumable, sharded under torchrun."""
+    import batch
+
+    job = batch.SampleJob.from_settings(globals())  # the file is read and checked before any model loads
+    ranks = batch.start_ranks(device)
+    dev = pick_device(ranks.device)
+    keep_eager_on_a_cpu(dev)
+    job.compile = compile
+    model, enc = load_model(init_from, dev, dtype, quantize, tiktoken_file)
+    return batch.sample_prompts(job, model, enc, ranks, lambda tokens: b"".join(token_bytes(enc, t) for t in tokens))
 
 
 def start_copy(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
@@ -267,13 +452,15 @@ def finish_copy(host: torch.Tensor, landed: torch.cuda.Event) -> list[int]:
     return host.tolist()
 
 
-def report_speed(n_steps: int, elapsed: float, first_step: float, compiled: bool) -> None:
-    n_tokens = n_steps * num_samples
-    line = (f"generated {n_tokens} tokens ({n_steps} steps x {num_samples} samples) in {elapsed:.2f} s, "
-            f"{n_tokens / elapsed:.1f} tokens/s; first step {first_step:.2f} s "
-            f"({'prompt and compilation' if compiled else 'prompt'})")
-    if n_steps > 1:
-        line += f", then {(n_tokens - num_samples) / (elapsed - first_step):.1f} tokens/s"
+def report_speed(steps: list[int], sizes: list[int], elapsed: float, first_step: float) -> None:
+    """One line: tokens, steps and speed, batch by batch's steps and sizes; the first step apart (the prompt)."""
+    n_tokens = sum(n * size for n, size in zip(steps, sizes))
+    shape = f"{steps[0]} steps x {num_samples} samples" if len(sizes) == 1 else \
+        f"{num_samples} samples in {len(sizes)} batches"
+    line = (f"generated {n_tokens} tokens ({shape}) in {elapsed:.2f} s, {n_tokens / elapsed:.1f} tokens/s; "
+            f"first step {first_step:.2f} s ({'prompt and compilation' if compile else 'prompt'})")
+    if n_tokens > sizes[0] and elapsed > first_step:
+        line += f", then {(n_tokens - sizes[0]) / (elapsed - first_step):.1f} tokens/s"
     print(line, file=sys.stderr)
 
 

@@ -3,6 +3,9 @@ checkpoints written by transformers."""
 
 import os
 import pickle
+import runpy
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -100,6 +103,34 @@ def small_dir(tmp_path_factory, random_checkpoint) -> Path:
     return random_checkpoint(tmp_path_factory.mktemp("small"), n_layer=2, n_head=2, n_embd=64, n_positions=64)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tiny models: on a small machine shared with other jobs, torch's spinning worker
+    threads make them many times slower, not faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def run_script(monkeypatch, capsys) -> Callable[..., tuple[int, str, str]]:
+    """run(script, *args): the project's script (sample.py, bench.py, attention.py) run as `python script args`
+    would run it, but in this process, sharing its torch import: (exit status, stdout, stderr)."""
+
+    def run(script: str, *args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", [script, *args])
+        try:
+            runpy.run_path(str(ROOT_DIR / script), run_name="__main__")
+            status = 0
+        except SystemExit as exit_info:
+            status = exit_info.code
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def hf_model():
     """load(folder): transformers' GPT2LMHeadModel of a checkpoint folder, the oracle, in eval mode."""
@@ -149,3 +180,27 @@ def hub_style_tensors(hf_model):
         return renamed
 
     return tensors
+
+
+@pytest.fixture(scope="session")
+def torchrun() -> Callable[..., subprocess.CompletedProcess]:
+    """run(script, *args, nproc=2, timeout=180): the script under `torchrun --standalone` (a free port, so runs
+    beside other jobs do not collide) as nproc processes on this CPU (gloo), one thread each."""
+
+    def run(script: str, *args: str, nproc: int = 2, timeout: float = 180) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   script, *args]
+        return subprocess.run(command, cwd=ROOT_DIR, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              capture_output=True, text=True, timeout=timeout)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for a module's tests, as torchrun and the subprocesses get: on a small machine shared with
+    other jobs, tiny models run slower on more."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -32,7 +32,7 @@ def test_table_names_the_checks_and_the_estimate(root_dir):
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "(a) ours vs (b) transformers: identical; (a) vs (c) no cache: identical" in done.stdout
-    for system in ("(e) quiet, 1 thread", "(e) busy core, default threads", "(e) busy core, 1 thread"):
+    for system in ("(f) quiet, 1 thread", "(f) busy core, default threads", "(f) busy core, 1 thread"):
         assert system in done.stdout
     assert "batch 1 decode, one core busy, ours float32 default threads / one thread: " in done.stdout
     assert "ESTIMATED" in done.stdout and "read bandwidth" in done.stdout

@@ -1,0 +1,559 @@
+"""
+Many prompts from a file to a JSONL file, on one process or many under torchrun: the job behind
+`sample.py --prompts=FILE --out=FILE.jsonl`, and the file reading, sharding, resuming and merging that score.py
+shares.
+
+The file. A `.jsonl` file holds one JSON object a line: {"id": ..., "prompt": ...} plus any of the settings in
+PER_PROMPT, which override the run's for that prompt; "id" (a string or an int) defaults to the line number. Any
+other file is text, one prompt a line, with `\\n` for a newline inside a prompt and `\\\\` for a backslash; its ids
+are line numbers, and empty lines are skipped (`<|endoftext|>` alone is a prompt that starts from nothing).
+
+Batches: length bucketing. Samples whose prompts have the same number of tokens and the same settings run as one
+batch, so no row is padded and no attention mask is needed: a row's numbers are those of a batch of one up to the
+float rounding of a product over a different number of rows (measured on the trained model: logits within 6e-6).
+Left padding would also batch prompts of different lengths, at the price of masks and per-row positions in
+model.py's every path; bucketing needs no change there, and with many prompts most buckets fill a batch. A
+bucket's batches hold at most batch_size rows, and fewer where a row's KV cache (its prompt plus its new tokens,
+every layer's keys and values) would take the batch past kv_cache_mb.
+
+Seeds. Sample k of prompt id draws its noise from its own torch.Generator, seeded from a hash of (the seed, id,
+k), where the seed is the prompt's own or the run's. So a sample's text depends on the model, the prompt, its
+settings and that seed only: never on which batch, rank or world size produced it (beyond the rounding above,
+which can change a token only where two candidates tie to within it). The seed is written in the sample's line.
+
+Resume. Each rank appends its finished samples to its own part file (OUT.rankR-of-W.part), flushed per line and
+fsynced every FSYNC_SECONDS. Run again with the same command, a rank skips what its part file holds; a torn last
+line (a process killed mid-write) is cut off and its sample redone. When every rank is done, rank 0 gathers the
+parts (through torch.distributed, so no shared file system is needed), writes OUT in the file's order
+(prompt, then sample), and the parts are removed. An OUT that already holds every sample is not redone.
+
+Ranks. Under torchrun (WORLD_SIZE > 1) the samples, sorted by bucket, are cut into one contiguous share per rank of
+about equal work, so buckets stay whole; the share depends only on the file, the settings and the world size. A
+rank on a GPU takes cuda:LOCAL_RANK; on a CPU each rank takes cores / LOCAL_WORLD_SIZE threads (torchrun's own
+default is one). A rank that fails exits, and torchrun stops the others and reports it: the run never hangs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
+
+from configurator import Setting, UsageError, convert, read_settings
+from tokenizer import EOT, EOT_ID
+
+if TYPE_CHECKING:
+    import tiktoken
+    import torch
+
+    from model import GPT
+
+PER_PROMPT = ("max_new_tokens", "temperature", "top_k", "top_p", "num_samples", "stop_at_eot", "seed")
+FSYNC_SECONDS = 10.0  # flushed lines survive a killed process at once; fsync guards them against a machine crash
+
+Key = tuple  # what identifies a line: (id as JSON, sample index) for samples, (id as JSON,) for scores
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The file
+
+
+@dataclass
+class Prompt:
+    id: int | str  # the line's "id", else its line number
+    line: int  # its line in the file, for messages
+    text: str
+    settings: dict = field(default_factory=dict)  # the run's per-prompt settings with the line's own on top
+
+
+def read_prompts(path: str, text_key: str, settings: Optional[dict[str, Setting]] = None,
+                 defaults: Optional[dict] = None, check: Optional[Callable[[dict], None]] = None) -> list[Prompt]:
+    """The prompts (or texts) of a .jsonl or text file, each with its settings checked: by type against settings
+    (the per-line keys allowed) and by value with check (raising ValueError). UsageError names the line."""
+    settings, defaults = settings or {}, defaults or {}
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read the {text_key}s file '{path}': {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8-sig")  # an editor's byte-order mark is not part of the first line
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise UsageError(f"the {text_key}s file '{path}' is not UTF-8 text (byte 0x{data[e.start]:02x} on line "
+                         f"{line}): convert it to UTF-8") from None
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the newline that ends the last line starts no other
+    jsonl = path.endswith(".jsonl")
+    prompts, seen = [], {}
+    for number, line in enumerate(lines, 1):
+        line = line.removesuffix("\r")
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        if jsonl:
+            prompt = parse_line(line, where, number, text_key, settings, defaults)
+        else:
+            prompt = Prompt(number, number, unescape(line), dict(defaults))
+        if check is not None:
+            try:
+                check(prompt.settings)
+            except ValueError as e:
+                raise UsageError(f"{where}: {e}") from None
+        key = json.dumps(prompt.id)
+        if key in seen:
+            raise UsageError(f"{where}: id {key} is already the id of line {seen[key]}: give each line its own id")
+        seen[key] = number
+        prompts.append(prompt)
+    if not prompts:
+        raise UsageError(f"the {text_key}s file '{path}' holds no {text_key}s: write one a line")
+    return prompts
+
+
+def parse_line(line: str, where: str, number: int, text_key: str, settings: dict[str, Setting],
+               defaults: dict) -> Prompt:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{where} is not valid JSON ({e.msg} at column {e.colno}): write one object a line, "
+                         f'like {{"id": 1, "{text_key}": "Once upon a time"}}') from None
+    if not isinstance(record, dict):
+        raise UsageError(f'{where} is not a JSON object: write one a line, like {{"id": 1, "{text_key}": "..."}}')
+    if not isinstance(record.get(text_key), str):
+        raise UsageError(f'{where} has no "{text_key}" string: each line needs one')
+    prompt = Prompt(record.get("id", number), number, record[text_key], dict(defaults))
+    if isinstance(prompt.id, bool) or not isinstance(prompt.id, (int, str)):
+        raise UsageError(f"{where}: the id must be a string or an integer, got {json.dumps(prompt.id)}")
+    for name, value in record.items():
+        if name in ("id", text_key):
+            continue
+        if name not in settings:
+            allowed = ", ".join(f'"{k}"' for k in ("id", text_key, *settings))
+            raise UsageError(f'{where}: unknown key "{name}": a line may hold {allowed}')
+        try:
+            prompt.settings[name] = convert(settings[name], value)
+        except UsageError as e:
+            raise UsageError(f"{where}: {e}") from None
+    return prompt
+
+
+def unescape(line: str) -> str:
+    """A text file's line as its prompt: \\n is a newline and \\\\ a backslash; any other backslash stays."""
+    return re.sub(r"\\([\\n])", lambda m: "\n" if m.group(1) == "n" else "\\", line)
+
+
+def sample_seed(seed: int, prompt_id: int | str, sample: int) -> int:
+    """The seed of one sample's generator: a hash of the run's (or prompt's) seed, the prompt's id and the sample
+    index, so that it does not depend on where or with what else the sample is drawn."""
+    digest = hashlib.blake2b(json.dumps([seed, prompt_id, sample]).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # 63 bits: any torch.Generator takes it
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ranks: one process, or one of many under torchrun
+
+
+@dataclass
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    device: str = "auto"  # the device setting for this rank
+
+    def gather(self, obj: Any) -> Optional[list]:
+        """Every rank's obj, in rank order, on rank 0 (None elsewhere)."""
+        objs = [None] * self.world if self.rank == 0 else None
+        self._collective("gather_object", obj, objs, dst=0)
+        return objs if self.world > 1 else [obj]
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's obj, on every rank."""
+        objs = [obj]
+        self._collective("broadcast_object_list", objs, src=0)
+        return objs[0]
+
+    def barrier(self) -> None:
+        self._collective("barrier")
+
+    def close(self) -> None:
+        self._collective("destroy_process_group")
+
+    def _collective(self, name: str, *args, **kwargs) -> None:
+        """torch.distributed's function `name`, with one process a no-op. When another rank has died, this one
+        ends with one line, not a traceback: torchrun reports the rank that failed first, with its message."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        try:
+            getattr(dist, name)(*args, **kwargs)
+        except RuntimeError as e:  # gloo and NCCL report a lost peer as a RuntimeError
+            raise SystemExit(f"rank {self.rank}: stopping, another rank has failed ({str(e).splitlines()[0]})")
+
+
+def start_ranks(device: str) -> Ranks:
+    """This process's rank. Under torchrun: the process group (NCCL on GPUs, gloo on CPUs), cuda:LOCAL_RANK for
+    device auto or cuda, and on a CPU an equal part of the cores for each of this machine's ranks."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Ranks(device=device)
+    import torch
+    import torch.distributed as dist
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    gpus = device in ("auto", "cuda") and torch.cuda.is_available()
+    if gpus:
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(local_rank)
+    elif device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // local_world))
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Ranks(rank, world, device)
+
+
+def share(items: list, cost: Callable[[Any], float], ranks: Ranks) -> list:
+    """This rank's contiguous share of items, cut so that each rank's items cost about the same."""
+    if ranks.world == 1:
+        return items
+    costs = [cost(item) for item in items]
+    total, done, mine = sum(costs), 0.0, []
+    for item, c in zip(items, costs):
+        if min(ranks.world - 1, int((done + c / 2) * ranks.world / total)) == ranks.rank:
+            mine.append(item)
+        done += c
+    return mine
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The output: a part file per rank, merged into one file in order at the end
+
+
+class Output:
+    """A job's JSONL output. keys: every line's key in the output's order; mine: this rank's share of them;
+    key_of: a parsed line's key."""
+
+    def __init__(self, path: str, ranks: Ranks, keys: list[Key], mine: Iterable[Key], key_of: Callable[[dict], Key]):
+        self.path, self.ranks, self.keys, self.mine, self.key_of = Path(path), ranks, keys, set(mine), key_of
+        self.part = self.path.with_name(f"{self.path.name}.rank{ranks.rank}-of-{ranks.world}.part")
+        self.file = None
+        self.synced = time.monotonic()
+
+    def finished(self) -> bool:
+        """True when OUT already holds this job's every line (a finished run: nothing to do). Rank 0 decides for
+        all: UsageError when OUT is something else."""
+        verdict = None
+        if self.ranks.rank == 0 and self.path.exists():
+            verdict = "finished"
+            try:
+                keys = [self.key_of(json.loads(line)) for line in self.path.read_text(encoding="utf-8").splitlines()]
+            except (OSError, ValueError, KeyError, TypeError):
+                keys = None
+            if keys != self.keys:
+                verdict = (f"{self.path} exists and is not this job's finished output: move it away, or write to "
+                           f"another --out")
+        verdict = self.ranks.broadcast(verdict)
+        if verdict not in (None, "finished"):
+            raise UsageError(verdict)
+        if verdict == "finished":
+            self.part.unlink(missing_ok=True)  # left by a run stopped between writing OUT and removing its parts
+        return verdict == "finished"
+
+    def resume(self) -> set[Key]:
+        """The keys this rank's part file already holds; a torn last line is cut off. Opens the part to append."""
+        others = [p.name for p in self.path.parent.glob(f"{self.path.name}.rank*-of-*.part")
+                  if not p.name.endswith(f"-of-{self.ranks.world}.part")]
+        if others:
+            raise UsageError(f"{self.path.parent} holds parts of an unfinished run with another number of processes "
+                             f"({', '.join(sorted(others))}): resume it with that many, or delete them to start over")
+        done = set()
+        try:
+            data = self.part.read_bytes() if self.part.exists() else b""
+            good = 0  # bytes of whole, valid lines
+            lines = data.split(b"\n")
+            for number, line in enumerate(lines[:-1], 1):  # the piece after the last newline is never whole
+                try:
+                    key = self.key_of(json.loads(line))
+                except (ValueError, KeyError, TypeError):
+                    if number < len(lines) - 1:
+                        raise UsageError(f"{self.part} line {number} is not a line of this job: delete the file to "
+                                         f"start this rank over") from None
+                    break  # the last line, torn by a crash: redone
+                if key not in self.mine:
+                    raise UsageError(f"{self.part} line {number} holds {key}, not one of this rank's samples: it "
+                                     f"is another job's part; delete it or write to another --out")
+                done.add(key)
+                good += len(line) + 1
+            if good < len(data):
+                print(f"{self.part}: cut a torn last line ({len(data) - good} bytes); its work is redone",
+                      file=sys.stderr)
+                os.truncate(self.part, good)
+            self.file = open(self.part, "ab")
+        except OSError as e:
+            raise UsageError(f"cannot write the part file {self.part}: {e.strerror or e}") from None
+        return done
+
+    def write(self, line: str) -> None:
+        """Append one finished line: flushed now (a killed process loses none), fsynced now and then."""
+        self.file.write(line.encode("utf-8") + b"\n")
+        self.file.flush()
+        if time.monotonic() - self.synced > FSYNC_SECONDS:
+            os.fsync(self.file.fileno())
+            self.synced = time.monotonic()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            self.file = None
+
+    def merge(self) -> Optional[list[dict]]:
+        """Every rank's part, on rank 0, written to OUT in order; the parts removed. Rank 0 gets the parsed lines
+        in order, the other ranks None."""
+        self.close()
+        parts = self.ranks.gather(self.part.read_text(encoding="utf-8").splitlines())
+        records = None
+        if self.ranks.rank == 0:
+            by_key = {}
+            for line in (line for part in parts for line in part):
+                by_key[self.key_of(json.loads(line))] = line
+            missing = [k for k in self.keys if k not in by_key]
+            if missing:
+                raise UsageError(f"the parts lack {len(missing)} lines (the first: {missing[0]}): rerun to finish")
+            temporary = self.path.with_name(self.path.name + ".merging")
+            with open(temporary, "w", encoding="utf-8") as f:
+                f.writelines(by_key[k] + "\n" for k in self.keys)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, self.path)  # whole or not at all
+            records = [json.loads(by_key[k]) for k in self.keys]
+        self.ranks.barrier()  # OUT is written: only now may the parts go
+        self.part.unlink()
+        return records
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Progress on stderr
+
+
+class Progress:
+    """A tqdm bar on rank 0's stderr over its share: prompts/s and tokens/s of this run, and the ETA; then a
+    summary of every rank's figures."""
+
+    def __init__(self, ranks: Ranks, total: int, done: int, unit: str):
+        from tqdm import tqdm
+
+        self.ranks, self.unit = ranks, unit
+        self.start = time.perf_counter()
+        self.prompts = self.tokens = self.batches = self.rows = 0
+        label = f"rank 0 of {ranks.world}" if ranks.world > 1 else None
+        self.bar = tqdm(total=total, initial=done, unit=unit, desc=label, file=sys.stderr, dynamic_ncols=True,
+                        mininterval=0.5, disable=ranks.rank != 0, smoothing=0)
+
+    def update(self, rows: int, finished_prompts: int, tokens: int) -> None:
+        self.prompts += finished_prompts
+        self.tokens += tokens
+        self.batches += 1
+        self.rows += rows
+        elapsed = time.perf_counter() - self.start
+        self.bar.set_postfix_str(f"{self.prompts / elapsed:.2f} prompts/s, {self.tokens / elapsed:.0f} tokens/s",
+                                 refresh=False)
+        self.bar.update(rows)
+
+    def summary(self, what: str, out: str) -> None:
+        """Every rank's figures, added up, as one line on rank 0's stderr."""
+        self.bar.close()
+        mine = (self.prompts, self.rows, self.tokens, self.batches, time.perf_counter() - self.start)
+        figures = self.ranks.gather(mine)
+        if figures is None:
+            return
+        prompts, rows, tokens, batches = (sum(f[i] for f in figures) for i in range(4))
+        elapsed = max(f[4] for f in figures)
+        processes = f" on {self.ranks.world} processes" if self.ranks.world > 1 else ""
+        rate = f"{prompts / elapsed:.2f} {what}/s, {tokens / elapsed:.1f} tokens/s" if elapsed > 0 else "no time"
+        mean_rows = f"{rows / batches:.1f}" if batches else "0"
+        print(f"{rows} {self.unit}s of {prompts} {what} ({tokens} tokens) in {elapsed:.2f} s{processes}: {rate}; "
+              f"{batches} batches, {mean_rows} rows on average; wrote {out}", file=sys.stderr)
+
+
+def run_job(output: Output, progress: Progress, steps: Iterator[None], what: str) -> int:
+    """Run a job's steps (each writes its finished lines and counts them in progress), then merge the parts into
+    the output and report. Returns the exit status: 130 on Ctrl-C, which keeps every finished line for the next
+    run."""
+    try:
+        for _ in steps:
+            pass
+    except KeyboardInterrupt:
+        output.close()
+        progress.bar.close()
+        print(f"interrupted: the finished lines are in {output.part}; run the same command to go on",
+              file=sys.stderr)
+        return 130
+    output.merge()
+    progress.summary(what, str(output.path))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling a prompts file
+
+
+@dataclass
+class Sample:
+    prompt: Prompt
+    order: int  # the prompt's place in the file
+    index: int  # which of the prompt's samples
+    seed: int
+    ids: list[int]
+
+    @property
+    def key(self) -> Key:
+        return (json.dumps(self.prompt.id), self.index)
+
+    @property
+    def bucket(self) -> tuple:
+        """What a batch's rows share: the prompt's length and the settings that generate_stream takes once."""
+        shared = {k: v for k, v in self.prompt.settings.items() if k not in ("seed", "num_samples")}
+        return len(self.ids), json.dumps(shared, sort_keys=True)
+
+
+@dataclass
+class SampleJob:
+    prompts: list[Prompt]
+    path: str
+    out: str
+    batch_size: int
+    kv_cache_mb: int
+    compile: bool
+
+    @classmethod
+    def from_settings(cls, config: dict) -> "SampleJob":
+        """sample.py's settings (its globals) as a job; the prompts file is read and checked here."""
+        from model import check_sampling_args
+
+        if config["prompts"] is None or config["out"] is None:
+            raise UsageError("--prompts and --out go together: --prompts=prompts.jsonl --out=samples.jsonl")
+        if config["seed"] is None:
+            raise UsageError("--prompts needs a seed (an int), so that a resumed run draws the samples it would "
+                             "have drawn")
+        if config["batch_size"] < 1 or config["kv_cache_mb"] < 1:
+            raise UsageError(f"batch_size and kv_cache_mb must be >= 1, got {config['batch_size']} and "
+                             f"{config['kv_cache_mb']}")
+        types = read_settings(config["__file__"])
+        defaults = {name: config[name] for name in PER_PROMPT}
+
+        def check(s: dict) -> None:
+            if s["seed"] is None:
+                raise ValueError("seed must be an int here, not null")
+            check_sampling_args(s["max_new_tokens"], s["temperature"], s["top_k"], s["top_p"], s["num_samples"])
+
+        try:
+            check(defaults)
+        except ValueError as e:
+            raise UsageError(e) from None
+        prompts = read_prompts(config["prompts"], "prompt", {name: types[name] for name in PER_PROMPT}, defaults,
+                               check)
+        return cls(prompts, config["prompts"], config["out"], config["batch_size"], config["kv_cache_mb"],
+                   config["compile"])
+
+
+def make_samples(job: SampleJob, enc: tiktoken.Encoding, model: GPT) -> list[Sample]:
+    """Every sample of every prompt, in the file's order, each with its prompt's token ids (an empty prompt starts
+    from <|endoftext|>; a prompt longer than the context keeps its end, as sample.py does)."""
+    samples, cropped = [], 0
+    block_size, vocab_size = model.config.block_size, model.config.vocab_size
+    for order, prompt in enumerate(job.prompts):
+        ids = enc.encode(prompt.text, allowed_special={EOT}) or [EOT_ID]
+        if max(ids) >= vocab_size:
+            raise UsageError(f"{job.path} line {prompt.line}: the prompt holds token {max(ids)}, outside the "
+                             f"model's vocabulary of {vocab_size}: this tokenizer does not fit the model")
+        if len(ids) > block_size:
+            ids, cropped = ids[-block_size:], cropped + 1
+        seed = prompt.settings["seed"]
+        samples += [Sample(prompt, order, k, sample_seed(seed, prompt.id, k), ids)
+                    for k in range(prompt.settings["num_samples"])]
+    if cropped:
+        print(f"warning: {cropped} prompts are longer than the model's context of {block_size}: each keeps its "
+              f"last {block_size} tokens", file=sys.stderr)
+    return samples
+
+
+def batches(samples: list[Sample], job: SampleJob, model: GPT) -> list[list[Sample]]:
+    """Samples grouped by bucket, each bucket cut into batches of at most batch_size rows whose KV cache fits in
+    kv_cache_mb."""
+    buckets = {}
+    for s in samples:
+        buckets.setdefault(s.bucket, []).append(s)
+    config, itemsize = model.config, model.transformer.wte.weight.element_size()
+    out = []
+    for bucket in buckets.values():
+        settings = bucket[0].prompt.settings
+        positions = min(config.block_size, len(bucket[0].ids) + settings["max_new_tokens"])
+        row_bytes = 2 * config.n_layer * config.n_embd * positions * itemsize  # keys and values, every layer
+        rows = max(1, min(job.batch_size, job.kv_cache_mb * 2 ** 20 // row_bytes))
+        out += [bucket[i:i + rows] for i in range(0, len(bucket), rows)]
+    return out
+
+
+def sample_batch(model: GPT, batch: list[Sample], compile: bool) -> list[tuple[list[int], str]]:
+    """Each row's new tokens (up to its stop token, which is left out) and why it ended: "stop" or "length"."""
+    import torch
+
+    device = model.transformer.wte.weight.device
+    idx = torch.tensor([s.ids for s in batch], device=device)
+    generators = [torch.Generator(device=device).manual_seed(s.seed) for s in batch]
+    s = batch[0].prompt.settings
+    steps = list(model.generate_stream(idx, s["max_new_tokens"], s["temperature"], s["top_k"], top_p=s["top_p"],
+                                       stop_tokens=[EOT_ID] if s["stop_at_eot"] else None, generators=generators,
+                                       compile=compile))
+    rows = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in batch]
+    ends = []
+    for tokens in rows:
+        if s["stop_at_eot"] and EOT_ID in tokens:
+            ends.append((tokens[:tokens.index(EOT_ID)], "stop"))
+        else:
+            ends.append((tokens, "length"))
+    return ends
+
+
+def sample_prompts(job: SampleJob, model: GPT, enc: tiktoken.Encoding, ranks: Ranks,
+                   token_bytes: Callable[[list[int]], bytes]) -> int:
+    """Run the job on this rank: its share of the samples, appended to its part, then merged into job.out.
+    Returns the exit status (130 when interrupted: what was finished is kept for the next run)."""
+    samples = make_samples(job, enc, model)
+    by_bucket = sorted(samples, key=lambda s: (s.bucket, s.order, s.index))
+    mine = share(by_bucket, lambda s: s.prompt.settings["max_new_tokens"] + 1, ranks)
+    output = Output(job.out, ranks, [s.key for s in samples], [s.key for s in mine],
+                    lambda record: (json.dumps(record["id"]), record["sample"]))
+    if output.finished():
+        print(f"{job.out} already holds every sample of {job.path}: nothing to do (move it away to sample again)",
+              file=sys.stderr)
+        ranks.close()
+        return 0
+    done = output.resume()
+    todo = [s for s in mine if s.key not in done]
+    progress = Progress(ranks, len(mine), len(mine) - len(todo), "sample")
+
+    def steps() -> Iterator[None]:
+        for batch in batches(todo, job, model):
+            ends = sample_batch(model, batch, job.compile)
+            for s, (tokens, finish) in zip(batch, ends):
+                text = token_bytes(tokens).decode("utf-8", errors="replace")
+                output.write(json.dumps(dict(id=s.prompt.id, sample=s.index, text=text, tokens=len(tokens),
+                                             finish=finish, seed=s.seed), ensure_ascii=False))
+            last = sum(s.index == s.prompt.settings["num_samples"] - 1 for s in batch)  # a prompt counts once
+            progress.update(len(batch), last, sum(len(tokens) for tokens, _ in ends))
+            yield
+
+    status = run_job(output, progress, steps(), "prompts")
+    ranks.close()
+    return status

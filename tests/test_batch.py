@@ -1,0 +1,281 @@
+"""batch.py: prompts files read and checked; every line against a one-prompt generate (the oracle); the same file
+byte-identical across batch sizes and world sizes (torchrun, gloo); resume after SIGINT and SIGKILL and from a
+torn line; bad files and a failing rank."""
+
+import json
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from batch import Ranks, read_prompts, sample_seed, share
+from tokenizer import EOT, EOT_ID, load_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("single_thread")
+RUN = ["--num_samples=1", "--max_new_tokens=8", "--seed=1337"]  # with sample.py's temperature 0.8 and top_k 200
+PROMPTS = [
+    {"id": "a", "prompt": "The history of Python is"},
+    {"id": "b", "prompt": "The license grants you"},
+    {"prompt": "The history of Python is", "num_samples": 2},  # id: its line number, 3
+    {"id": 4, "prompt": "A", "temperature": 0},
+    {"id": 5, "prompt": "", "stop_at_eot": True, "max_new_tokens": 12},
+    {"id": "six", "prompt": "In the beginning", "seed": 7, "top_k": None, "top_p": 0.9},
+    *({"id": 10 + i, "prompt": p} for i, p in enumerate([
+        "The function returns", "This module provides", "The program is", "Each object has",
+        "The interpreter reads", "A list of", "The file is", "You may not"])),
+    {"id": 99, "prompt": 'The software is provided "as is", without warranty', "stop_at_eot": True},
+    # Greedy, the trained model ends this one with <|endoftext|> after two tokens.
+    {"id": "end", "prompt": '*, then each returns an *iterable*\nargument in the * asynchronous iterator’s "*s '
+                            '*expression* is a "0" is omitted', "temperature": 0, "stop_at_eot": True},
+]
+
+
+@pytest.fixture
+def prompts_file(tmp_path) -> Path:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS), encoding="utf-8")
+    return path
+
+
+def sample_args(trained_dir, prompts: Path, out: Path, *more: str) -> list[str]:
+    return [f"--init_from={trained_dir}", f"--prompts={prompts}", f"--out={out}", "--device=cpu", *RUN, *more]
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading the file
+
+
+def test_text_file_lines_escapes_and_ids(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("\ufefffirst\r\n\nsecond\\nline \\\\n \\t end\n<|endoftext|>\n".encode("utf-8"))
+    prompts = read_prompts(str(path), "prompt")
+    assert [(p.id, p.text) for p in prompts] == [(1, "first"), (3, "second\nline \\n \\t end"), (4, EOT)]
+
+
+def test_jsonl_settings_per_prompt(prompts_file):
+    import batch
+
+    config = runpy.run_path(str(ROOT / "sample.py"))  # sample.py's settings, at their defaults
+    config.update(prompts=str(prompts_file), out="unused.jsonl", num_samples=1, max_new_tokens=8)
+    job = batch.SampleJob.from_settings(config)
+    by_id = {p.id: p for p in job.prompts}
+    assert list(by_id) == ["a", "b", 3, 4, 5, "six", *range(10, 18), 99, "end"]
+    assert by_id[3].settings["num_samples"] == 2 and by_id["a"].settings["num_samples"] == 1
+    assert by_id["six"].settings == dict(max_new_tokens=8, temperature=0.8, top_k=None, top_p=0.9, num_samples=1,
+                                         stop_at_eot=False, seed=7)
+    assert by_id[4].settings["temperature"] == 0.0 and isinstance(by_id[4].settings["temperature"], float)
+
+
+def test_seed_depends_on_seed_id_and_sample_only():
+    seeds = {sample_seed(s, i, k) for s in (0, 1) for i in (1, "1", 2) for k in (0, 1)}
+    assert len(seeds) == 12 and sample_seed(1337, "a", 0) == sample_seed(1337, "a", 0)
+    assert all(0 <= s < 2 ** 63 for s in seeds)
+
+
+def test_share_is_contiguous_balanced_and_complete():
+    items = list(range(40))
+    cost = lambda i: 1 + (i % 5)  # noqa: E731
+    shares = [share(items, cost, Ranks(rank, 3)) for rank in range(3)]
+    assert sum(shares, []) == items  # each a contiguous run, in order, covering everything once
+    costs = [sum(map(cost, s)) for s in shares]
+    assert max(costs) - min(costs) <= 5
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read the prompts file '{path}': No such file or directory"),
+    (b'{"prompt": "ok"}\n\xff\xfe\n', "is not UTF-8 text (byte 0xff on line 2)"),
+    (b'{"prompt": "ok"}\n{"prompt": "a",}\n', "line 2 is not valid JSON"),
+    (b'["a list"]\n', "line 1 is not a JSON object"),
+    (b'{"text": "no prompt"}\n', 'line 1 has no "prompt" string'),
+    (b"", "holds no prompts"),
+    (b"\n  \n", "holds no prompts"),
+    (b'{"prompt": "a", "temprature": 1}\n', 'line 1: unknown key "temprature": a line may hold "id", "prompt",'),
+    (b'{"prompt": "a", "max_new_tokens": "10"}\n', "line 1: max_new_tokens expects an int, got '10'"),
+    (b'{"prompt": "a", "top_k": 1.5}\n', "line 1: top_k expects an int or None, got 1.5"),
+    (b'{"prompt": "a"}\n{"prompt": "b", "temperature": -1}\n', "line 2: temperature must be >= 0"),
+    (b'{"prompt": "a", "seed": null}\n', "line 1: seed must be an int here"),
+    (b'{"id": 7, "prompt": "a"}\n{"id": 7, "prompt": "b"}\n', "line 2: id 7 is already the id of line 1"),
+    (b'{"id": true, "prompt": "a"}\n', "line 1: the id must be a string or an integer, got true"),
+])
+def test_bad_prompts_files(run_script, tmp_path, trained_dir, content, message):
+    path = tmp_path / "prompts.jsonl"
+    if content is not None:
+        path.write_bytes(content)
+    code, out, err = run_script("sample.py", *sample_args(trained_dir, path, tmp_path / "out.jsonl"))
+    assert code == 2 and out == ""
+    assert message.format(path=path) in err and "Traceback" not in err
+    assert not list(tmp_path.glob("out.jsonl*"))  # refused before anything was written
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out=x.jsonl"], "--prompts and --out go together"),
+    (["--prompts=p.jsonl"], "--prompts and --out go together"),
+    (["--prompts=p.jsonl", "--out=x.jsonl", "--seed=None"], "--prompts needs a seed"),
+    (["--prompts=p.jsonl", "--out=x.jsonl", "--batch_size=0"], "batch_size and kv_cache_mb must be >= 1"),
+    (["--prompts=p.jsonl", "--out=x.jsonl", "--temperature=-1"], "temperature must be >= 0"),
+])
+def test_bad_settings(run_script, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n')
+    code, _, err = run_script("sample.py", *args)
+    assert code == 2 and message in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What is written, and that it does not depend on batches or ranks
+
+
+def check_against_generate(model, folder, records: list[dict]) -> None:
+    """Each line as a one-prompt generate with the line's seed gives it: the same text, count and ending."""
+    enc = load_tokenizer(folder)
+    by_id = {p.get("id", line): p for line, p in enumerate(PROMPTS, 1)}
+    assert [(r["id"], r["sample"]) for r in records] == [
+        (i, k) for i, p in by_id.items() for k in range(p.get("num_samples", 1))]
+    for r in records:
+        p = by_id[r["id"]]
+        s = dict(max_new_tokens=8, temperature=0.8, top_k=200, top_p=None, stop_at_eot=False, seed=1337) | p
+        assert r["seed"] == sample_seed(s["seed"], r["id"], r["sample"])
+        ids = enc.encode(p["prompt"], allowed_special={EOT}) or [EOT_ID]
+        new = model.generate(torch.tensor([ids]), s["max_new_tokens"], s["temperature"], s["top_k"],
+                             top_p=s["top_p"], seed=r["seed"],
+                             stop_tokens=[EOT_ID] if s["stop_at_eot"] else None)[0, len(ids):].tolist()
+        finish = "stop" if s["stop_at_eot"] and EOT_ID in new else "length"
+        new = new[:new.index(EOT_ID)] if finish == "stop" else new
+        assert (r["text"], r["tokens"], r["finish"]) == (enc.decode(new), len(new), finish), r
+
+
+def test_same_output_for_batch_sizes_1_and_7_and_two_processes(run_script, torchrun, trained, trained_dir,
+                                                                prompts_file, tmp_path):
+    outputs = {}
+    for batch_size in (1, 7):
+        out = tmp_path / f"bs{batch_size}.jsonl"
+        code, _, err = run_script("sample.py", *sample_args(trained_dir, prompts_file, out,
+                                                            f"--batch_size={batch_size}"))
+        assert code == 0, err
+        outputs[batch_size] = out.read_bytes()
+    assert "17 samples of 16 prompts" in err
+    assert "9 batches, 1.9 rows on average" in err  # batch size 7 did batch: 17 rows of 9 lengths and settings
+    two = tmp_path / "two.jsonl"
+    run = torchrun("sample.py", *sample_args(trained_dir, prompts_file, two, "--batch_size=7"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "17 samples of 16 prompts" in run.stderr and "on 2 processes" in run.stderr
+    assert outputs[1] == outputs[7] == two.read_bytes()
+    assert list(tmp_path.glob("*.part")) == []
+    records = lines(two)
+    check_against_generate(trained, trained_dir, records)
+    assert {r["finish"] for r in records} == {"length", "stop"}  # the trained model ends some at <|endoftext|>
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resuming
+
+
+def long_job(folder: Path, trained_dir) -> tuple[list[str], Path]:
+    """A text file of 30 prompts and 24 tokens each, in its own folder: long enough to stop part way."""
+    folder.mkdir()
+    prompts = folder / "prompts.txt"
+    prompts.write_text("".join(f"Section {i} of the license says\n" for i in range(30)), encoding="utf-8")
+    out = folder / "out.jsonl"
+    return sample_args(trained_dir, prompts, out, "--max_new_tokens=24"), out
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "sample.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def wait_for_lines(part: Path, proc: subprocess.Popen, n: int) -> int:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        count = part.read_bytes().count(b"\n") if part.exists() else 0
+        if count >= n:
+            return count
+        assert proc.poll() is None, f"ended before {n} lines: {proc.communicate()[1][-2000:]}"
+        time.sleep(0.02)
+    raise AssertionError(f"fewer than {n} lines after 120 s")
+
+
+def test_interrupted_then_killed_then_resumed_equals_an_uninterrupted_run(run_script, trained_dir, tmp_path):
+    args, out = long_job(tmp_path / "whole", trained_dir)
+    assert run_script("sample.py", *args, "--batch_size=30")[0] == 0
+    expected = out.read_bytes()
+
+    args, out = long_job(tmp_path / "stopped", trained_dir)
+    part = out.with_name("out.jsonl.rank0-of-1.part")
+    proc = start([*args, "--batch_size=1"])
+    wait_for_lines(part, proc, 2)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: the finished samples stay
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and f"the finished lines are in {part}" in err
+    kept = part.read_bytes()
+    assert kept.count(b"\n") >= 2 and kept.endswith(b"\n")
+
+    proc = start([*args, "--batch_size=1"])
+    before = wait_for_lines(part, proc, kept.count(b"\n") + 2)
+    proc.kill()  # SIGKILL: no chance to clean up
+    proc.communicate(timeout=60)
+    assert part.read_bytes().startswith(kept)
+    done = part.read_bytes().count(b"\n")
+    assert done >= before
+
+    code, _, err = run_script("sample.py", *args, "--batch_size=4")  # another batch size: the same samples
+    assert code == 0, err
+    assert f"{30 - done} samples of {30 - done} prompts" in err  # the finished ones were not redone
+    assert out.read_bytes() == expected
+    assert not part.exists()
+
+
+def test_torn_last_line_is_cut_and_redone(run_script, trained_dir, prompts_file, tmp_path):
+    out = tmp_path / "out.jsonl"
+    args = sample_args(trained_dir, prompts_file, out)
+    assert run_script("sample.py", *args)[0] == 0
+    expected = out.read_bytes()
+    out.unlink()
+    whole = expected.split(b"\n")
+    part = tmp_path / "out.jsonl.rank0-of-1.part"
+    part.write_bytes(b"\n".join(whole[:3]) + b"\n" + whole[3][:25])  # killed while writing line 4
+    code, _, err = run_script("sample.py", *args)
+    assert code == 0, err
+    assert f"{part}: cut a torn last line (25 bytes)" in err and "14 samples of" in err
+    assert out.read_bytes() == expected
+
+    # A finished output is not redone; anything else under that name is not overwritten.
+    code, _, err = run_script("sample.py", *args)
+    assert code == 0 and "already holds every sample" in err and out.read_bytes() == expected
+    out.write_bytes(expected[:-10])
+    code, _, err = run_script("sample.py", *args)
+    assert code == 2 and f"{out} exists and is not this job's finished output" in err
+
+
+@pytest.mark.parametrize("part_name, content, message", [
+    ("out.jsonl.rank0-of-1.part", b'{"id": "a", "sample": 0}\nnot json\n{"id": "b", "sample": 0}\n',
+     "rank0-of-1.part line 2 is not a line of this job"),
+    ("out.jsonl.rank0-of-1.part", b'{"id": "zz", "sample": 0}\n', "line 1 holds"),
+    ("out.jsonl.rank1-of-2.part", b"", "holds parts of an unfinished run with another number of processes"),
+])
+def test_parts_of_other_runs_are_refused(run_script, trained_dir, prompts_file, tmp_path, part_name, content,
+                                         message):
+    (tmp_path / part_name).write_bytes(content)
+    code, _, err = run_script("sample.py", *sample_args(trained_dir, prompts_file, tmp_path / "out.jsonl"))
+    assert code == 2 and message in err
+
+
+def test_a_failing_rank_fails_the_run_with_its_message(torchrun, trained_dir, prompts_file, tmp_path):
+    (tmp_path / "out.jsonl.rank1-of-2.part").mkdir()  # rank 1 cannot write its part; rank 0 can
+    started = time.monotonic()
+    run = torchrun("sample.py", *sample_args(trained_dir, prompts_file, tmp_path / "out.jsonl"), timeout=150)
+    assert run.returncode != 0
+    assert "cannot write the part file" in run.stderr and "rank1-of-2.part: Is a directory" in run.stderr
+    assert time.monotonic() - started < 150
+    assert not (tmp_path / "out.jsonl").exists()

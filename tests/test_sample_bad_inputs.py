@@ -1,0 +1,330 @@
+"""sample.py against what a run meets besides its model files: sizes past the memory, settings that are not finite,
+prompt files that never end, output streams that are not UTF-8, full or closed, and signals. Each case checks the
+exit status, that no traceback is printed, and that the message names the problem. Signals, pipes and closed streams
+run real processes; the rest runs in process (see conftest's run_script)."""
+
+import contextlib
+import io
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from configurator import OutputError
+from model import GPT
+from tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # steadier on a small machine that other jobs share
+SEPARATOR = "\n---------------\n"
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def sample(run_script, small_dir):
+    """sample.py run in process on the small model: (status, stdout, stderr)."""
+    return lambda *args: run_script("sample.py", f"--init_from={small_dir}", *args)
+
+
+def refused(result: tuple[int, str, str], message: str) -> None:
+    status, out, err = result
+    assert status == 2 and out == ""
+    assert err.startswith("sample.py: error: ") and message in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sizes and numbers
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed=18446744073709551616"], "seed must be in -2**63..2**64-1"),
+    (["--seed=-9223372036854775809"], "seed must be in -2**63..2**64-1"),
+    (["--temperature=1e999"], "temperature expects a finite number, got inf"),
+    (["--top_p=-1e999"], "top_p expects a finite number, got -inf"),
+    (["--max_new_tokens=2.5"], "max_new_tokens expects an int, got '2.5'"),
+    (["--num_samples=True"], "num_samples expects an int, got 'True'"),
+])
+def test_numbers_out_of_range(sample, args, message):
+    refused(sample(*args), message)
+
+
+@pytest.mark.parametrize("line, message", [
+    ("temperature = float('nan')", "temperature expects a finite number, got nan"),
+    ("top_p = float('inf')", "top_p expects a finite number, got inf"),
+    ("seed = 2 ** 70", "seed must be in -2**63..2**64-1"),
+])
+def test_config_file_numbers(sample, tmp_path, line, message):
+    config = tmp_path / "config.py"
+    config.write_text(line + "\n")
+    refused(sample(str(config)), message)
+
+
+def test_a_prompt_file_that_never_ends(sample):
+    refused(sample("--start=FILE:/dev/zero"), "the prompt file '/dev/zero' holds more than 16 MB (or never ends")
+
+
+def test_a_prompt_file_too_large(sample, tmp_path):
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as f:
+        f.truncate(17 * 2 ** 20)  # sparse: no time spent writing it
+    refused(sample(f"--start=FILE:{big}"), f"the prompt file '{big}' holds more than 16 MB")
+
+
+def expected_in_batches(folder: Path, sizes: list[int], max_new_tokens: int, seed: int) -> str:
+    """The text of samples drawn batch after batch from one generator, as sample.py draws them."""
+    model = GPT.from_pretrained(str(folder))
+    enc = load_tokenizer(folder)
+    generator = torch.Generator().manual_seed(seed)
+    text = ""
+    for size in sizes:
+        rows = model.generate(torch.tensor([[198]]), max_new_tokens, temperature=0.8, top_k=200, num_samples=size,
+                              generator=generator)
+        text += "".join(enc.decode(row) + SEPARATOR for row in rows.tolist())
+    return text
+
+
+def run_main(monkeypatch, **settings) -> int:
+    """sample.py's main on the imported module, with these settings and any of its functions patched before."""
+    import sample as sample_module
+
+    for name, value in settings.items():
+        monkeypatch.setattr(sample_module, name, value)
+    return sample_module.main()
+
+
+def test_samples_that_do_not_fit_run_in_batches(small_dir, monkeypatch, capsys):
+    import sample as sample_module
+
+    per_sample = 2 * 2 * 9 * 64 * 4 + 6 * 50257 * 4  # KV cache of 2 layers x 9 positions x 64 wide, and logits
+    monkeypatch.setattr(sample_module, "available_memory", lambda dev: int(2.5 * per_sample / 0.8))
+    status = run_main(monkeypatch, init_from=str(small_dir), num_samples=5, max_new_tokens=8, device="cpu")
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert "sample.py: 5 samples need about 6 MB for their KV caches and logits, more than the 4 MB available on " \
+           "cpu allow: drawing them in 3 batches of up to 2" in err
+    assert out == expected_in_batches(small_dir, [2, 2, 1], 8, 1337)
+    assert "generated 40 tokens (5 samples in 3 batches)" in err
+
+
+def test_batch_sizes_for_a_hundred_thousand_samples(monkeypatch, capsys):
+    """--num_samples=100000 on GPT-2 124M with 8 GB free: even batches that each fit, said in one line."""
+    import sample as sample_module
+    from model import GPTConfig
+
+    monkeypatch.setattr(sample_module, "num_samples", 100000)
+    monkeypatch.setattr(sample_module, "max_new_tokens", 500)
+    monkeypatch.setattr(sample_module, "available_memory", lambda dev: 8 * 10 ** 9)
+    config = GPTConfig(vocab_size=50257)
+    sizes = sample_module.batch_sizes(config, 4, 1, torch.device("cpu"))
+    per_sample = 2 * 12 * 501 * 768 * 4 + 6 * 50257 * 4  # the KV cache of 501 positions, and logits
+    fit = int(0.8 * 8e9 // per_sample)
+    assert sum(sizes) == 100000 and max(sizes) <= fit and len(sizes) == -(-100000 // fit)
+    assert max(sizes) - min(sizes) <= 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"drawing them in {len(sizes)} batches of up to {max(sizes)}" in err
+
+
+def test_not_even_one_sample_fits(small_dir, monkeypatch, capsys):
+    import sample as sample_module
+
+    monkeypatch.setattr(sample_module, "available_memory", lambda dev: 1000)
+    with pytest.raises(sample_module.UsageError, match="one sample needs about 1 MB .KV cache and logits. and cpu "
+                                                       "has 0 MB available: lower --max_new_tokens"):
+        run_main(monkeypatch, init_from=str(small_dir), max_new_tokens=4, device="cpu")
+
+
+@pytest.mark.gpu
+def test_available_memory_on_a_gpu():
+    import sample as sample_module
+
+    free = sample_module.available_memory(torch.device("cuda"))
+    assert 0 < free <= torch.cuda.get_device_properties(0).total_memory
+
+
+def test_compile_with_int8_is_refused(sample):
+    refused(sample("--compile=True", "--quantize=int8"), "--compile=True does not take --quantize")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output streams
+
+
+def run_sample(small_dir: Path, *args: str, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+               **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "sample.py", f"--init_from={small_dir}", *args], cwd=ROOT, env=ENV,
+                          stdout=stdout, stderr=stderr, text=True, timeout=120, **kwargs)
+
+
+def test_cp1252_redirect_gets_utf8(small_dir, tmp_path):
+    out = tmp_path / "out.txt"
+    with open(out, "wb") as f:
+        run = subprocess.run([sys.executable, "sample.py", f"--init_from={small_dir}", "--start=日本語 😀 naïve",
+                              "--num_samples=2", "--max_new_tokens=8"], cwd=ROOT, stdout=f, stderr=subprocess.PIPE,
+                             text=True, timeout=120, env={**ENV, "PYTHONIOENCODING": "cp1252"})
+    assert run.returncode == 0 and "Traceback" not in run.stderr
+    assert run.stderr.count("stdout's encoding is cp1252, not UTF-8: writing the samples as UTF-8") == 1
+    text = out.read_bytes().decode("utf-8")
+    assert text.count(SEPARATOR) == 2 and text.startswith("日本語 😀 naïve")
+
+
+def test_a_console_that_is_not_utf8_shows_question_marks(monkeypatch, capsys):
+    import sample as sample_module
+
+    class Console(io.TextIOWrapper):
+        def isatty(self):
+            return True
+
+    console = Console(io.BytesIO(), encoding="latin-1")
+    monkeypatch.setattr(sys, "stdout", console)
+    assert sample_module.prepare_stdout() is console
+    console.write("naïve 日本")
+    console.flush()
+    assert console.buffer.getvalue() == "naïve ??".encode("latin-1")
+    assert "stdout's encoding is latin-1, not UTF-8: characters it cannot show are written as '?'" in \
+           capsys.readouterr().err
+    assert console.encoding == "latin-1"  # the console's own encoding is kept
+
+
+def test_a_full_disk(small_dir):
+    with open("/dev/full", "w") as full:
+        run = run_sample(small_dir, "--num_samples=2", "--max_new_tokens=4", stdout=full)
+    assert run.returncode == 1
+    assert "sample.py: error: cannot write the samples to stdout: No space left on device" in run.stderr
+    assert "Traceback" not in run.stderr and "Exception ignored" not in run.stderr
+
+
+def test_a_full_disk_while_streaming_stops_generation(small_dir, monkeypatch, capsys):
+    """Streamed, the first failed write ends the run: no generating on into a full disk."""
+    import errno
+
+    import sample as sample_module
+
+    class Full(io.StringIO):
+        def flush(self):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    steps = []
+    monkeypatch.setattr(sys, "stdout", Full())
+    monkeypatch.setattr(sample_module.SampleWriter, "add", lambda self, tokens, first=0: steps.append(tokens)
+                        or self._write())
+    with pytest.raises(OutputError, match="cannot write the samples to stdout: No space left on device"):
+        run_main(monkeypatch, init_from=str(small_dir), max_new_tokens=100000, stream=True, device="cpu")
+    assert len(steps) == 1
+
+
+def test_a_closed_stdout(small_dir):
+    run = run_sample(small_dir, stdout=None, preexec_fn=lambda: os.close(1))
+    assert run.returncode == 2
+    assert "stdout is closed (the command ends in >&-)" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_closed_stderr_keeps_stdout_clean(small_dir):
+    run = run_sample(small_dir, "--num_samples=2", "--max_new_tokens=3", stderr=None,
+                     preexec_fn=lambda: os.close(2))
+    assert run.returncode == 0
+    assert run.stdout.count(SEPARATOR) == 2 and "loaded" not in run.stdout
+
+
+def test_a_reader_leaving_the_pipe_ends_an_endless_run(small_dir):
+    """Piped, samples are written when complete; with max_new_tokens=10**12 they never are, so the run must notice
+    that its reader left (`| head`, a closed viewer) rather than generate for nobody."""
+    proc = subprocess.Popen([sys.executable, "sample.py", f"--init_from={small_dir}", "--num_samples=2",
+                             "--max_new_tokens=1000000000000"], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_until_loaded(proc)
+    time.sleep(0.5)
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 141
+    assert b"Traceback" not in proc.stderr.read()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Signals: what was generated is written for every sample, then 130 (Ctrl-C) or 143 (SIGTERM)
+
+
+def start(small_dir: Path, *args: str, stdout=subprocess.PIPE) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "sample.py", f"--init_from={small_dir}", "--num_samples=3",
+                             "--max_new_tokens=100000", "--start=Once", *args], cwd=ROOT, env=ENV, stdout=stdout,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_until_loaded(proc: subprocess.Popen) -> None:
+    for line in proc.stderr:
+        if (line if isinstance(line, str) else line.decode()).startswith("loaded"):
+            return
+    raise AssertionError("sample.py ended before loading its model")
+
+
+def assert_kept(out: str, err: str, word: str) -> None:
+    """Every sample written, each past its prompt, and the stop said without a traceback."""
+    assert out.endswith(SEPARATOR)
+    samples = out[:-len(SEPARATOR)].split(SEPARATOR)
+    assert len(samples) == 3 and all(s.startswith("Once") and len(s) > len("Once") for s in samples)
+    assert f"{word}: each sample above ends where generation stopped" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("signals, status, word", [
+    ([signal.SIGINT], 130, "interrupted"),
+    ([signal.SIGTERM, signal.SIGINT, signal.SIGTERM, signal.SIGINT], 143, "terminated"),  # more while writing
+])
+def test_signals_keep_every_sample_piped(small_dir, signals, status, word):
+    proc = start(small_dir)
+    wait_until_loaded(proc)
+    time.sleep(0.5)
+    proc.send_signal(signals[0])
+    time.sleep(0.2)  # the first is handled first (signals pending together are handled in number order)
+    for s in signals[1:]:  # while the samples are being written
+        proc.send_signal(s)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == status
+    assert_kept(out, err, word)
+
+
+def test_ctrl_c_twice_keeps_every_sample_in_a_file(small_dir, tmp_path):
+    with open(tmp_path / "out.txt", "w") as f:
+        proc = start(small_dir, stdout=f)
+        wait_until_loaded(proc)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert_kept((tmp_path / "out.txt").read_text(), err, "interrupted")
+
+
+def test_ctrl_c_on_a_terminal_while_streaming(small_dir):
+    """Streamed to a terminal: the first sample as it grows, then, once stopped, the others."""
+    master, slave = pty.openpty()
+    proc = start(small_dir, stdout=slave)
+    os.close(slave)
+    received = b""
+    while len(received) < 40:  # some of the first sample has arrived: generation is under way
+        assert select.select([master], [], [], 120)[0], "nothing written to the terminal"
+        received += os.read(master, 65536)
+    proc.send_signal(signal.SIGINT)
+    err = proc.stderr.read()
+    with contextlib.suppress(OSError):  # EIO: the process has closed the terminal
+        while chunk := os.read(master, 65536):
+            received += chunk
+    os.close(master)
+    assert proc.wait(timeout=60) == 130
+    assert_kept(received.decode().replace("\r\n", "\n"), err, "interrupted")
+
+
+@pytest.mark.parametrize("signum, status, word", [(signal.SIGINT, 130, "interrupted"),
+                                                 (signal.SIGTERM, 143, "terminated")])
+def test_a_signal_during_start_up(small_dir, signum, status, word):
+    """Stopped while torch is imported or the model loads: a line, no traceback."""
+    proc = start(small_dir)
+    time.sleep(0.5)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == status and out == ""
+    assert f"sample.py: {word}" in err and "Traceback" not in err
