@@ -4,10 +4,14 @@ no-cache method, on the same weights, prompts and lengths:
 
     python bench.py [--key=value ...]            (--help lists every setting)
     python bench.py --quick                      (a smoke test: tiny model, seconds)
-    python bench.py --fidelity                   (int8 and bfloat16 against float32 on the trained model)
+    python bench.py --fidelity                   (int8, fp16 and bfloat16 against float32 on the trained model)
+    python bench.py --peers                      (CTranslate2 and llama.cpp too, where installed: peers.py)
+    python bench.py --busy_core                  (default threads and one, while another process keeps a core busy)
 
 Systems: (a) ours, model.generate_stream with the KV cache; (b) transformers' GPT2LMHeadModel.generate, greedy,
-KV cache on; (c) ours without the cache (use_kv_cache=False, nanoGPT's method); (d) sample.py's default workload.
+KV cache on; (c) ours without the cache (use_kv_cache=False, nanoGPT's method); (d) sample.py's default workload;
+(f) with --busy_core, (a) in float32 at torch's default thread count and at one thread, quiet and while another
+process spins on one core; (p) with --peers, CTranslate2 and llama.cpp on the same weights (peers.py).
 --prompts_file_bench runs only (e): a prompts file of 200 prompts of mixed lengths through batch.py against
 model.generate looped prompt by prompt, and sample.py --prompts as 2 processes x 1 thread (torchrun) against
 1 process x 2 threads (and 1 x 1), pinned to the same two cores.
@@ -21,12 +25,14 @@ correctness failure, not a crash); 2 a wrong setting (a one-line message); 1 a c
 Ctrl-C, 143 SIGTERM.
 """
 
+import contextlib
 import copy
 import json as jsonlib
 import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -43,7 +49,7 @@ import numpy  # noqa: F401 (before torch, which imports it from C and swallows a
 import torch
 import torch.nn as nn
 
-from linear import Int8Linear
+from linear import Fp16Linear, Int8Linear
 from load import CONV1D_WEIGHTS
 from model import GPT, GPTConfig
 
@@ -58,7 +64,7 @@ prompt_len: int = 32  # prompt tokens per row (random ids, the same for every sy
 new_tokens: int = 64  # greedy tokens generated per row
 batch_sizes: str = '1,10'  # comma-separated batch sizes
 dtype: str = 'float32,bfloat16'  # weight dtypes for (a) and (b), comma-separated; float32 always runs (the baseline)
-quantize: str | None = 'int8'  # also run (a) with int8 weights (GPT.quantize_int8); None skips it
+quantize: str | None = 'int8,fp16'  # also run (a) with int8 and/or fp16 weights (GPT.quantize_int8/_fp16); None skips
 slow_batches: str = '1'  # batch sizes for (b) in dtypes other than float32 (bfloat16 at batch 10 takes minutes)
 repeats: int = 3  # timed runs per measurement (the median is reported), after one warm-up run
 max_seconds: float = 30.0  # fewer repeats (at least one) for a system whose runs take longer than this in all
@@ -66,12 +72,14 @@ reference: bool = True  # run (c), the no-cache path, at batch 1 (once: it is sl
 workload: bool = True  # run (d): sample.py's default shape, (a) against (c) sample after sample
 workload_samples: int = 10  # (d)'s samples
 workload_tokens: int = 500  # (d)'s new tokens per sample
-fidelity: bool = False  # measure int8 and bfloat16 against float32 on the trained model over assets/heldout.txt
+fidelity: bool = False  # measure int8, fp16 and bfloat16 against float32 on the trained model over assets/heldout.txt
 fidelity_model: str = '../shared/tiny-gpt2-en'  # the trained model for --fidelity and --prompts_file_bench
 prompts_file_bench: bool = False  # only (e): sample.py --prompts on 200 prompts against generate looped, and processes
 bandwidth_mb: int = 2048  # size of the buffer read to measure memory bandwidth (far larger than the caches)
 threads: int | None = None  # torch's thread count; None keeps its default (one per core)
-device: str = 'cpu'  # cpu or cuda (int8 runs on the CPU only)
+device: str = 'cpu'  # cpu or cuda (int8 and fp16 run on the CPU only)
+peers: bool = False  # (p): CTranslate2 and llama.cpp on the same weights, where installed (peers.py; CPU)
+busy_core: bool = False  # (f): (a) float32 at default threads and at 1, quiet and with one core kept busy (CPU)
 compile: bool = False  # also run (a) compiled (compile=True: static KV cache, CUDA graphs on a GPU)
 quick: bool = False  # smoke test: a tiny model, few tokens, one repeat, short workload (explicit settings still win)
 json: bool = False  # print the results as JSON instead of tables
@@ -184,7 +192,7 @@ def decode_bytes(model: nn.Module) -> int:
     LM head); of the embedding tables a step reads one row per token, which is left out."""
     total = 0
     for module in model.modules():
-        if isinstance(module, Int8Linear):
+        if isinstance(module, (Int8Linear, Fp16Linear)):
             total += module.nbytes
         elif isinstance(module, (nn.Linear, nn.LayerNorm)):
             total += sum(p.nbytes for p in module.parameters(recurse=False))
@@ -273,6 +281,37 @@ def measure(system: str, run: Callable[[], tuple[list[float], torch.Tensor]], ba
                   rss_growth_mb=rss.growth_mb, weight_mb=weight_bytes / 1e6, runs=len(ttfts), tokens=tokens.tolist())
 
 
+class BusyCore:
+    """Another process spinning on one core (the last this process may use) while the block runs: the load that
+    makes a multi-threaded operation wait for its descheduled thread."""
+
+    def __enter__(self) -> "BusyCore":
+        self.spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(self.spinner.pid, {max(os.sched_getaffinity(0))})
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.spinner.kill()
+        self.spinner.wait()
+
+
+def under_load(model: GPT, idx: torch.Tensor, batch: int) -> list[Result]:
+    """(f): ours float32 at one thread quiet (the default quiet is (a)), then at the default and at one thread with
+    one core busy. The default picks its thread count step by step (linear.ThreadChooser); one thread is fixed."""
+    default, results = torch.get_num_threads(), []
+    for system, threads, busy in (("(f) quiet, 1 thread", 1, False), ("(f) busy core, default threads", default, True),
+                                  ("(f) busy core, 1 thread", 1, True)):
+        torch.set_num_threads(threads)
+        try:
+            with BusyCore() if busy else contextlib.nullcontext():
+                results.append(measure(system, lambda: run_ours(model, idx, new_tokens), batch, idx.size(1), repeats,
+                                       decode_bytes(model)))
+        finally:
+            torch.set_num_threads(default)
+    return results
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # (d): sample.py's default workload
 
@@ -337,7 +376,8 @@ def fidelity_figures(folder: Path) -> dict:
     base = GPT.from_pretrained(str(folder))
     window = base.config.block_size
     chunks = [ids[i:i + window][None] for i in range(0, len(ids) - 1, window)]
-    variants = {"int8": copy.deepcopy(base).quantize_int8(), "bfloat16": copy.deepcopy(base).to(torch.bfloat16)}
+    variants = {"int8": copy.deepcopy(base).quantize_int8(), "fp16": copy.deepcopy(base).quantize_fp16(),
+                "bfloat16": copy.deepcopy(base).to(torch.bfloat16)}
     figures = {"text_tokens": len(ids), "model": str(folder)}
     with torch.no_grad():
         reference = [base(chunk, all_logits=True)[0][0].float().log_softmax(-1) for chunk in chunks]
@@ -407,8 +447,6 @@ def process_figures(folder: Path, prompts: Path) -> dict:
     """sample.py --prompts as 1 process x 1 thread, 1 x 2 and 2 x 1 (torchrun), each pinned to the same two
     cores: the generation's own time and rate, from its summary line, and the wall time with start-up."""
     import re
-    import subprocess
-
     cores = sorted(os.sched_getaffinity(0))[:2] if hasattr(os, "sched_getaffinity") else None
     common = [f"--init_from={folder}", f"--prompts={prompts}", "--num_samples=1", f"--max_new_tokens={new_tokens}",
               "--device=cpu", f"--seed={seed}"]
@@ -507,7 +545,7 @@ def tables(report: dict) -> str:
         f = report["fidelity"]
         lines += ["", f"fidelity on {f['model']} over assets/heldout.txt ({f['text_tokens']} tokens), against "
                   f"float32 at every position:"]
-        for name in ("int8", "bfloat16"):
+        for name in ("int8", "fp16", "bfloat16"):
             lines.append(f"  {name:<9} mean KL {f[name]['mean_kl']:.2e} nats, top-1 agreement "
                          f"{100 * f[name]['top1_agreement']:.1f}% of {f[name]['positions']} positions")
     return "\n".join(lines)
@@ -522,6 +560,11 @@ def parse_sizes(name: str, text: str) -> list[int]:
     if any(size < 1 for size in sizes) or len(set(sizes)) != len(sizes):
         raise UsageError(f"--{name}='{text}': each batch size must be at least 1, and given once")
     return sizes
+
+
+def quantize_kinds() -> list[str]:
+    """--quantize's variants: int8, fp16, both or none."""
+    return [q for q in (quantize or "").split(",") if q]
 
 
 def check_settings() -> tuple[list[int], list[int], list[str]]:
@@ -556,8 +599,8 @@ def check_settings() -> tuple[list[int], list[int], list[str]]:
     for d in dtypes:
         if d not in ("float32", "bfloat16", "float16"):
             raise UsageError(f"unknown dtype '{d}': use float32, bfloat16 or float16")
-    if quantize not in (None, "int8"):
-        raise UsageError(f"quantize must be int8 or None, got '{quantize}'")
+    if not set(quantize_kinds()) <= {"int8", "fp16"}:
+        raise UsageError(f"quantize must be int8, fp16, int8,fp16 or None, got '{quantize}'")
     return batches, slow, dtypes
 
 
@@ -594,10 +637,22 @@ def main() -> int:
     theirs = {}
     for d in dtypes:
         theirs[d] = transformers_model(model).to(device=device, dtype=getattr(torch, d))
-    if quantize and device == "cpu":
-        ours["int8"] = copy.deepcopy(model).quantize_int8()
+    quantized = quantize_kinds()
+    if device == "cpu":
+        for q in quantized:
+            ours[q] = getattr(copy.deepcopy(model), f"quantize_{q}")()
 
     results, checks, ok = [], [], True
+    peer_engines = contextlib.ExitStack()
+    engines = []
+    if peers and device == "cpu":
+        from peers import missing, open_peers
+
+        for engine, install in missing().items():
+            checks.append(f"peers: {engine} skipped, not installed ({install})")
+        print("bench.py: (p) converting the weights for the peer engines", file=sys.stderr, flush=True)
+        engines = peer_engines.enter_context(open_peers(theirs["float32"], model.state_dict(),
+                                                        torch.get_num_threads()))
     generator = torch.Generator().manual_seed(seed)
     for batch in batches:
         idx = torch.randint(0, vocab, (batch, prompt_len), generator=generator).to(device)
@@ -605,7 +660,7 @@ def main() -> int:
             nbytes = decode_bytes(m)
             results.append(measure(f"(a) ours {variant}", lambda: run_ours(m, idx, new_tokens), batch, prompt_len,
                                    repeats, nbytes))
-            if compile and variant != "int8":
+            if compile and variant not in quantized:
                 results.append(measure(f"(a) ours {variant} compiled", lambda: run_ours(m, idx, new_tokens,
                                                                                           compiled=True),
                                        batch, prompt_len, repeats, nbytes))
@@ -613,6 +668,11 @@ def main() -> int:
                 hf = theirs[variant]
                 results.append(measure(f"(b) transformers {variant}", lambda: run_transformers(hf, idx, new_tokens),
                                        batch, prompt_len, repeats, nbytes))
+        if busy_core and device == "cpu":
+            results += under_load(model, idx, batch)
+        for peer in engines:
+            results.append(measure(f"(p) {peer.name}", lambda: peer.generate(idx, new_tokens), batch, prompt_len,
+                                   repeats, peer.weight_bytes))
         if reference and batch == 1:
             results.append(measure("(c) ours no cache float32", lambda: run_ours(model, idx, new_tokens, False),
                                    batch, prompt_len, 1, decode_bytes(model)))
@@ -636,6 +696,12 @@ def main() -> int:
                     text += (f"; equal to transformers {variant}'s at "
                              f"{100 * agreement(ours_v, by[f'(b) transformers {variant}'].tokens):.0f}%")
                 checks.append(text)
+        for peer in engines:
+            if f"(a) ours {peer.like}" in by:
+                same = agreement(by[f"(p) {peer.name}"].tokens, by[f"(a) ours {peer.like}"].tokens)
+                checks.append(f"batch {batch}: {peer.name} greedy tokens equal to ours {peer.like}'s at "
+                              f"{100 * same:.0f}% of steps")
+    peer_engines.close()
     bandwidth += read_bandwidth(bandwidth_mb * 2 ** 20)
     bw = statistics.median(bandwidth)
     for r in results:
@@ -664,6 +730,14 @@ def main() -> int:
     for b in batches:
         ratio(f"batch {b} decode, ours bfloat16 / transformers bfloat16", ("(a) ours bfloat16", b),
               ("(b) transformers bfloat16", b), 1.0)
+        ratio(f"batch {b} decode, ours fp16 / ours float32", ("(a) ours fp16", b), ("(a) ours float32", b))
+        ratio(f"batch {b} decode, quiet, ours float32 default threads / one thread", ("(a) ours float32", b),
+              ("(f) quiet, 1 thread", b), 0.9)
+        ratio(f"batch {b} decode, one core busy, ours float32 default threads / one thread",
+              ("(f) busy core, default threads", b), ("(f) busy core, 1 thread", b), 0.9)
+        for peer in engines:
+            ratio(f"batch {b} decode, ours {peer.like} / {peer.name}", (f"(a) ours {peer.like}", b),
+                  (f"(p) {peer.name}", b), 1.0)
 
     report = dict(machine=machine, transformers=transformers.__version__, model=name,
                   prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats, bandwidth_mb=bandwidth_mb,

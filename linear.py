@@ -1,16 +1,23 @@
 """
-How the network's matrix products are computed on a CPU: the two-core route for decoding, and int8 weights.
+How the network's matrix products are computed on a CPU: the two-core route for decoding, int8 and float16
+weights, and the choice of thread count for each decode step.
 
 model.py builds every projection as a `RoutedLinear`, which is nn.Linear with a faster route for the few-row
-products of decoding on a CPU. `quantize_int8` swaps each of them for an `Int8Linear`. Neither knows anything of
-GPT-2; the measurements behind the choices here are in the README's speed section.
+products of decoding on a CPU. `quantize_int8` and `quantize_fp16` swap each of them for an `Int8Linear` or an
+`Fp16Linear`. None of this knows anything of GPT-2; the measurements behind the choices here are in the README's
+speed section.
 """
 
+import statistics
+import time
 import warnings
+from typing import Callable, TypeVar
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+T = TypeVar("T")
 
 
 class RoutedLinear(nn.Linear):
@@ -81,11 +88,125 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row scales"
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Swap every Linear inside model for an Int8Linear, in place (a tied LM head too: it gets its own int8 copy,
-    while the input embedding stays float32, of which a step reads only one row per token)."""
+class Fp16Linear(nn.Module):
+    """A Linear held as float16 weights, multiplied by fbgemm in float32: the weights are widened to float32 as they
+    are read (the F16C instructions, which every AVX2 CPU has) and the sums are float32.
+
+    It reads half of float32's bytes for a relative error of about 2e-4 per product. On a CPU without bfloat16
+    instructions this is the fast half precision: bfloat16 weights there are converted by slower generic code
+    (see the README's speed section). CPU only.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        if linear.weight.device.type != "cpu":
+            raise ValueError(f"fp16 weights run on the CPU only; this Linear is on {linear.weight.device}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        self._packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach().float(), bias)
+        # What a decode step reads: the float16 weights and the float32 bias (for bench.py's roofline).
+        self.nbytes = 2 * self.in_features * self.out_features + (0 if bias is None else 4 * self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in_features]
+        y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, self.in_features).float(), self._packed)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, float16 weights"
+
+
+def swap_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> nn.Module:
+    """Replace every Linear inside model by make(linear), in place (a tied LM head too: it gets its own copy, while
+    the input embedding stays float32, of which a step reads only one row per token)."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, name, Int8Linear(child))
+                setattr(module, name, make(child))
     return model
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Every Linear inside model as an Int8Linear, in place."""
+    return swap_linears(model, Int8Linear)
+
+
+def quantize_fp16(model: nn.Module) -> nn.Module:
+    """Every Linear inside model as an Fp16Linear, in place."""
+    return swap_linears(model, Fp16Linear)
+
+
+
+class ThreadChooser:
+    """Runs each decode step at whichever of two thread counts (torch's default and 1) is faster now, judged by
+    timing the steps themselves.
+
+    On a quiet machine every core helps. When another program keeps a core busy, a multi-threaded operation waits
+    for its descheduled thread at every barrier, and one thread can be several times faster (the README's speed
+    section). Which case holds can change during a generation, so: the first steps run once at each count (a second
+    pair when the two are within 1.5x of each other) and the faster count is chosen; afterwards the other count is
+    tried for one step after `interval` steps, the interval doubling up to `max_interval` each time it loses and
+    starting over when it wins; and a step at the chosen count that takes over twice the recent median (the load
+    changed) tries the other count at once. Settled, that costs one step at the slower count at steps ~32, 96,
+    224, 480, ... The thread count is set for each step and restored after it, so nothing else sees it changed.
+    """
+
+    window = 32  # the chosen count's recent steps, whose median a step is judged against
+
+    def __init__(self, counts: tuple[int, int] | None = None, clock: Callable[[], float] = time.perf_counter,
+                 interval: int = 32, max_interval: int = 512):
+        self.chosen, self.other = counts or (torch.get_num_threads(), 1)
+        self.clock = clock
+        self.first_interval, self.interval, self.max_interval = interval, interval, max_interval
+        self.steps = 0
+        self.trials = [self.chosen, self.other]  # counts to run next, one step each, before the chosen one again
+        self.trial_times = {self.chosen: [], self.other: []}
+        self.recent = []  # the chosen count's step times since it was chosen, the last `window` of them
+        self.next_trial = None  # the step at which the other count is tried again; None during the opening
+
+    def run(self, step: Callable[..., T], *args) -> T:
+        """step(*args), at the thread count this step should use; its time decides the counts to come."""
+        count = self.trials[0] if self.trials else self.chosen
+        previous = torch.get_num_threads()
+        torch.set_num_threads(count)
+        try:
+            start = self.clock()
+            out = step(*args)
+            seconds = self.clock() - start
+        finally:
+            torch.set_num_threads(previous)
+        self.record(count, seconds)
+        return out
+
+    def record(self, count: int, seconds: float) -> None:
+        self.steps += 1
+        if self.trials:
+            self.trials.pop(0)
+            self.trial_times[count].append(seconds)
+            if not self.trials:
+                self._decide()
+            return
+        self.recent = (self.recent + [seconds])[-self.window:]
+        if self.steps >= self.next_trial:
+            self.trials = [self.other]
+        elif len(self.recent) >= 4 and seconds > 2 * statistics.median(self.recent):  # the load changed
+            self.trials, self.interval, self.recent = [self.other], self.first_interval, [seconds]
+
+    def _decide(self) -> None:
+        chosen, other = self.trial_times[self.chosen], self.trial_times[self.other]
+        if self.next_trial is None:  # the opening
+            a, b = sum(chosen) / len(chosen), sum(other) / len(other)
+            if len(chosen) == 1 and max(a, b) < 1.5 * min(a, b):
+                self.trials = [self.chosen, self.other]  # too close to call on one step each: one more pair
+                return
+            won = b < a
+            self.recent = list(other if won else chosen)
+        else:  # one step of the other count against the chosen count's recent median
+            won = other[0] < statistics.median(self.recent)
+            self.recent = [other[0]] if won else self.recent
+        if won:
+            self.chosen, self.other = self.other, self.chosen
+            self.interval = self.first_interval
+        elif self.next_trial is not None:
+            self.interval = min(2 * self.interval, self.max_interval)
+        self.trial_times = {self.chosen: [], self.other: []}
+        self.next_trial = self.steps + self.interval

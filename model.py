@@ -3,10 +3,11 @@ GPT-2 in plain PyTorch: the network and its generation.
 
 The file reads top to bottom: the config, the KV cache, attention, MLP and block, then GPT with its forward pass,
 from_pretrained, and generation in named phases (prefill, decode_step, slide_window_step, and the loop that drives
-them, generate_stream). Checkpoint files are read by load.py, the CPU's matmul routes and int8 weights live in
-linear.py, and sampling.py draws each token and checks generation's arguments.
+them, generate_stream). Checkpoint files are read by load.py; the CPU's matmul routes, int8 and float16 weights and
+the thread choice live in linear.py; sampling.py draws each token and checks generation's arguments.
 """
 
+import functools
 import math
 import threading
 from contextlib import nullcontext
@@ -18,7 +19,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import load
-from linear import Int8Linear, RoutedLinear, quantize_int8
+from linear import Fp16Linear, Int8Linear, RoutedLinear, ThreadChooser, quantize_fp16, quantize_int8
 from sampling import check_generation_args, check_int, check_token_ids, sample_next_token
 
 
@@ -237,6 +238,10 @@ class GPT(nn.Module):
         """Int8 weights with per-output-channel scales for every Linear, in place (CPU only; see linear.py)."""
         return quantize_int8(self)
 
+    def quantize_fp16(self) -> "GPT":
+        """Float16 weights for every Linear, multiplied in float32, in place (CPU only; see linear.py)."""
+        return quantize_fp16(self)
+
     def _embed(self, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(input_pos))  # [B, T, C]
 
@@ -321,9 +326,9 @@ class GPT(nn.Module):
         dtype = self.transformer.wte.weight.dtype
         if not compile:
             return KVCache(self.config, batch_size, max_len, dtype, device), self.prefill, self.decode_step
-        if any(isinstance(m, Int8Linear) for m in self.modules()):
-            raise ValueError("compile=True does not take int8 weights (torch.compile cannot trace fbgemm's packed "
-                             "int8 products): use compile=False, where int8 decoding is already fast")
+        if any(isinstance(m, (Int8Linear, Fp16Linear)) for m in self.modules()):
+            raise ValueError("compile=True does not take int8 weights or fp16 weights (torch.compile cannot trace "
+                             "fbgemm's packed products): use compile=False, where their decoding is already fast")
         max_len = self.config.block_size  # one shape for every call
         cache = self._compiled.get("kv_cache")
         if cache is None or cache.k.shape[1] != batch_size or cache.k.dtype != dtype or cache.k.device != device:
@@ -386,6 +391,9 @@ class GPT(nn.Module):
                 kv_cache, prefill, decode_step = self._generation_phases(
                     B, min(block_size, T + max_new_tokens), device, compile)
                 input_pos = torch.tensor([T - 1], device=device)  # advanced on the device: no host copy per step
+                if device.type == "cpu" and not compile and torch.get_num_threads() > 1:
+                    # Every core, or one where that is faster now (another program keeps a core busy): see linear.py.
+                    decode_step = functools.partial(ThreadChooser().run, decode_step)
             token = None
             for step in range(max_new_tokens):
                 n = T + step  # tokens known; the newest sits at position n - 1

@@ -54,7 +54,7 @@ seed: int | None = 1337  # the same seed gives the same samples on the same devi
 device: str = 'auto'  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
 dtype: str = 'auto'  # float32, bfloat16 or float16; auto: bfloat16 on CUDA where supported, else float16; float32 on CPU
 compile: bool = False  # compile the decoding step with torch.compile: a slow first step, faster ones after
-quantize: str | None = None  # int8: int8 weights with per-row scales (CPU only; GPT.quantize_int8); None keeps dtype's
+quantize: str | None = None  # int8 (per-row scales) or fp16 weights, CPU only (GPT.quantize_int8/_fp16); None: dtype's
 stream: bool | None = None  # write the first sample as it is generated; None: only when stdout is a terminal
 tiktoken_file: str | None = None  # GPT-2's gpt2.tiktoken rank file (else $GPT2_TIKTOKEN_FILE, the model's vocab.json)
 prompts: str | None = None  # a prompts file (.jsonl, or text with one prompt a line): their samples go to --out
@@ -294,10 +294,20 @@ class SampleWriter:
                 self.out.flush()
 
 
+def keep_eager_on_a_cpu(dev: torch.device) -> None:
+    """--compile=True on a CPU turns itself off, in one line on stderr: compiled CPU decoding measured 0.6x eager's
+    speed on an AVX2 machine and 0.2x on an AVX-512 one (bench.py --compile=True shows both)."""
+    global compile
+    if compile and dev.type == "cpu":
+        print("--compile=True: decoding stays eager on the CPU, where the compiled step measured 0.2-0.6x eager's "
+              "speed (bench.py --compile shows both)", file=sys.stderr)
+        compile = False
+
+
 def load_model(name: str, dev: torch.device, dtype_name: str, quantize_mode: str | None,
                tiktoken_path: str | None) -> tuple[GPT, tiktoken.Encoding]:
-    """The model `name` on dev, in dtype_name's dtype (and int8 weights if asked), and its tokenizer; the load is
-    reported on stderr. score.py loads through here too."""
+    """The model `name` on dev, in dtype_name's dtype (and int8 or fp16 weights if asked), and its tokenizer; the
+    load is reported on stderr. score.py loads through here too."""
     from load import check_checkpoint, resolve_checkpoint
     from model import GPT
 
@@ -308,9 +318,9 @@ def load_model(name: str, dev: torch.device, dtype_name: str, quantize_mode: str
     t0 = time.perf_counter()
     model = GPT.from_pretrained(str(checkpoint)).to(device=dev, dtype=dt)  # resolved once, above
     if quantize_mode is not None:
-        if quantize_mode != "int8" or dev.type != "cpu":
-            raise UsageError(f"--quantize takes int8 on the CPU only, got {quantize_mode!r} on {dev}")
-        model.quantize_int8()
+        if quantize_mode not in ("int8", "fp16") or dev.type != "cpu":
+            raise UsageError(f"--quantize takes int8 or fp16 on the CPU only, got {quantize_mode!r} on {dev}")
+        getattr(model, f"quantize_{quantize_mode}")()
     dt_name = str(dt).removeprefix("torch.")
     print(f"loaded {name} ({model.get_num_params(non_embedding=False):,} params) on {dev}/{dt_name} "
           f"in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
@@ -333,9 +343,10 @@ def main() -> int:
     except (TypeError, ValueError) as e:
         raise UsageError(e) from None
     if compile and quantize is not None:
-        raise UsageError("--compile=True does not take --quantize (torch.compile cannot trace the int8 products): "
-                         "choose one; int8 decoding is fast without compiling")
+        raise UsageError("--compile=True does not take --quantize (torch.compile cannot trace the int8 or fp16 "
+                         "products): choose one; their decoding is fast without compiling")
     dev = pick_device(device)
+    keep_eager_on_a_cpu(dev)
     model, enc = load_model(init_from, dev, dtype, quantize, tiktoken_file)
     if enc.eot_token is None and (stop_at_eot or not prompt):
         raise UsageError(f"{init_from} is a character-level model, without {EOT}: " + (
@@ -418,7 +429,10 @@ def sample_prompts_file() -> int:
 
     job = batch.SampleJob.from_settings(globals())  # the file is read and checked before any model loads
     ranks = batch.start_ranks(device)
-    model, enc = load_model(init_from, pick_device(ranks.device), dtype, quantize, tiktoken_file)
+    dev = pick_device(ranks.device)
+    keep_eager_on_a_cpu(dev)
+    job.compile = compile
+    model, enc = load_model(init_from, dev, dtype, quantize, tiktoken_file)
     return batch.sample_prompts(job, model, enc, ranks, lambda tokens: b"".join(token_bytes(enc, t) for t in tokens))
 
 

@@ -39,7 +39,7 @@ batch_size: int = 8  # the most windows scored together
 logits_mb: int = 2048  # the most memory one batch's logits (and their log-softmax) may take
 device: str = 'auto'  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
 dtype: str = 'float32'  # float32 (the default, for scores to compare), bfloat16, float16, or auto as sample.py
-quantize: str | None = None  # int8: int8 weights with per-row scales (CPU only); None keeps dtype's
+quantize: str | None = None  # int8 (per-row scales) or fp16 weights (CPU only); None keeps dtype's
 tiktoken_file: str | None = None  # GPT-2's gpt2.tiktoken rank file (else $GPT2_TIKTOKEN_FILE, the model's vocab.json)
 # -----------------------------------------------------------------------------
 

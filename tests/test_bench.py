@@ -15,8 +15,8 @@ def test_quick_bench_runs_every_system_with_identical_tokens(root_dir):
     assert report["identical"] is True
     systems = {(r["system"], r["batch"]) for r in report["results"]}
     for batch in (1, 10):
-        for system in ("(a) ours float32", "(b) transformers float32", "(a) ours int8", "(a) ours bfloat16",
-                       "(b) transformers bfloat16"):
+        for system in ("(a) ours float32", "(b) transformers float32", "(a) ours int8", "(a) ours fp16",
+                       "(a) ours bfloat16", "(b) transformers bfloat16"):
             assert (system, batch) in systems
     assert ("(c) ours no cache float32", 1) in systems
     for r in report["results"]:
@@ -28,7 +28,11 @@ def test_quick_bench_runs_every_system_with_identical_tokens(root_dir):
 
 def test_table_names_the_checks_and_the_estimate(root_dir):
     done = subprocess.run([sys.executable, "bench.py", "--quick", "--dtype=float32", "--quantize=None",
-                           "--batch_sizes=1"], cwd=root_dir, capture_output=True, text=True, timeout=120)
+                           "--batch_sizes=1", "--busy_core"], cwd=root_dir, capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "(a) ours vs (b) transformers: identical; (a) vs (c) no cache: identical" in done.stdout
+    for system in ("(f) quiet, 1 thread", "(f) busy core, default threads", "(f) busy core, 1 thread"):
+        assert system in done.stdout
+    assert "batch 1 decode, one core busy, ours float32 default threads / one thread: " in done.stdout
     assert "ESTIMATED" in done.stdout and "read bandwidth" in done.stdout

@@ -46,7 +46,7 @@ def refused(result: tuple[int, str, str], script: str, message: str) -> None:
     (["--device=cuda"], "--device=cuda but CUDA is not available here"),
     (["--device=tpu"], "unknown device 'tpu'"),
     (["--dtype=float32,float64"], "unknown dtype 'float64'"),
-    (["--quantize=int4"], "quantize must be int8 or None, got 'int4'"),
+    (["--quantize=int4"], "quantize must be int8, fp16, int8,fp16 or None, got 'int4'"),
 ])
 def test_bench_settings(run_script, args, message):
     refused(run_script("bench.py", *args), "bench.py", message)

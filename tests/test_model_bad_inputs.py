@@ -113,9 +113,10 @@ def test_token_history_does_not_grow_with_max_new_tokens():
         assert torch.equal(got, expected)
 
 
-def test_compile_refuses_int8_weights():
-    quantized = tiny_model().quantize_int8()
-    with pytest.raises(ValueError, match="compile=True does not take int8 weights"):
+@pytest.mark.parametrize("kind", ["int8", "fp16"])
+def test_compile_refuses_int8_and_fp16_weights(kind):
+    quantized = getattr(tiny_model(), f"quantize_{kind}")()
+    with pytest.raises(ValueError, match="compile=True does not take int8 weights or fp16 weights"):
         quantized.generate(prompt(), 3, compile=True)
 
 

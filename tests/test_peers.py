@@ -1,0 +1,36 @@
+"""peers.py without the peer engines installed (as in CI): each absent engine is named with how to install it, and
+bench.py --peers skips it in one line and runs everything else."""
+
+import subprocess
+import sys
+
+import peers
+
+
+def test_missing_engines_are_named_with_their_install_command(monkeypatch):
+    monkeypatch.setattr(peers, "find_spec", lambda name: None)
+    assert peers.missing() == {"CTranslate2": "pip install ctranslate2",
+                               "llama.cpp": peers.ENGINES["llama.cpp"][1]}
+    assert "pip install gguf llama-cpp-python" in peers.missing()["llama.cpp"]
+    monkeypatch.setattr(peers, "find_spec", lambda name: None if name == "gguf" else object())
+    assert list(peers.missing()) == ["llama.cpp"]  # it needs both of its packages
+
+
+def test_open_peers_with_no_engine_installed_opens_none(monkeypatch):
+    monkeypatch.setattr(peers, "find_spec", lambda name: None)
+    with peers.open_peers(None, {}, 1) as engines:
+        assert engines == []
+
+
+def test_bench_peers_skips_absent_engines_in_one_line_each(root_dir, monkeypatch):
+    absent = peers.missing()  # what this environment lacks (everything, in CI)
+    done = subprocess.run([sys.executable, "bench.py", "--quick", "--peers", "--dtype=float32", "--quantize=None",
+                           "--batch_sizes=1", "--workload=False", "--reference=False"], cwd=root_dir,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for engine in peers.ENGINES:
+        if engine in absent:
+            assert f"peers: {engine} skipped, not installed ({absent[engine]})" in done.stdout
+            assert f"(p) {engine}" not in done.stdout
+        else:
+            assert f"(p) {engine}" in done.stdout
