@@ -1,6 +1,6 @@
 """
 How the network's matrix products are computed on a CPU: the two-core route for decoding, int8 and float16
-weights, and the choice of thread count for each decode step.
+weights, and the threads: the thread count for each decode step, and one compiled generation at a time.
 
 model.py builds every projection as a `RoutedLinear`, which is nn.Linear with a faster route for the few-row
 products of decoding on a CPU. `quantize_int8` and `quantize_fp16` swap each of them for an `Int8Linear` or an
@@ -9,9 +9,10 @@ speed section.
 """
 
 import statistics
+import threading
 import time
 import warnings
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.nn as nn
@@ -210,3 +211,26 @@ class ThreadChooser:
             self.interval = min(2 * self.interval, self.max_interval)
         self.trial_times = {self.chosen: [], self.other: []}
         self.next_trial = self.steps + self.interval
+
+
+class CompiledTurn:
+    """Compiled generation runs one at a time in a process: its static KV cache lives on the model, and torch.compile
+    is not thread-safe. Another thread waits for its turn; the thread holding it (with a compiled generate_stream
+    left open) is refused, as waiting on itself would never end."""
+
+    def __init__(self):
+        self.lock, self.owner = threading.Lock(), None
+
+    def __enter__(self) -> None:
+        if self.owner == threading.get_ident():
+            raise RuntimeError("a compiled generate_stream is still open in this thread: finish or close() it before "
+                               "starting another compiled generation, or use compile=False")
+        self.lock.acquire()
+        self.owner = threading.get_ident()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.owner = None
+        self.lock.release()
+
+
+COMPILED_TURN = CompiledTurn()

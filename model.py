@@ -9,17 +9,16 @@ the thread choice live in linear.py; sampling.py draws each token and checks gen
 
 import functools
 import math
-import threading
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
 import load
-from linear import Fp16Linear, Int8Linear, RoutedLinear, ThreadChooser, quantize_fp16, quantize_int8
+from linear import COMPILED_TURN, Fp16Linear, Int8Linear, RoutedLinear, ThreadChooser, quantize_fp16, quantize_int8
 from sampling import check_generation_args, check_int, check_token_ids, sample_next_token
 
 
@@ -78,29 +77,6 @@ class KVCache:
         if not self.static or input_pos.numel() > 1:
             return None
         return (self.positions <= input_pos.view(-1, 1))[None, None]
-
-
-class CompiledTurn:
-    """Compiled generation runs one at a time in a process: its static KV cache lives on the model, and torch.compile
-    is not thread-safe. Another thread waits for its turn; the thread holding it (with a compiled generate_stream
-    left open) is refused, as waiting on itself would never end."""
-
-    def __init__(self):
-        self.lock, self.owner = threading.Lock(), None
-
-    def __enter__(self) -> None:
-        if self.owner == threading.get_ident():
-            raise RuntimeError("a compiled generate_stream is still open in this thread: finish or close() it before "
-                               "starting another compiled generation, or use compile=False")
-        self.lock.acquire()
-        self.owner = threading.get_ident()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.owner = None
-        self.lock.release()
-
-
-COMPILED_TURN = CompiledTurn()
 
 
 class CausalSelfAttention(nn.Module):
@@ -357,7 +333,7 @@ class GPT(nn.Module):
         a row's draws never depend on the other rows of its batch (batch.py's prompts files); a one-row batch
         with seed=s draws the noise of a row whose generator is seeded s. use_kv_cache=False recomputes the whole
         window each step (nanoGPT's method), the reference the cache is tested against. compile=True runs the decode
-        step compiled over a static cache (see KVCache), one compiled generation at a time (see CompiledTurn). A
+        step compiled over a static cache (see KVCache), one compiled generation at a time (see linear.CompiledTurn). A
         wrong argument raises TypeError or ValueError naming it.
 
         Past block_size positions the model conditions on the last block_size tokens, as nanoGPT does. GPT-2's
