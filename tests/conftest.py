@@ -103,10 +103,10 @@ def small_dir(tmp_path_factory, random_checkpoint) -> Path:
     return random_checkpoint(tmp_path_factory.mktemp("small"), n_layer=2, n_head=2, n_embd=64, n_positions=64)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
-    """One intra-op thread for tiny models: on a small machine shared with other jobs, torch's spinning worker
-    threads make them many times slower, not faster."""
+    """One intra-op thread for a module's tests (tiny models, as the subprocesses and torchrun ranks get): on a
+    small machine shared with other jobs, torch's spinning worker threads make them many times slower."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -194,13 +194,3 @@ def torchrun() -> Callable[..., subprocess.CompletedProcess]:
                               capture_output=True, text=True, timeout=timeout)
 
     return run
-
-
-@pytest.fixture(scope="module")
-def single_thread():
-    """One torch thread for a module's tests, as torchrun and the subprocesses get: on a small machine shared with
-    other jobs, tiny models run slower on more."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

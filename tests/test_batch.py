@@ -18,7 +18,7 @@ from batch import Ranks, read_prompts, sample_seed, share
 from tokenizer import EOT, EOT_ID, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")
 RUN = ["--num_samples=1", "--max_new_tokens=8", "--seed=1337"]  # with sample.py's temperature 0.8 and top_k 200
 PROMPTS = [
     {"id": "a", "prompt": "The history of Python is"},

@@ -38,14 +38,7 @@ def run_inprocess(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     return exit_info.value.code, out, err
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as ENV gives the subprocesses: on a small machine shared with other jobs, torch's
-    spinning worker threads make these tiny models many times slower, not faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # as ENV gives the subprocesses
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from transformers import GPT2LMHeadModel
 from score import windows
 from tokenizer import EOT, load_tokenizer
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("block_size, stride", [(8, 1), (8, 3), (8, 4), (8, 8), (5, 2)])
