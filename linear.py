@@ -1,6 +1,6 @@
 """
-How the network's matrix products are computed on a CPU: the two-core route for decoding, int8 and float16
-weights, and the threads: the thread count for each decode step, and one compiled generation at a time.
+How the network's matrix products are computed on a CPU: the two-core route for decoding, and int8 and float16
+weights.
 
 model.py builds every projection as a `RoutedLinear`, which is nn.Linear with a faster route for the few-row
 products of decoding on a CPU. `quantize_int8` and `quantize_fp16` swap each of them for an `Int8Linear` or an
@@ -8,17 +8,12 @@ products of decoding on a CPU. `quantize_int8` and `quantize_fp16` swap each of 
 speed section.
 """
 
-import statistics
-import threading
-import time
 import warnings
-from typing import Any, Callable, TypeVar
+from typing import Callable
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
-
-T = TypeVar("T")
 
 
 class RoutedLinear(nn.Linear):
@@ -134,103 +129,3 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 def quantize_fp16(model: nn.Module) -> nn.Module:
     """Every Linear inside model as an Fp16Linear, in place."""
     return swap_linears(model, Fp16Linear)
-
-
-
-class ThreadChooser:
-    """Runs each decode step at whichever of two thread counts (torch's default and 1) is faster now, judged by
-    timing the steps themselves.
-
-    On a quiet machine every core helps. When another program keeps a core busy, a multi-threaded operation waits
-    for its descheduled thread at every barrier, and one thread can be several times faster (the README's speed
-    section). Which case holds can change during a generation, so: the first steps run once at each count (a second
-    pair when the two are within 1.5x of each other) and the faster count is chosen; afterwards the other count is
-    tried for one step after `interval` steps, the interval doubling up to `max_interval` each time it loses and
-    starting over when it wins; and a step at the chosen count that takes over twice the recent median (the load
-    changed) tries the other count at once. Settled, that costs one step at the slower count at steps ~32, 96,
-    224, 480, ... The thread count is set for each step and restored after it, so nothing else sees it changed.
-    """
-
-    window = 32  # the chosen count's recent steps, whose median a step is judged against
-
-    def __init__(self, counts: tuple[int, int] | None = None, clock: Callable[[], float] = time.perf_counter,
-                 interval: int = 32, max_interval: int = 512):
-        self.chosen, self.other = counts or (torch.get_num_threads(), 1)
-        self.clock = clock
-        self.first_interval, self.interval, self.max_interval = interval, interval, max_interval
-        self.steps = 0
-        self.trials = [self.chosen, self.other]  # counts to run next, one step each, before the chosen one again
-        self.trial_times = {self.chosen: [], self.other: []}
-        self.recent = []  # the chosen count's step times since it was chosen, the last `window` of them
-        self.next_trial = None  # the step at which the other count is tried again; None during the opening
-
-    def run(self, step: Callable[..., T], *args) -> T:
-        """step(*args), at the thread count this step should use; its time decides the counts to come."""
-        count = self.trials[0] if self.trials else self.chosen
-        previous = torch.get_num_threads()
-        torch.set_num_threads(count)
-        try:
-            start = self.clock()
-            out = step(*args)
-            seconds = self.clock() - start
-        finally:
-            torch.set_num_threads(previous)
-        self.record(count, seconds)
-        return out
-
-    def record(self, count: int, seconds: float) -> None:
-        self.steps += 1
-        if self.trials:
-            self.trials.pop(0)
-            self.trial_times[count].append(seconds)
-            if not self.trials:
-                self._decide()
-            return
-        self.recent = (self.recent + [seconds])[-self.window:]
-        if self.steps >= self.next_trial:
-            self.trials = [self.other]
-        elif len(self.recent) >= 4 and seconds > 2 * statistics.median(self.recent):  # the load changed
-            self.trials, self.interval, self.recent = [self.other], self.first_interval, [seconds]
-
-    def _decide(self) -> None:
-        chosen, other = self.trial_times[self.chosen], self.trial_times[self.other]
-        if self.next_trial is None:  # the opening
-            a, b = sum(chosen) / len(chosen), sum(other) / len(other)
-            if len(chosen) == 1 and max(a, b) < 1.5 * min(a, b):
-                self.trials = [self.chosen, self.other]  # too close to call on one step each: one more pair
-                return
-            won = b < a
-            self.recent = list(other if won else chosen)
-        else:  # one step of the other count against the chosen count's recent median
-            won = other[0] < statistics.median(self.recent)
-            self.recent = [other[0]] if won else self.recent
-        if won:
-            self.chosen, self.other = self.other, self.chosen
-            self.interval = self.first_interval
-        elif self.next_trial is not None:
-            self.interval = min(2 * self.interval, self.max_interval)
-        self.trial_times = {self.chosen: [], self.other: []}
-        self.next_trial = self.steps + self.interval
-
-
-class CompiledTurn:
-    """Compiled generation runs one at a time in a process: its static KV cache lives on the model, and torch.compile
-    is not thread-safe. Another thread waits for its turn; the thread holding it (with a compiled generate_stream
-    left open) is refused, as waiting on itself would never end."""
-
-    def __init__(self):
-        self.lock, self.owner = threading.Lock(), None
-
-    def __enter__(self) -> None:
-        if self.owner == threading.get_ident():
-            raise RuntimeError("a compiled generate_stream is still open in this thread: finish or close() it before "
-                               "starting another compiled generation, or use compile=False")
-        self.lock.acquire()
-        self.owner = threading.get_ident()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.owner = None
-        self.lock.release()
-
-
-COMPILED_TURN = CompiledTurn()

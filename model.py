@@ -1,25 +1,23 @@
 """
-GPT-2 in plain PyTorch: the network and its generation.
+GPT-2 in plain PyTorch: the network and its KV cache.
 
 The file reads top to bottom: the config, the KV cache, attention, MLP and block, then GPT with its forward pass,
-from_pretrained, and generation in named phases (prefill, decode_step, slide_window_step, and the loop that drives
-them, generate_stream). Checkpoint files are read by load.py; the CPU's matmul routes, int8 and float16 weights and
-the thread choice live in linear.py; sampling.py draws each token and checks generation's arguments.
+from_pretrained, and the two passes generation is made of: prefill (prompts from position 0) and decode_step (new
+positions for every row, each at its own). generate.py drives them; load.py reads checkpoint files; linear.py holds
+the CPU's matmul routes and the int8 and float16 weights; sampling.py draws each token and checks arguments.
 """
 
-import functools
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Iterator, NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
 import load
-from linear import COMPILED_TURN, Fp16Linear, Int8Linear, RoutedLinear, ThreadChooser, quantize_fp16, quantize_int8
-from sampling import check_generation_args, check_int, check_token_ids, sample_next_token
+from linear import RoutedLinear, quantize_fp16, quantize_int8
+from sampling import check_int, check_token_ids
 
 
 @dataclass
@@ -34,49 +32,61 @@ class GPTConfig:
 
 
 class KVCache:
-    """Every layer's keys and values for the positions seen so far, allocated once for the whole generation.
+    """Every layer's keys and values for each row of a batch, and how many positions each row has filled.
 
-    A prompt (several new positions) attends to its own keys, causally. A decode step (one new position) attends to
-    the cache: an eager cache gives the filled part, [:length], so a step costs what the sequence so far costs; a
-    static cache (compiled decoding) gives the whole buffer and a mask instead, so that every step has the same
-    shapes, which is what lets torch.compile capture the step once (and replay it as a CUDA graph).
+    Rows advance on their own: a row's new positions are written at its own length, and each query sees the keys
+    of its own row up to its own position. What lies past a row's length is stale and seen by no query, so taking
+    positions back (a draft's rejected tokens) is only lowering a length, and a row can start over (a new prompt,
+    or a window that slid) while the others go on. Each layer holds a K and a V tensor of its own: a compiled step
+    then writes them in place (Inductor copies a write into a slice of a larger graph input). A static cache
+    (compiled decoding) shows a step the whole buffer, so that every step has the same shapes and is captured once.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, dtype: torch.dtype,
                  device: torch.device, static: bool = False):
-        shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, H, max_len, D]
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]  # [B, H, L, D]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.lengths = torch.zeros(batch_size, dtype=torch.long)  # positions filled per row, kept on the host
+        self.all_rows = torch.arange(batch_size, device=device)
         self.static = static
-        self.length = 0  # positions filled, including the one being decoded; kept by the generation loop
         if static:
-            self.positions = torch.arange(max_len, device=device)
-            torch._dynamo.mark_static_address(self.k)  # written in place by a captured graph: keep the addresses
-            torch._dynamo.mark_static_address(self.v)
+            for t in self.k + self.v:
+                torch._dynamo.mark_static_address(t)  # written in place by a captured graph: keep the addresses
 
-    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor,
-               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new keys and values; return the keys and values their queries attend to."""
-        # input_pos: [T], k, v: [B or B / samples, H, T, D]
-        if k.size(0) != self.k.size(1):  # a prompt prefilled once and shared by each of its samples
-            repeats = self.k.size(1) // k.size(0)
-            self.k[layer].index_copy_(2, input_pos, k.repeat_interleave(repeats, dim=0))
-            self.v[layer].index_copy_(2, input_pos, v.repeat_interleave(repeats, dim=0))
-        else:
-            self.k[layer].index_copy_(2, input_pos, k)
-            self.v[layer].index_copy_(2, input_pos, v)
-        if k.size(2) > 1 or k.size(0) != self.k.size(1):
-            return k, v  # a prompt: it attends to its own keys (its samples share it until they diverge)
-        if self.static:
-            return self.k[layer], self.v[layer]
-        return self.k[layer, :, :, :self.length], self.v[layer, :, :, :self.length]
+    @property
+    def max_len(self) -> int:
+        return self.k[0].size(2)
 
-    def mask(self, input_pos: torch.Tensor) -> Optional[torch.Tensor]:
-        """[1, 1, 1, max_len], True where a static cache's one query may look (the filled past and itself); None
-        where what update returned needs no mask beyond causality."""
-        if not self.static or input_pos.numel() > 1:
-            return None
-        return (self.positions <= input_pos.view(-1, 1))[None, None]
+    def positions(self, new: int) -> torch.Tensor:
+        """[B, new] positions of each row's next `new` tokens, on the cache's device. A row already at the end
+        gets the last positions (what it writes there is redone by the window slide that follows)."""
+        pos = self.lengths[:, None] + torch.arange(new)
+        return pos.clamp(max=self.max_len - 1).to(self.all_rows.device, non_blocking=True)
+
+    def visible(self, new: int) -> int:
+        """Keys a step of `new` positions per row may see: the whole buffer in a static cache, else up to the end
+        of the longest row."""
+        return self.max_len if self.static else min(int(self.lengths.max()) + new, self.max_len)
+
+    def write(self, layer: int, rows: torch.Tensor, input_pos: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> None:
+        """Store new keys and values. A prompt shared by several rows (its samples) is written to each."""
+        # rows: [R], input_pos: [R or 1, S], k, v: [R or R / samples, H, S, D]
+        if k.size(0) != rows.size(0):
+            k = k.repeat_interleave(rows.size(0) // k.size(0), dim=0)
+            v = v.repeat_interleave(rows.size(0) // v.size(0), dim=0)
+        self.k[layer][rows[:, None], :, input_pos] = k.transpose(1, 2)  # the indexed view is [R, S, H, D]
+        self.v[layer][rows[:, None], :, input_pos] = v.transpose(1, 2)
+
+
+class CacheStep(NamedTuple):
+    """What one pass over new positions does with the cache: write rows' keys and values at input_pos, and (a
+    decode step) let each query see its row's keys where mask is True; without a mask, a prompt sees its own."""
+    cache: KVCache
+    rows: torch.Tensor  # [R] the cache rows being written
+    input_pos: torch.Tensor  # [R or 1, S]
+    mask: Optional[torch.Tensor]  # [B, 1, S, visible], or None for a prompt
 
 
 class CausalSelfAttention(nn.Module):
@@ -92,17 +102,19 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = RoutedLinear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
-                kv_cache: Optional[KVCache] = None) -> torch.Tensor:
-        q, k, v = self._heads(x)  # [B, H, T, D]
+    def forward(self, x: torch.Tensor, step: Optional["CacheStep"] = None) -> torch.Tensor:
+        q, k, v = self._heads(x)  # [B, H, S, D]
         mask = None
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, input_pos, k, v)  # [B, H, S, D]: what these queries see
-            mask = kv_cache.mask(input_pos)
-        # Flash / memory-efficient kernels where the device has them. Causal when the queries and keys are the
-        # same positions; a decode step's one query sees only its past in the cache and needs no causal mask.
+        if step is not None:
+            step.cache.write(self.layer_idx, step.rows, step.input_pos, k, v)
+            if step.mask is not None:  # a decode step: each query sees its own row of the cache, up to itself
+                mask = step.mask
+                k = step.cache.k[self.layer_idx][:, :, :mask.size(-1)]  # [B, H, visible, D]
+                v = step.cache.v[self.layer_idx][:, :, :mask.size(-1)]
+        # Without a mask the queries are a prompt from position 0 over its own keys: causal (flash kernels where
+        # the device has them). An `if`, so that a compiled prefill of any length gets a plain bool.
         is_causal = False
-        if mask is None and q.size(2) > 1:  # an `if`, so that a compiled prefill of any length gets a plain bool
+        if mask is None and q.size(2) > 1:
             is_causal = True
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)
@@ -147,9 +159,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
-                kv_cache: Optional[KVCache] = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), input_pos, kv_cache)
+    def forward(self, x: torch.Tensor, step: Optional["CacheStep"] = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), step)
         return x + self.mlp(self.ln_2(x))
 
     def forward_with_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,13 +229,11 @@ class GPT(nn.Module):
         """Float16 weights for every Linear, multiplied in float32, in place (CPU only; see linear.py)."""
         return quantize_fp16(self)
 
-    def _embed(self, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(input_pos))  # [B, T, C]
-
-    def _hidden(self, idx: torch.Tensor, input_pos: torch.Tensor, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
-        x = self._embed(idx, input_pos)
+    def _hidden(self, idx: torch.Tensor, input_pos: torch.Tensor, step: Optional[CacheStep] = None) -> torch.Tensor:
+        # idx: [B, S], input_pos: [B or 1, S] -> [B, S, C]
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(input_pos))
         for block in self.transformer.h:
-            x = block(x, input_pos, kv_cache)
+            x = block(x, step)
         return self.transformer.ln_f(x)
 
     def _positions(self, idx: torch.Tensor) -> torch.Tensor:
@@ -241,7 +250,7 @@ class GPT(nn.Module):
         logits for the last position only, shape [B, 1, V], unless all_logits=True asks for every position.
         """
         check_token_ids(idx, self.config.vocab_size)
-        x = self._hidden(idx, self._positions(idx))
+        x = self._hidden(idx, self._positions(idx)[None])
         if targets is not None:
             logits = self.lm_head(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
@@ -252,7 +261,7 @@ class GPT(nn.Module):
     def forward_with_attention(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits for every position and the attention probabilities, shape [n_layer, B, n_head, T, T]."""
         check_token_ids(idx, self.config.vocab_size)
-        x = self._embed(idx, self._positions(idx))
+        x = self.transformer.wte(idx) + self.transformer.wpe(self._positions(idx))
         probs = []
         for block in self.transformer.h:
             x, layer_probs = block.forward_with_probs(x)
@@ -277,136 +286,41 @@ class GPT(nn.Module):
         return model.eval()
 
     # ------------------------------------------------------------------------------------------------------------
-    # Generation: the prompt is run once (prefill), then each step feeds one new token per row (decode_step).
+    # The two passes of generation (driven by generate.py): a prompt from position 0, then new positions per row.
 
-    def prefill(self, idx: torch.Tensor, kv_cache: Optional[KVCache]) -> torch.Tensor:
-        """Run the [B, T] prompt, writing its keys and values into the cache (if any); logits [B, V] for the next
-        token. Unchecked: generation checked the ids on entry, and each step would otherwise wait for the device."""
-        x = self._hidden(idx, torch.arange(idx.size(1), device=idx.device), kv_cache)
-        return self.lm_head(x[:, -1, :])
+    def prefill(self, idx: torch.Tensor, lengths: torch.Tensor, kv_cache: Optional[KVCache] = None,
+                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run prompts from position 0, writing their keys and values into the cache rows `rows` (if a cache is
+        given); logits [B, V] for the token after each. Unchecked: generation checks the ids on entry."""
+        # idx: [B, T] prompts, each padded on the right to T; lengths: [B] their own lengths on idx's device
+        input_pos = torch.arange(idx.size(1), device=idx.device)[None]  # [1, T]
+        step = None
+        if kv_cache is not None:
+            step = CacheStep(kv_cache, kv_cache.all_rows if rows is None else rows, input_pos, None)
+        x = self._hidden(idx, input_pos, step)
+        last = x[torch.arange(idx.size(0), device=idx.device), lengths - 1]  # [B, C]: each prompt's last token
+        return self.lm_head(last)
 
-    def decode_step(self, token: torch.Tensor, input_pos: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
-        """Feed one [B, 1] token per row at position input_pos (a 1-element tensor); logits [B, V] for the next."""
-        x = self._hidden(token, input_pos, kv_cache)
-        return self.lm_head(x[:, -1, :])
-
-    def slide_window_step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits [B, V] for the token after [B, n] tokens, recomputed from scratch over the last block_size of
-        them, as nanoGPT does: the no-cache reference, and every step past block_size (GPT-2's positions are
-        absolute, so sliding the window shifts every position and no cached key stays valid)."""
-        return self.prefill(tokens[:, -self.config.block_size:], None)  # cropped to the context
-
-    def _generation_phases(self, batch_size: int, max_len: int, device: torch.device, compile: bool):
-        """The cache and the (prefill, decode_step) pair to use: eager, or compiled over a static cache that is
-        kept between calls so that the captured graphs, which hold its address, are replayed rather than rebuilt."""
-        dtype = self.transformer.wte.weight.dtype
-        if not compile:
-            return KVCache(self.config, batch_size, max_len, dtype, device), self.prefill, self.decode_step
-        if any(isinstance(m, (Int8Linear, Fp16Linear)) for m in self.modules()):
-            raise ValueError("compile=True does not take int8 weights or fp16 weights (torch.compile cannot trace "
-                             "fbgemm's packed products): use compile=False, where their decoding is already fast")
-        max_len = self.config.block_size  # one shape for every call
-        cache = self._compiled.get("kv_cache")
-        if cache is None or cache.k.shape[1] != batch_size or cache.k.dtype != dtype or cache.k.device != device:
-            cache = KVCache(self.config, batch_size, max_len, dtype, device, static=True)
-            self._compiled["kv_cache"] = cache
-        if "decode_step" not in self._compiled:
-            mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs remove per-kernel launches
-            self._compiled["decode_step"] = torch.compile(self.decode_step, mode=mode, fullgraph=True)
-            self._compiled["prefill"] = torch.compile(self.prefill, dynamic=True, fullgraph=True)
-        return cache, self._compiled["prefill"], self._compiled["decode_step"]
+    def decode_step(self, idx: torch.Tensor, input_pos: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+        """Feed every row of the cache S new tokens at its own positions; logits [B, S, V] after each of them."""
+        # idx, input_pos: [B, S]
+        keys = torch.arange(kv_cache.visible(idx.size(1)), device=idx.device)
+        mask = (keys <= input_pos[..., None])[:, None]  # [B, 1, S, visible]: a query sees its row up to itself
+        x = self._hidden(idx, input_pos, CacheStep(kv_cache, kv_cache.all_rows, input_pos, mask))
+        return self.lm_head(x)
 
     @torch.no_grad()
-    def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                        top_k: Optional[int] = None, *, top_p: Optional[float] = None, num_samples: int = 1,
-                        stop_tokens: Optional[Iterable[int]] = None, seed: Optional[int] = None,
-                        generator: Optional[torch.Generator] = None,
-                        generators: Optional[Sequence[torch.Generator]] = None, use_kv_cache: bool = True,
-                        compile: bool = False) -> Iterator[torch.Tensor]:
-        """Yield each step's new tokens, a [B * num_samples] tensor on the model's device, as they are made.
-
-        idx is [B, T] prompt ids; each prompt row is prefilled once and shared by its num_samples samples (rows
-        come out sample-major per prompt, like repeat_interleave). A row that draws one of stop_tokens has ended:
-        it repeats that token from then on, and the stream stops when every row has ended (on a GPU, which is
-        asked only every 8 steps, up to 7 steps later). seed (or a torch.Generator) makes sampling repeatable on
-        one device. generators, one per output row, draw each row's noise from its own generator instead, so that
-        a row's draws never depend on the other rows of its batch (batch.py's prompts files); a one-row batch
-        with seed=s draws the noise of a row whose generator is seeded s. use_kv_cache=False recomputes the whole
-        window each step (nanoGPT's method), the reference the cache is tested against. compile=True runs the decode
-        step compiled over a static cache (see KVCache), one compiled generation at a time (see linear.CompiledTurn). A
-        wrong argument raises TypeError or ValueError naming it.
-
-        Past block_size positions the model conditions on the last block_size tokens, as nanoGPT does. GPT-2's
-        position embeddings are absolute, so each such step shifts every position and the cache cannot be reused:
-        those steps each cost a full forward pass over block_size tokens.
-        """
-        stop_tokens = check_generation_args(idx, max_new_tokens, temperature, top_k, top_p, num_samples,
-                                            self.config.vocab_size, stop_tokens, seed, generator)
-        if generators is not None and (seed is not None or generator is not None):
-            raise ValueError("give one of seed, generator and generators, not several")
-        if generators is not None and len(generators) != idx.size(0) * num_samples:
-            raise ValueError(f"generators must hold one generator per output row ({idx.size(0) * num_samples}), "
-                             f"got {len(generators)}")
-        device = idx.device
-        if seed is not None:
-            generator = torch.Generator(device=device).manual_seed(seed)
-        block_size = self.config.block_size
-        prompt = idx[:, -block_size:]
-        B, T = prompt.size(0) * num_samples, prompt.size(1)
-        stop = torch.tensor(stop_tokens, device=device) if stop_tokens else None
-        ended = torch.zeros(B, dtype=torch.bool, device=device)
-        check_every = 1 if device.type == "cpu" else 8  # reading `ended` back waits for the GPU: do it rarely
-        # The tokens so far, for the steps that recompute a window: written in place, one column a step, into at
-        # most twice block_size columns; when full, the older half goes, so its size never grows with max_new_tokens.
-        seq = torch.empty(B, min(T + max_new_tokens, 2 * block_size), dtype=torch.long, device=device)
-        seq[:, :T] = prompt.repeat_interleave(num_samples, dim=0)
-        kept = T  # columns of seq in use
-
-        with COMPILED_TURN if compile and use_kv_cache else nullcontext():
-            if use_kv_cache:
-                kv_cache, prefill, decode_step = self._generation_phases(
-                    B, min(block_size, T + max_new_tokens), device, compile)
-                input_pos = torch.tensor([T - 1], device=device)  # advanced on the device: no host copy per step
-                if device.type == "cpu" and not compile and torch.get_num_threads() > 1:
-                    # Every core, or one where that is faster now (another program keeps a core busy): see linear.py.
-                    decode_step = functools.partial(ThreadChooser().run, decode_step)
-            token = None
-            for step in range(max_new_tokens):
-                n = T + step  # tokens known; the newest sits at position n - 1
-                if use_kv_cache and step == 0:
-                    kv_cache.length = T
-                    logits = prefill(prompt, kv_cache).repeat_interleave(num_samples, dim=0)
-                elif use_kv_cache and n <= block_size:
-                    kv_cache.length = n
-                    input_pos += 1
-                    logits = decode_step(token[:, None], input_pos, kv_cache)
-                else:  # no cache (the reference), or past block_size, where the cache no longer applies
-                    logits = self.slide_window_step(seq[:, :kept])
-                next_token = sample_next_token(logits, temperature, top_k, top_p, generator, generators=generators)
-                if stop is not None:
-                    if token is not None:
-                        next_token = torch.where(ended, token, next_token)
-                    ended |= torch.isin(next_token, stop)
-                if kept == seq.size(1):  # full (only ever at 2 * block_size): keep the newer half, all a window needs
-                    seq[:, :block_size] = seq[:, block_size:]
-                    kept = block_size
-                seq[:, kept] = next_token
-                kept += 1
-                token = next_token
-                yield next_token
-                if stop is not None and (step + 1) % check_every == 0 and bool(ended.all()):
-                    return
+    def generate_stream(self, idx: Union[torch.Tensor, list[torch.Tensor]], max_new_tokens: int,
+                        temperature: float = 1.0, top_k: Optional[int] = None, **options) -> Iterator[torch.Tensor]:
+        """Yield each step's new tokens, one per row, as they are made: see generate.generate_stream."""
+        from generate import generate_stream  # generation drives the model, so it imports this module
+        return generate_stream(self, idx, max_new_tokens, temperature, top_k, **options)
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: Optional[int] = None, **options) -> torch.Tensor:
-        """nanoGPT's generate: the prompt [B, T] followed by up to max_new_tokens sampled tokens.
-
-        Keyword options are generate_stream's (top_p, num_samples, stop_tokens, seed, ...). With stop tokens the
-        result is as long as the longest row needed; shorter rows are padded with the token that ended them.
-        """
-        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, **options))
-        prompt = idx.repeat_interleave(options.get("num_samples", 1), dim=0)
-        if not new:
-            return prompt
-        return torch.cat([prompt, torch.stack(new, dim=1)], dim=1)
+    def generate(self, idx: Union[torch.Tensor, list[torch.Tensor]], max_new_tokens: int,
+                 temperature: float = 1.0, top_k: Optional[int] = None,
+                 **options) -> Union[torch.Tensor, list[torch.Tensor]]:
+        """nanoGPT's generate: the prompt [B, T] followed by up to max_new_tokens sampled tokens; for a list of
+        prompts, a list of each one's tokens: see generate.generate."""
+        from generate import generate
+        return generate(self, idx, max_new_tokens, temperature, top_k, **options)

@@ -8,7 +8,7 @@ the scripts, which run them before any model loads.
 
 import math
 import numbers
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch.nn import functional as F
@@ -49,14 +49,17 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Opt
     return choice if candidates is None else candidates.gather(-1, choice[:, None])[:, 0]
 
 
-def check_generation_args(idx: torch.Tensor, max_new_tokens: int, temperature: float, top_k: Optional[int],
-                          top_p: Optional[float], num_samples: int, vocab_size: int,
-                          stop_tokens: Optional[Iterable[int]] = None, seed: Optional[int] = None,
+def check_generation_args(idx: Union[torch.Tensor, Sequence[torch.Tensor]], max_new_tokens: int,
+                          temperature: float, top_k: Optional[int], top_p: Optional[float], num_samples: int,
+                          vocab_size: int, stop_tokens: Optional[Iterable[int]] = None, seed: Optional[int] = None,
                           generator: Optional[torch.Generator] = None) -> Optional[list[int]]:
     """Raise TypeError or ValueError naming the first argument of generation that is wrong; the stop tokens as a
-    list (None for none)."""
+    list (None for none). idx is a [B, T] tensor of ids or a list of 1-D id tensors (prompts of any lengths)."""
     check_sampling_args(max_new_tokens, temperature, top_k, top_p, num_samples, seed)
-    check_token_ids(idx, vocab_size)
+    if isinstance(idx, torch.Tensor) or not isinstance(idx, (list, tuple)):
+        check_token_ids(idx, vocab_size)
+    else:
+        check_prompt_list(idx, vocab_size)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if seed is not None and generator is not None:
@@ -86,6 +89,23 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k: Optional
     check_int("num_samples", num_samples, 1)
     if seed is not None:
         check_int("seed", seed, -2 ** 63, 2 ** 64 - 1, rule="in -2**63..2**64-1 (what torch.Generator takes) or None")
+
+
+def check_prompt_list(prompts: Sequence[torch.Tensor], vocab_size: int) -> None:
+    """A list of prompts must hold non-empty 1-D tensors of ids in the vocabulary, all on one device."""
+    for i, p in enumerate(prompts):
+        if not isinstance(p, torch.Tensor) or p.dim() != 1:
+            what = f"a {p.dim()}-D tensor" if isinstance(p, torch.Tensor) else type(p).__name__
+            raise TypeError(f"idx must be a (batch, length) tensor of token ids or a list of 1-D id tensors, but "
+                            f"idx[{i}] is {what}; for a list of ids use torch.tensor([ids])")
+        if p.numel() == 0:
+            raise ValueError(f"idx[{i}] is empty; start from <|endoftext|> (id 50256) to generate without a prompt")
+        if p.device != prompts[0].device:
+            raise ValueError(f"idx[{i}] is on {p.device} but idx[0] on {prompts[0].device}: put every prompt on "
+                             "the model's device")
+    if not prompts:
+        raise ValueError("idx is an empty list: give at least one prompt")
+    check_token_ids(torch.cat(list(prompts))[None], vocab_size)  # one device sync for every prompt
 
 
 def check_token_ids(idx: torch.Tensor, vocab_size: int) -> None:

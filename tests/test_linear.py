@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from linear import Fp16Linear, Int8Linear, ThreadChooser
+from linear import Fp16Linear, Int8Linear
 from model import GPT, GPTConfig
 from tokenizer import load_tokenizer
 
@@ -75,84 +75,3 @@ def test_low_precision_agrees_with_float32_on_most_greedy_steps(trained, heldout
     assert (got == expected).float().mean() >= 0.5
     window = heldout_ids[:trained.config.block_size]
     assert teacher_forced_agreement(model, trained, window) >= 0.85  # measured: int8 93%, fp16 100%, bfloat16 98.5%
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# ThreadChooser, on a simulated machine: a fake clock that each step advances by what that step costs at the thread
-# count it runs at, so the decisions are checked exactly and nothing is timed.
-
-
-def simulate(cost_at, steps: int = 500) -> list[int]:
-    """The thread count each step ran at; cost_at(step) gives {count: seconds} for that step."""
-    now = 0.0
-    chooser = ThreadChooser((2, 1), clock=lambda: now)
-    threads = torch.get_num_threads()
-    used = []
-    for i in range(steps):
-        def step():
-            nonlocal now
-            now += cost_at(i)[torch.get_num_threads()]
-            return torch.get_num_threads()
-        used.append(chooser.run(step))
-        assert torch.get_num_threads() == threads  # set for the step only
-    return used
-
-
-def steps_at(used: list[int], count: int) -> list[int]:
-    return [i for i, c in enumerate(used) if c == count]
-
-
-def test_thread_chooser_keeps_the_faster_count_and_retries_the_other_at_doubling_intervals():
-    # Quiet: two threads 1.8x faster. One opening step at one thread, then retries 32, 64, 128, 256 steps apart.
-    assert steps_at(simulate(lambda i: {2: 1.0, 1: 1.8}), 1) == [1, 34, 99, 228, 485]
-    # A core busy: two threads 6x slower. The same, the other way round.
-    assert steps_at(simulate(lambda i: {2: 6.0, 1: 1.0}), 2) == [0, 34, 99, 228, 485]
-
-
-def test_thread_chooser_takes_a_second_pair_when_the_first_is_close():
-    used = simulate(lambda i: {2: 1.0, 1: 1.2})
-    assert used[:5] == [2, 1, 2, 1, 2] and steps_at(used, 1) == [1, 3, 36, 101, 230, 487]
-
-
-def test_thread_chooser_follows_load_that_comes_and_goes():
-    # Quiet, then from step 100 a core busy (two threads 6x slower), quiet again from step 300.
-    def cost_at(i):
-        return {2: 6.0, 1: 1.0} if 100 <= i < 300 else {2: 1.0, 1: 1.8}
-
-    used = simulate(cost_at)
-    assert used[100:102] == [2, 1]  # the first slow step (over twice the recent median) tries one thread at once
-    assert steps_at(used[101:300], 2) == [33, 98]  # then two threads only on retries, 32 and 64 steps apart
-    assert used[328:361] == [2] * 33  # load gone: the next retry (128 steps on) wins, and two threads stay
-    spent = sum(cost_at(i)[c] for i, c in enumerate(used))
-    assert spent < 1.1 * sum(min(cost_at(i).values()) for i in range(len(used)))  # within 10% of the best count
-
-
-def test_thread_chooser_restores_the_thread_count_when_the_step_fails():
-    threads = torch.get_num_threads()
-    chooser = ThreadChooser((threads + 1, 1))
-
-    def fail():
-        assert torch.get_num_threads() == threads + 1
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        chooser.run(fail)
-    assert torch.get_num_threads() == threads
-
-
-def test_generation_on_a_cpu_chooses_threads_for_decode_steps_only(monkeypatch):
-    counts = []
-    original = ThreadChooser.run
-    monkeypatch.setattr(ThreadChooser, "run", lambda self, *a: counts.append(1) or original(self, *a))
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=32)).eval()
-    idx = torch.tensor([[1, 2, 3]])
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        chosen = model.generate(idx, 7, temperature=0)
-        assert len(counts) == 6 and torch.get_num_threads() == 2  # 7 steps: the prefill, then 6 decode steps
-        torch.set_num_threads(1)
-        assert torch.equal(model.generate(idx, 7, temperature=0), chosen) and len(counts) == 6  # one thread: none
-    finally:
-        torch.set_num_threads(threads)

@@ -1,5 +1,5 @@
 """Generation: the KV cache against the no-cache reference and transformers' generate; sampling against the
-analytic distribution; stop tokens, streaming, batches and argument checks."""
+analytic distribution; stop tokens, streaming, batches and argument checks; the thread chooser."""
 
 import math
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
+from generate import ThreadChooser
 from model import GPT, GPTConfig, KVCache
 from sampling import sample_next_token
 
@@ -46,10 +47,10 @@ def test_static_cache_equals_dynamic_cache(short_context_model):
     expected = model.generate(idx, 30, temperature=0)[:, 7:]
     cache = KVCache(model.config, 2, model.config.block_size, torch.float32, torch.device("cpu"), static=True)
     with torch.no_grad():
-        token = model.prefill(idx, cache).argmax(-1)
+        token = model.prefill(idx, torch.tensor([7, 7]), cache).argmax(-1)
         tokens = [token]
         for pos in range(7, 36):
-            token = model.decode_step(token[:, None], torch.tensor([pos]), cache).argmax(-1)
+            token = model.decode_step(token[:, None], torch.full((2, 1), pos), cache)[:, -1].argmax(-1)
             tokens.append(token)
     assert torch.equal(torch.stack(tokens, dim=1), expected)
 
@@ -248,3 +249,169 @@ def test_compiled_decode_equals_eager():
         assert torch.equal(model.generate(idx[:, :length], 40, temperature=0, compile=True), expected)
     options = dict(temperature=1.0, top_k=10, num_samples=2, seed=5)
     assert torch.equal(model.generate(idx[:1], 20, compile=True, **options), model.generate(idx[:1], 20, **options))
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The decode step over the KV cache: rows at their own positions, several new positions a step, positions taken back.
+
+
+def decode_positions(model: GPT, prompt_rows: list, new: list) -> torch.Tensor:
+    """Prefill ragged prompts, then feed each row its `new` tokens in one decode step; logits [B, S, V]."""
+    from generate import padded
+    cache = KVCache(model.config, len(prompt_rows), model.config.block_size, torch.float32, torch.device("cpu"))
+    idx, lengths = padded(prompt_rows)
+    with torch.no_grad():
+        model.prefill(idx, lengths, cache)
+        cache.lengths[:] = lengths
+        tokens = torch.stack(new)
+        return model.decode_step(tokens, cache.positions(tokens.size(1)), cache)
+
+
+@pytest.mark.parametrize("batch", [1, 10])
+def test_decode_step_logits_equal_the_plain_forward(trained, batch):
+    """Each row at its own length, 1 and 4 new positions a step: logits within 1e-5 of the forward pass over the
+    whole sequence (no cache)."""
+    g = torch.Generator().manual_seed(batch)
+    rows = [torch.randint(0, 50257, (int(n),), generator=g) for n in torch.randint(1, 60, (batch,), generator=g)]
+    for steps in (1, 4):
+        new = [torch.randint(0, 50257, (steps,), generator=g) for _ in rows]
+        got = decode_positions(trained, rows, new)
+        for b, (p, n) in enumerate(zip(rows, new)):
+            expected = trained(torch.cat([p, n])[None], all_logits=True)[0][0, -steps:]
+            torch.testing.assert_close(got[b], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_lowered_lengths_take_positions_back(trained):
+    """Positions past a row's length are unseen: after a step of 4, lowering the length by 3 and feeding other
+    tokens gives the logits of the sequence without the dropped ones (a draft's rejected tokens)."""
+    from generate import padded
+    prompt, fed, other = torch.tensor([464, 3290, 318]), torch.tensor([257, 922, 290, 1110]), torch.tensor([11, 13])
+    cache = KVCache(trained.config, 1, 64, torch.float32, torch.device("cpu"))
+    with torch.no_grad():
+        trained.prefill(*padded([prompt]), cache)
+        cache.lengths[:] = 3
+        trained.decode_step(fed[None], cache.positions(4), cache)
+        cache.lengths[:] = 3 + 1  # keep the first fed token, drop three
+        got = trained.decode_step(other[None], cache.positions(2), cache)[0]
+    expected = trained(torch.cat([prompt, fed[:1], other])[None], all_logits=True)[0][0, -2:]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("options", [dict(temperature=0), dict(temperature=0.9, top_k=20, seed=3)])
+def test_prompts_of_different_lengths_generate_as_each_alone(short_context_model, options):
+    """A list of prompts of different lengths, batched: each row's tokens equal its prompt generated alone, past
+    block_size too (rows slide their windows at different steps), with the cache and without."""
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.randint(0, 97, (n,), generator=g) for n in (3, 30, 11, 47)]
+    options = dict(options)
+    seed = options.pop("seed", None)
+    for use_kv_cache in (True, False):
+        if seed is not None:
+            options["generators"] = [torch.Generator().manual_seed(100 + i) for i in range(len(rows))]
+        together = short_context_model.generate(rows, 70, use_kv_cache=use_kv_cache, **options)
+        assert [t.numel() for t in together] == [r.numel() + 70 for r in rows]
+        for i, r in enumerate(rows):
+            if seed is not None:
+                options["generators"] = [torch.Generator().manual_seed(100 + i)]
+            alone = short_context_model.generate(r[None], 70, **options)[0]
+            assert torch.equal(together[i], alone), (i, use_kv_cache)
+
+
+def test_prompt_list_with_stop_tokens_and_samples(trained):
+    """One result per output row (samples of a prompt next to each other), each cut after the stop token that
+    ended it, and equal to that prompt's own generate."""
+    rows = [torch.tensor([50256]), torch.tensor([464, 3290, 318, 257])]
+    out = trained.generate(rows, 40, temperature=0.8, num_samples=2, stop_tokens=[13, 50256],
+                           generators=[torch.Generator().manual_seed(i) for i in range(4)])
+    assert len(out) == 4
+    for i, tokens in enumerate(out):
+        prompt = rows[i // 2]
+        alone = trained.generate(prompt[None], 40, temperature=0.8, stop_tokens=[13, 50256],
+                                 generators=[torch.Generator().manual_seed(i)])[0]
+        new = tokens[prompt.numel():]
+        assert torch.equal(tokens[:prompt.numel()], prompt)
+        if new[-1].item() in (13, 50256):
+            assert not torch.isin(new[:-1], torch.tensor([13, 50256])).any()
+        assert torch.equal(new, alone[prompt.numel():][:new.numel()])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ThreadChooser, on a simulated machine: a fake clock that each step advances by what that step costs at the thread
+# count it runs at, so the decisions are checked exactly and nothing is timed.
+
+
+def simulate(cost_at, steps: int = 500) -> list[int]:
+    """The thread count each step ran at; cost_at(step) gives {count: seconds} for that step."""
+    now = 0.0
+    chooser = ThreadChooser((2, 1), clock=lambda: now)
+    threads = torch.get_num_threads()
+    used = []
+    for i in range(steps):
+        def step():
+            nonlocal now
+            now += cost_at(i)[torch.get_num_threads()]
+            return torch.get_num_threads()
+        used.append(chooser.run(step))
+        assert torch.get_num_threads() == threads  # set for the step only
+    return used
+
+
+def steps_at(used: list[int], count: int) -> list[int]:
+    return [i for i, c in enumerate(used) if c == count]
+
+
+def test_thread_chooser_keeps_the_faster_count_and_retries_the_other_at_doubling_intervals():
+    # Quiet: two threads 1.8x faster. One opening step at one thread, then retries 32, 64, 128, 256 steps apart.
+    assert steps_at(simulate(lambda i: {2: 1.0, 1: 1.8}), 1) == [1, 34, 99, 228, 485]
+    # A core busy: two threads 6x slower. The same, the other way round.
+    assert steps_at(simulate(lambda i: {2: 6.0, 1: 1.0}), 2) == [0, 34, 99, 228, 485]
+
+
+def test_thread_chooser_takes_a_second_pair_when_the_first_is_close():
+    used = simulate(lambda i: {2: 1.0, 1: 1.2})
+    assert used[:5] == [2, 1, 2, 1, 2] and steps_at(used, 1) == [1, 3, 36, 101, 230, 487]
+
+
+def test_thread_chooser_follows_load_that_comes_and_goes():
+    # Quiet, then from step 100 a core busy (two threads 6x slower), quiet again from step 300.
+    def cost_at(i):
+        return {2: 6.0, 1: 1.0} if 100 <= i < 300 else {2: 1.0, 1: 1.8}
+
+    used = simulate(cost_at)
+    assert used[100:102] == [2, 1]  # the first slow step (over twice the recent median) tries one thread at once
+    assert steps_at(used[101:300], 2) == [33, 98]  # then two threads only on retries, 32 and 64 steps apart
+    assert used[328:361] == [2] * 33  # load gone: the next retry (128 steps on) wins, and two threads stay
+    spent = sum(cost_at(i)[c] for i, c in enumerate(used))
+    assert spent < 1.1 * sum(min(cost_at(i).values()) for i in range(len(used)))  # within 10% of the best count
+
+
+def test_thread_chooser_restores_the_thread_count_when_the_step_fails():
+    threads = torch.get_num_threads()
+    chooser = ThreadChooser((threads + 1, 1))
+
+    def fail():
+        assert torch.get_num_threads() == threads + 1
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        chooser.run(fail)
+    assert torch.get_num_threads() == threads
+
+
+def test_generation_on_a_cpu_chooses_threads_for_decode_steps_only(monkeypatch):
+    counts = []
+    original = ThreadChooser.run
+    monkeypatch.setattr(ThreadChooser, "run", lambda self, *a: counts.append(1) or original(self, *a))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=32)).eval()
+    idx = torch.tensor([[1, 2, 3]])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        chosen = model.generate(idx, 7, temperature=0)
+        assert len(counts) == 6 and torch.get_num_threads() == 2  # 7 steps: the prefill, then 6 decode steps
+        torch.set_num_threads(1)
+        assert torch.equal(model.generate(idx, 7, temperature=0), chosen) and len(counts) == 6  # one thread: none
+    finally:
+        torch.set_num_threads(threads)
