@@ -1,8 +1,10 @@
 """Shared fixtures: offline hub, the trained model in ../shared (loaded once per run), and small random
 checkpoints written by transformers."""
 
+import math
 import os
 import pickle
+import re
 import runpy
 import subprocess
 import sys
@@ -159,6 +161,36 @@ def assert_same_logits():
             assert torch.allclose(last[:, 0], logits[:, -1], atol=1e-5)  # a 1-row matmul rounds differently
 
     return check
+
+
+@pytest.fixture(scope="session")
+def cache_copies() -> Callable[[str], list[str]]:
+    """copies(code): the lines of one graph's code as Inductor wrote it (torch._inductor.utils.run_and_get_code)
+    that copy a KV cache input or allocate a buffer of a layer's cache shape; none where the compiled pass writes
+    the cache in place. The cache inputs are the graph's inputs of 4 or more dimensions (weights have 1 or 2, ids
+    and positions 2); a layer's shape is their last 4 (sizes may be symbols, in a graph compiled for any shape).
+    In the static case a buffer as large as a layer's cache counts too, whatever its shape."""
+
+    def copies(code: str) -> list[str]:
+        call = code[re.search(r"def call\(", code).start():]  # the wrapper that runs the kernels, after them
+        inputs = dict(re.findall(r"assert_size_stride\((arg\d+_1), \(([^()]*)\)", call))
+        cache = {name: tuple(d.strip() for d in dims.split(",") if d.strip()) for name, dims in inputs.items()}
+        cache = {name: dims[-4:] for name, dims in cache.items() if len(dims) >= 4}
+        assert cache, "no KV cache input in this graph: is it a pass over the cache?"
+        sizes = [math.prod(map(int, dims)) for dims in cache.values() if all(d.isdigit() for d in dims)]
+        found = []
+        for line in call.splitlines():
+            allocation = re.search(r"= empty_strided\w*\(\(([^()]*)\)", line)
+            if allocation:
+                dims = tuple(d.strip() for d in allocation.group(1).split(",") if d.strip())
+                big = sizes and all(d.isdigit() for d in dims) and math.prod(map(int, dims)) >= min(sizes)
+                if dims in cache.values() or big:
+                    found.append(line.strip())
+            elif "copy_" in line and any(re.search(rf"\b{name}\b", line) for name in cache):
+                found.append(line.strip())
+        return found
+
+    return copies
 
 
 @pytest.fixture(scope="session")

@@ -239,14 +239,25 @@ def test_temperature_zero_is_argmax():
     assert torch.equal(sample_next_token(logits, 0.0, 5, 0.5), logits.argmax(-1))
 
 
-def test_compiled_decode_equals_eager():
-    """compile=True: the decode step compiled over the static cache, prefill compiled for any length."""
+def test_compiled_decode_equals_eager(cache_copies):
+    """compile=True: the decode step compiled over the static cache, prefill compiled for any length. Both write
+    every layer's cache in place: Inductor's code for them (on the CPU here; test_gpu.py on a GPU) allocates no
+    buffer of a layer's cache shape and copies no cache (a cache of one tensor for all layers, written a layer's
+    slice at a time, took 7 such buffers in this 2-layer decode step, and 4 in the prefill)."""
+    from torch._inductor.utils import run_and_get_code
+
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=32, vocab_size=53, n_layer=1, n_head=2, n_embd=16)).eval()
+    model = GPT(GPTConfig(block_size=32, vocab_size=53, n_layer=2, n_head=2, n_embd=16)).eval()
     idx = prompts(2, 6, 53)
     for length in (6, 4):  # a second prompt length reuses the compiled decode step and cache
         expected = model.generate(idx[:, :length], 40, temperature=0)
-        assert torch.equal(model.generate(idx[:, :length], 40, temperature=0, compile=True), expected)
+        if length == 6:  # 6 + 40 positions: window slides too, through the compiled prefill
+            compiled, codes = run_and_get_code(model.generate, idx, 40, temperature=0, compile=True)
+            assert len(codes) == 2  # the prefill and the decode step
+            assert [cache_copies(code) for code in codes] == [[], []]
+        else:
+            compiled = model.generate(idx[:, :length], 40, temperature=0, compile=True)
+        assert torch.equal(compiled, expected)
     options = dict(temperature=1.0, top_k=10, num_samples=2, seed=5)
     assert torch.equal(model.generate(idx[:1], 20, compile=True, **options), model.generate(idx[:1], 20, **options))
 
