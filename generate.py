@@ -157,7 +157,8 @@ def generate_stream(model: GPT, prompts: Prompts, max_new_tokens: int, temperatu
     costs that row a full forward pass over block_size tokens (see Decoder.step).
     """
     stop_tokens = check_generation_args(prompts, max_new_tokens, temperature, top_k, top_p, num_samples,
-                                        model.config.vocab_size, stop_tokens, seed, generator)
+                                        model.config.vocab_size, stop_tokens, seed, generator,
+                                        device=model.transformer.wte.weight.device, generators=generators)
     if generators is not None and (seed is not None or generator is not None):
         raise ValueError("give one of seed, generator and generators, not several")
     rows = list(prompts)  # 1-D id tensors: a [B, T] tensor's rows, or the list of prompts as it is
