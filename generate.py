@@ -122,9 +122,11 @@ def compiled_phases(model: GPT, batch: int, dtype: torch.dtype,
                          "fbgemm's packed products): use compile=False, where their decoding is already fast")
     cache = model._compiled.get("kv_cache")
     if cache is None or cache.k[0].shape[0] != batch or cache.k[0].dtype != dtype or cache.k[0].device != device:
-        model._compiled.pop("kv_cache", None)  # the old cache's memory goes before the new one's is taken
-        cache = KVCache(model.config, batch, model.config.block_size, dtype, device, static=True)
-        model._compiled["kv_cache"] = cache
+        # Both references to the old cache go first (this name's too), so that its memory is free before the new
+        # one's is taken: two caches at once may not fit.
+        cache = model._compiled["kv_cache"] = None
+        cache = model._compiled["kv_cache"] = KVCache(model.config, batch, model.config.block_size, dtype, device,
+                                                      static=True)
     cache.lengths.zero_()
     if "decode_step" not in model._compiled:
         mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs remove per-kernel launches

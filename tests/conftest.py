@@ -1,6 +1,7 @@
 """Shared fixtures: offline hub, the trained model in ../shared (loaded once per run), and small random
 checkpoints written by transformers."""
 
+import gc
 import math
 import os
 import pickle
@@ -8,6 +9,7 @@ import re
 import runpy
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -191,6 +193,26 @@ def cache_copies() -> Callable[[str], list[str]]:
         return found
 
     return copies
+
+
+@pytest.fixture
+def old_cache_alive(monkeypatch) -> list[bool]:
+    """For each KV cache that generation makes from here on, whether an earlier one was still in memory then (after
+    a garbage collection): a new static cache must not be taken while the old one is held."""
+    import generate
+    from model import KVCache
+
+    made, alive = [], []
+
+    class Watched(KVCache):
+        def __init__(self, *args, **kwargs):
+            gc.collect()
+            alive.append(any(ref() is not None for ref in made))
+            super().__init__(*args, **kwargs)
+            made.append(weakref.ref(self.k[0]))
+
+    monkeypatch.setattr(generate, "KVCache", Watched)
+    return alive
 
 
 @pytest.fixture(scope="session")

@@ -263,6 +263,20 @@ def test_compiled_decode_equals_eager(cache_copies):
 
 
 
+def test_a_new_static_cache_is_taken_only_once_the_old_one_is_freed(monkeypatch, old_cache_alive):
+    """compile=True keeps one static cache (block_size long) on the model; a generation of another batch size
+    needs a new one, and the old one's memory must be free first: both at once may not fit. torch.compile is the
+    identity here, so this checks generation's own references; test_gpu.py checks it through compiled CUDA
+    graphs."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: fn)
+    model = GPT(GPTConfig(block_size=16, vocab_size=53, n_layer=1, n_head=2, n_embd=16)).eval()
+    idx = prompts(2, 3, 53)
+    model.generate(idx, 4, compile=True)
+    model.generate(idx, 4, compile=True)  # the same batch: the same cache
+    model.generate(idx[:1], 4, compile=True)  # another batch size: a new cache
+    assert old_cache_alive == [False, False]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The decode step over the KV cache: rows at their own positions, several new positions a step, positions taken back.
 
