@@ -24,7 +24,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Callable, Optional, Sequence
 
-from configurator import UsageError, configure, quiet_startup, run_main
+from cli import quiet_startup, run_main
+from configurator import configure
+from errors import UsageError
 
 if __name__ == "__main__":
     quiet_startup()  # before the slow imports below: Ctrl-C during them ends without a traceback

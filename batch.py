@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
 
-from configurator import Setting, UsageError, convert, read_settings
+from configurator import Setting, convert, read_settings
+from errors import UsageError
 from tokenizer import EOT, EOT_ID
 
 if TYPE_CHECKING:

@@ -40,7 +40,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from configurator import UsageError, configure, quiet_startup, run_main
+from cli import quiet_startup, run_main
+from configurator import configure
+from errors import UsageError
 
 if __name__ == "__main__":
     quiet_startup()  # before torch's import below: Ctrl-C during it ends without a traceback

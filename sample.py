@@ -27,8 +27,9 @@ import time
 from itertools import accumulate
 from typing import TYPE_CHECKING, Optional, TextIO
 
-from configurator import Terminated, UsageError, configure, flush_stdout, quiet_startup, run_main, signals_held, \
-    writing_stdout
+from cli import Terminated, flush_stdout, quiet_startup, run_main, signals_held, writing_stdout
+from configurator import configure
+from errors import UsageError
 
 if __name__ == "__main__":
     quiet_startup()  # before the imports below (and torch's, in main): Ctrl-C during them ends without a traceback

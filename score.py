@@ -27,7 +27,9 @@ import math
 import sys
 from typing import Iterator
 
-from configurator import UsageError, configure, run_main
+from cli import run_main
+from configurator import configure
+from errors import UsageError
 from tokenizer import EOT
 
 # -----------------------------------------------------------------------------

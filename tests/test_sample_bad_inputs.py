@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from configurator import OutputError
+from cli import OutputError
 from model import GPT
 from tokenizer import load_tokenizer
 
