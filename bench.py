@@ -433,9 +433,9 @@ def prompts_file_figures(folder: Path) -> dict:
         looped = time.perf_counter() - began
         print(f"bench.py: (e) {name} prompts, prompts file", file=sys.stderr, flush=True)
         job = batch.SampleJob([batch.Prompt(i, i, t, dict(settings)) for i, t in enumerate(texts, 1)], "bench",
-                              str(scratch / f"{name}.jsonl"), 32, 2048, False)
+                              str(scratch / f"{name}.jsonl"), 32, 2048)
         began = time.perf_counter()
-        batch.sample_prompts(job, model, enc, batch.Ranks(), enc.decode_bytes)
+        batch.sample_prompts(job, model, enc, batch.Ranks())
         batched = time.perf_counter() - began
         figures[name] = dict(lengths=[lo, hi], distinct_lengths=len({len(i) for i in ids}), looped_s=looped,
                              file_s=batched, speedup=looped / batched)
@@ -572,7 +572,7 @@ def quantize_kinds() -> list[str]:
 def check_settings() -> tuple[list[int], list[int], list[str]]:
     """Every setting checked before anything slow runs, as sample.py does; the batch sizes, the slow ones, and the
     dtypes."""
-    from sample import pick_device
+    from runtime import pick_device
 
     at_least = dict(prompt_len=1, new_tokens=2, repeats=1, bandwidth_mb=1, workload_samples=1, workload_tokens=1,
                     n_layer=1, n_head=1, n_embd=1, vocab_size=1, block_size=1)
