@@ -25,7 +25,7 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
-from configurator import UsageError
+from errors import UsageError
 
 
 HUB_NAMES = {

@@ -21,7 +21,7 @@ from typing import Iterable, Optional, Union
 import tiktoken
 from tiktoken_ext.openai_public import r50k_pat_str
 
-from configurator import UsageError
+from errors import UsageError
 
 # GPT-2's pre-tokenizer split in tiktoken's own form: possessive, so a long run of spaces cannot exhaust the regex
 # engine's stack as the textbook form's backtracking does.

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save, save_file
 
-from configurator import UsageError
+from errors import UsageError
 from load import LoadError, expected_shapes, read_checkpoint
 from model import GPT, GPTConfig
 
