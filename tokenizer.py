@@ -11,21 +11,31 @@ checked before tiktoken is given it: a broken one is a TokenizerError that names
 """
 
 import base64
+import functools
 import io
 import json
 import os
 import pickle
+import re
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import AbstractSet, Callable, Collection, Iterable, Literal, Optional, Union
 
 import tiktoken
+from tiktoken_ext import openai_public
 from tiktoken_ext.openai_public import r50k_pat_str
 
 from configurator import UsageError
 
-# GPT-2's pre-tokenizer split in tiktoken's own form: possessive, so a long run of spaces cannot exhaust the regex
-# engine's stack as the textbook form's backtracking does.
+# GPT-2's pre-tokenizer split in tiktoken's own form: possessive, so a text that ends in a long run of spaces cannot
+# exhaust the regex engine's stack as the textbook form's backtracking does. A long run with text after it still
+# can: GPT2Encoding cuts such runs off before tiktoken sees them.
 GPT2_SPLIT = r50k_pat_str
+# Unicode's White_Space characters: what \s matches in tiktoken's regex engine (a test holds the two together on
+# every code point; Python's own \s differs, taking U+001C to U+001F as well).
+WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+# A whole run of 10,000 or more (the lookbehind starts it only at a run's first character, so the search is linear):
+# far below the engine's limit, about a million, and far above the runs of real text.
+LONG_WHITESPACE = re.compile(f"(?<![{WHITESPACE}])[{WHITESPACE}]{{10000,}}")
 EOT = "<|endoftext|>"
 EOT_ID = 50256  # also the number of GPT-2's byte-pair ranks: <|endoftext|> is the id after them
 TIKTOKEN_FILE_ENV = "GPT2_TIKTOKEN_FILE"
@@ -63,6 +73,51 @@ class CharTokenizer:
         return "".join(self.itos[t] for t in tokens)
 
 
+class GPT2Encoding(tiktoken.Encoding):
+    r"""tiktoken's encoding of GPT-2, which stays the encoder, given the text in pieces cut at long runs of
+    whitespace. tiktoken's pattern matches a run that other text follows (\s+(?!\S)) by backtracking, a
+    character at a time on its regex engine's stack, which overflows near a million characters: encode raises a
+    ValueError, encode_ordinary panics past any except. (encode_batch and encode_ordinary_batch call these two.)
+
+    Why the ids stay the same. Take a whole run of two or more whitespace characters, s to e, and other text at e.
+    A match of the pattern starts at s (no match that holds other text runs on into whitespace after it), and it is \s+(?!\S)
+    over s to e-1, all of the run but its last character: the alternatives before it need other text at s or
+    s+1, and \s++$ is not at the end. So e-1 ends a match. The text from e-1 on splits alone as it did in the
+    whole, since the pattern has no lookbehind; the text up to e-1 ends in s to e-1, which \s++$ takes whole,
+    the same piece, and every match before s still sees whitespace at s. Before an allowed <|endoftext|> at e,
+    tiktoken's piece of ordinary text ends at e, and \s++$ takes the whole run: the cut goes at e instead. Tests
+    compare the ids with tiktoken's own on random texts cut at every run of two or more."""
+
+    source: Optional[Path] = None  # the vocab.json it was read from, for messages; None for GPT-2's own files
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return joined(super().encode_ordinary, whitespace_cuts(text, eot_allowed=False))
+
+    def encode(self, text: str, *, allowed_special: Union[Literal["all"], AbstractSet[str]] = frozenset(),
+               disallowed_special: Union[Literal["all"], Collection[str]] = "all") -> list[int]:
+        eot_allowed = allowed_special == "all" or EOT in allowed_special
+        encode = functools.partial(super().encode, allowed_special=allowed_special,
+                                   disallowed_special=disallowed_special)
+        return joined(encode, whitespace_cuts(text, eot_allowed))
+
+
+def whitespace_cuts(text: str, eot_allowed: bool) -> list[str]:
+    """text cut after every long run of whitespace that other text follows: before its last character, or after
+    it where an allowed <|endoftext|> follows (GPT2Encoding says why the ids stay the same)."""
+    cuts = []
+    for run in LONG_WHITESPACE.finditer(text):
+        end = run.end()
+        if end < len(text):
+            cuts.append(end if eot_allowed and text.startswith(EOT, end) else end - 1)
+    return [text[start:end] for start, end in zip([0, *cuts], [*cuts, len(text)])]
+
+
+def joined(encode: Callable[[str], list[int]], pieces: list[str]) -> list[int]:
+    if len(pieces) == 1:
+        return encode(pieces[0])
+    return [token for piece in pieces for token in encode(piece)]
+
+
 def load_tokenizer(model_folder: Optional[Path] = None,
                    tiktoken_file: Optional[str] = None) -> Union[tiktoken.Encoding, CharTokenizer]:
     """The model's tokenizer. A nanoGPT character-level checkpoint's meta.pkl comes first (no GPT-2 source could
@@ -85,7 +140,7 @@ def load_tokenizer(model_folder: Optional[Path] = None,
     if cached is not None:
         return gpt2_encoding(ranks_from_vocab(cached))
     try:
-        return tiktoken.get_encoding("gpt2")
+        return gpt2_encoding(openai_public.gpt2()["mergeable_ranks"])  # what tiktoken.get_encoding("gpt2") reads
     except Exception as e:  # tiktoken raises whatever its HTTP client raised
         raise TokenizerError(
             f"could not download GPT-2's tokenizer files ({type(e).__name__}) and the model folder has no "
@@ -105,8 +160,10 @@ def check_fits(enc: Union[tiktoken.Encoding, CharTokenizer], vocab_size: int) ->
                              f"they do not belong together ({hint})")
 
 
-def gpt2_encoding(ranks: dict[bytes, int]) -> tiktoken.Encoding:
-    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_SPLIT, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
+def gpt2_encoding(ranks: dict[bytes, int], source: Optional[Path] = None) -> GPT2Encoding:
+    enc = GPT2Encoding(name="gpt2", pat_str=GPT2_SPLIT, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
+    enc.source = source
+    return enc
 
 
 def read_bytes(file: Path, what: str, fix: str) -> bytes:
@@ -204,10 +261,12 @@ def byte_to_unicode() -> dict[int, str]:
 
 def hub_cached_vocab() -> Optional[Path]:
     """GPT-2's vocab.json from huggingface_hub's cache, if any GPT-2 repository is there (they share one)."""
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import constants, try_to_load_from_cache
 
-    from load import HUB_NAMES
+    from load import HUB_NAMES, home_problem
 
+    if home_problem(constants.HF_HUB_CACHE) is not None:  # the cache is in a home folder that cannot be found
+        return None
     for repo in (*HUB_NAMES.values(), *HUB_NAMES):  # 'gpt2' and the others are also cached under their old ids
         found = try_to_load_from_cache(repo, "vocab.json")
         if isinstance(found, str):

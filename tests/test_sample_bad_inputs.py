@@ -153,6 +153,22 @@ def test_compile_with_int8_is_refused(sample):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Prompts that tiktoken's regex engine cannot split by itself
+
+
+@pytest.mark.parametrize("run", [" ", "\n\t\u3000"], ids=["spaces", "mixed"])
+def test_a_million_whitespace_characters_mid_prompt(sample, tmp_path, run):
+    """Once 'Regex error while tokenizing: Max stack size exceeded for backtracking' and exit status 1."""
+    prompt = run * (1_000_000 // len(run)) + "x"
+    (tmp_path / "prompt.txt").write_text(prompt)
+    for start in (prompt, f"FILE:{tmp_path / 'prompt.txt'}"):
+        status, out, err = sample(f"--start={start}", "--max_new_tokens=2", "--seed=0")
+        assert status == 0 and "Traceback" not in err, err[-2000:]
+        assert "longer than the model's context of 64: keeping its last 64" in err
+        assert out.endswith(SEPARATOR) and out.count(SEPARATOR) == 10 and "x" in out
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Output streams
 
 

@@ -3,11 +3,15 @@ its offline sources, on text that stresses the byte-pair encoding and the pre-to
 
 import json
 import pickle
+import random
+import re
 from pathlib import Path
 
 import pytest
+import regex
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
+from tiktoken_ext import openai_public
 from tiktoken_ext.openai_public import r50k_pat_str
 
 import tokenizer
@@ -93,10 +97,10 @@ def test_missing_rank_file_is_a_tokenizer_error(tmp_path):
 def test_no_source_at_all_says_how_to_provide_one(tmp_path, monkeypatch):
     monkeypatch.delenv(tokenizer.TIKTOKEN_FILE_ENV, raising=False)
 
-    def offline(name):
+    def offline():
         raise ConnectionError("network unreachable")
 
-    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    monkeypatch.setattr(openai_public, "gpt2", offline)  # what tiktoken.get_encoding("gpt2") would call
     with pytest.raises(TokenizerError, match="--tiktoken_file"):
         load_tokenizer(tmp_path)
 
@@ -111,6 +115,99 @@ def test_split_pattern_is_tiktokens_own_and_survives_a_million_spaces(encoding, 
     ids = encoding.encode(text)
     assert encoding.decode(ids) == text
     assert encoding.encode("The end." + " " * 2000 + "\n") == reference.encode("The end." + " " * 2000 + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Long runs of whitespace anywhere: tiktoken's regex engine overflows its stack on a run of about a million that
+# other text follows; GPT2Encoding cuts the text there first, and must give the ids the pattern means
+
+
+def pattern_ids(reference: tiktoken.Encoding, text: str) -> list[int]:
+    """The ids the pattern means, found without tiktoken's regex engine: the text split by the regex module (which
+    keeps its backtracking on the heap) and each piece encoded alone (a piece splits as itself)."""
+    parts = [[t for piece in regex.findall(r50k_pat_str, part) for t in reference.encode_ordinary(piece)]
+             for part in text.split(EOT)]
+    return parts[0] + [t for part in parts[1:] for t in [EOT_ID, *part]]
+
+
+def test_the_pattern_oracle_is_tiktoken(reference):
+    for text in TEXTS + [" " * 5000 + "x", "a\n\n\t " * 300 + "\u3000" * 700 + "!"]:
+        assert pattern_ids(reference, text) == reference.encode(text, allowed_special={EOT})
+
+
+def test_whitespace_is_what_the_regex_engine_calls_whitespace():
+    """tokenizer.WHITESPACE against \\s in tiktoken's own regex engine, on every code point: an encoding that
+    splits out only whitespace (its pattern is \\s; text it does not match is dropped) and has a token per byte."""
+    spaces_only = tiktoken.Encoding(name="spaces", pat_str=r"\s", special_tokens={},
+                                    mergeable_ranks={bytes([b]): b for b in range(256)})
+    every_character = "".join(map(chr, [*range(0xD800), *range(0xE000, 0x110000)]))  # no surrogates: not text
+    engine = spaces_only.decode(spaces_only.encode_ordinary(every_character))
+    assert engine == "".join(re.findall(f"[{tokenizer.WHITESPACE}]", every_character))
+    assert len(engine) == 25 and "\x1c" not in engine and "\u200b" not in engine  # Python's \s would take U+001C
+
+
+RUNS = {"spaces": " ", "tabs": "\t", "newlines": "\n", "crlf": "\r\n", "ideographic": "\u3000", "nbsp": "\xa0",
+        "mixed": " \t\n\u2028\x0b\x0c\x85\u1680\u2000\u202f\u205f\r"}
+
+
+@pytest.fixture(scope="module")
+def gpt2(trained_dir) -> tokenizer.GPT2Encoding:
+    return load_tokenizer(trained_dir)
+
+
+def test_every_source_cuts_long_runs(encoding, monkeypatch):
+    monkeypatch.delenv(tokenizer.TIKTOKEN_FILE_ENV, raising=False)
+    monkeypatch.setattr(openai_public, "gpt2", lambda: {"mergeable_ranks": encoding._mergeable_ranks})  # downloaded
+    assert isinstance(encoding, tokenizer.GPT2Encoding) and isinstance(load_tokenizer(), tokenizer.GPT2Encoding)
+    assert encoding.encode(" " * 1_000_000 + "x")[-2:] == [220, 2124]  # ' ', ' x'
+
+
+@pytest.mark.parametrize("run", RUNS.values(), ids=RUNS.keys())
+def test_long_runs_anywhere_give_tiktokens_ids(gpt2, reference, run):
+    """Runs about the length where the text is cut (10,000), which tiktoken itself can still encode whole."""
+    encoding = gpt2
+    for length in (9_999, 10_000, 10_001, 25_000):
+        ws = (run * length)[:length]
+        for text in [ws + "x", "x" + ws + "y", "a" + ws + " b", ws, "x" + ws, "1" + ws + "2", "!" + ws + "'s",
+                     "é" + ws + "😀", ws + EOT + ws + "x", "x" + ws + "\n" + ws + "é", ws + " " + ws + EOT]:
+            ids = encoding.encode(text, allowed_special={EOT})
+            assert ids == reference.encode(text, allowed_special={EOT})
+            assert encoding.encode_ordinary(text) == reference.encode_ordinary(text)
+            assert encoding.encode(text, disallowed_special=()) == reference.encode(text, disallowed_special=())
+            assert encoding.decode(ids) == text
+
+
+def test_cuts_at_every_run_give_tiktokens_ids(shared_dir, reference, monkeypatch):
+    """The cut made at every run of two or more, on random texts of whitespace of every kind (and characters that
+    Python but not the regex engine calls whitespace), letters, digits, punctuation, contractions, surrogates and
+    <|endoftext|>: every way of encoding gives tiktoken's ids."""
+    enc = load_tokenizer(tiktoken_file=str(shared_dir / "gpt2.tiktoken"))
+    ws = tokenizer.WHITESPACE
+    monkeypatch.setattr(tokenizer, "LONG_WHITESPACE", re.compile(f"(?<![{ws}])[{ws}]{{2,}}"))
+    alphabet = [" ", " ", " ", "\t", "\n", "\r", "\u3000", "\xa0", "\x85", "\u2028", "\x1c", "\u200b", "a", "Z", "é",
+                "日", "1", "²", "!", "-", "'", "s", "ll", EOT, "<|", "😀", "\ud83d", "\ude00"]
+    rng, cut = random.Random(0), 0
+    for _ in range(1500):
+        text = "".join(rng.choices(alphabet, k=rng.randint(0, 24)))
+        cut += len(tokenizer.whitespace_cuts(text, eot_allowed=True)) > 1
+        for kwargs in ({"allowed_special": {EOT}}, {"allowed_special": "all"}, {"disallowed_special": ()}):
+            assert enc.encode(text, **kwargs) == reference.encode(text, **kwargs), (text, kwargs)
+        assert enc.encode_ordinary(text) == reference.encode_ordinary(text), text
+        assert enc.encode_batch([text, text[::-1]], allowed_special="all") == \
+            reference.encode_batch([text, text[::-1]], allowed_special="all")
+        if EOT in text:
+            with pytest.raises(ValueError, match="disallowed special token"):
+                enc.encode(text)
+    assert cut > 750  # most texts were cut: the test exercises the cuts
+
+
+@pytest.mark.parametrize("run", [" ", "\n", " \t\u3000\r\n"], ids=["spaces", "newlines", "mixed"])
+def test_a_million_whitespace_characters_anywhere(gpt2, reference, run):
+    ws = run * (1_000_000 // len(run))
+    assert gpt2.encode(ws + "x") == pattern_ids(reference, ws + "x")
+    assert gpt2.encode_ordinary("The start." + ws + "the end") == pattern_ids(reference, "The start." + ws + "the end")
+    text = "1" + ws + EOT + ws + "x"
+    assert gpt2.encode(text, allowed_special={EOT}) == pattern_ids(reference, text)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -202,10 +299,10 @@ def test_no_argument_reads_gpt2_from_the_hub_cache_offline(tmp_path, monkeypatch
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # as $HF_HUB_CACHE at start-up sets it
     monkeypatch.delenv(tokenizer.TIKTOKEN_FILE_ENV, raising=False)
 
-    def offline(name):
+    def offline():
         raise ConnectionError("network unreachable")
 
-    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    monkeypatch.setattr(openai_public, "gpt2", offline)  # what tiktoken.get_encoding("gpt2") would call
     enc = load_tokenizer()
     assert enc.encode("Hello world") == [15496, 995] and enc.eot_token == EOT_ID
 
