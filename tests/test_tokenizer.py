@@ -6,6 +6,7 @@ import pickle
 import random
 import re
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import regex
@@ -381,3 +382,151 @@ def test_a_tokenizer_must_fit_the_models_vocabulary(tmp_path, shared_dir, char_c
     with pytest.raises(TokenizerError, match=r"meta.pkl's characters has 65 tokens, but the model's vocabulary has "
                                              r"50,304: .*belongs to another model"):
         tokenizer.check_fits(chars, 50304)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A tokenizer that disagrees with itself (vocab.json against merges.txt) or with the model (its vocab_size)
+
+
+def small_pair(folder: Path, merges: list[str], vocab: dict, header: str = "#version: 0.2\n",
+               newline: str = "\n") -> Path:
+    """folder with a vocab.json of the 256 bytes and the tokens given, and a merges.txt of the lines given."""
+    folder.mkdir(exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(gpt2_bytes_vocab(**vocab)))
+    (folder / "merges.txt").write_text(header + "".join(line + newline for line in merges), newline="")
+    return folder
+
+
+GOOD_MERGES, GOOD_VOCAB = ["a b", "ab c"], {"ab": 256, "abc": 257, EOT: 258}
+
+MERGE_CASES = {  # each class of disagreement: (merges.txt's lines, vocab.json's tokens past the bytes, message)
+    "vocab_has_tokens_no_merge_makes": (GOOD_MERGES, {"ab": 256, "abc": 257, "zz": 258, EOT: 259},
+                                        r"vocab.json holds 259 tokens besides <\|endoftext\|>, and .*merges.txt has 2 "
+                                        r"merges, which with the 256 bytes make 258: one of the two is cut short"),
+    "vocab_cut_short": (GOOD_MERGES, {"ab": 256, EOT: 257}, r"holds 257 tokens besides .* make 258"),
+    "merges_cut_short": (GOOD_MERGES[:1], GOOD_VOCAB, r"holds 258 tokens besides .* has 1 merges, .* make 257"),
+    "merge_names_a_token_the_vocab_lacks": (["a b", "xy c"], {"ab": 256, "xyc": 257, EOT: 258},
+                                            r"merges.txt, line 3: it merges 'xy', which vocab.json lacks: .*vocab.json "
+                                            r"and .*merges.txt disagree"),
+    "merge_makes_a_token_the_vocab_lacks": (GOOD_MERGES, {"ab": 256, "abd": 257, EOT: 258},
+                                            r"line 3: it makes 'abc', which vocab.json lacks"),
+    "ids_out_of_merge_order": (GOOD_MERGES, {"ab": 257, "abc": 256, EOT: 258},
+                               r"line 2: it makes 'ab', whose id is 257, and GPT-2's layout gives merge 0 the id 256"),
+    "merge_of_a_token_made_later": (["ab c", "a b"], {"abc": 256, "ab": 257, EOT: 258},
+                                    r"line 2: it merges 'ab', whose id 257 is not below the merge's own 256"),
+    "not_two_tokens": (["a b", "ab c d"], GOOD_VOCAB, r"line 3: 'ab c d' is not two tokens separated by a space"),
+    "empty_line": (["a b", "", "ab c"], {"ab": 256, "xx": 257, "abc": 258, EOT: 259}, r"line 3: '' is not two tokens"),
+}
+
+
+@pytest.mark.parametrize("merges, vocab, message", MERGE_CASES.values(), ids=MERGE_CASES.keys())
+def test_vocab_and_merges_that_disagree(tmp_path, monkeypatch, merges, vocab, message):
+    monkeypatch.delenv(tokenizer.TIKTOKEN_FILE_ENV, raising=False)
+    folder = small_pair(tmp_path, merges, vocab)
+    with pytest.raises(TokenizerError, match=message) as refused:
+        load_tokenizer(folder)
+    assert "restore both from the model's repository" in str(refused.value)
+
+
+@pytest.mark.parametrize("header, newline", [("#version: 0.2\n", "\n"), ("", "\n"), ("#version: 0.2\r\n", "\r\n")])
+def test_a_pair_that_agrees_is_read_with_or_without_header_and_crlf(tmp_path, monkeypatch, header, newline):
+    monkeypatch.delenv(tokenizer.TIKTOKEN_FILE_ENV, raising=False)
+    enc = load_tokenizer(small_pair(tmp_path, GOOD_MERGES, GOOD_VOCAB, header, newline))
+    assert enc.encode("abc ab a") == [257, ord(" "), 256, ord(" "), ord("a")] and enc.n_vocab == 259
+
+
+def test_a_merges_file_that_is_not_text_or_not_a_file(tmp_path, monkeypatch):
+    monkeypatch.delenv(tokenizer.TIKTOKEN_FILE_ENV, raising=False)
+    folder = small_pair(tmp_path, GOOD_MERGES, GOOD_VOCAB)
+    (folder / "merges.txt").write_bytes(b"#version: 0.2\na b\n\xff\xfe c\n")
+    with pytest.raises(TokenizerError, match=r"merges.txt is not UTF-8 text"):
+        load_tokenizer(folder)
+    (folder / "merges.txt").unlink()
+    (folder / "merges.txt").mkdir()
+    with pytest.raises(TokenizerError, match=r"tokenizer merges .*merges.txt is a directory"):
+        load_tokenizer(folder)
+
+
+def model_folder(folder: Path, trained_dir: Path, vocab_size: int, vocab: Optional[dict] = None,
+                 merges: bool = True) -> Path:
+    """A model folder as load_tokenizer sees one: config.json (vocab_size as given), vocab.json (GPT-2's, or the
+    map given) and GPT-2's merges.txt (or none). No weights: the tokenizer reads only the config."""
+    folder.mkdir()
+    config = json.loads((trained_dir / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": vocab_size}))
+    (folder / "vocab.json").write_text(json.dumps(vocab) if vocab else (trained_dir / "vocab.json").read_text())
+    if merges:
+        (folder / "merges.txt").write_bytes((trained_dir / "merges.txt").read_bytes())
+    return folder
+
+
+def first_of_gpt2_vocab(trained_dir: Path, n: int) -> dict:
+    return dict(list(json.loads((trained_dir / "vocab.json").read_text()).items())[:n])
+
+
+def test_gpt2_vocab_cut_to_a_thousand_tokens_beside_gpt2_merges(tmp_path, trained_dir, monkeypatch):
+    """The issue's case: once accepted, and samples decoded to garbage."""
+    monkeypatch.delenv(tokenizer.TIKTOKEN_FILE_ENV, raising=False)
+    folder = model_folder(tmp_path / "m", trained_dir, 50257, first_of_gpt2_vocab(trained_dir, 1000))
+    with pytest.raises(TokenizerError, match=r"vocab.json holds 1,000 tokens besides <\|endoftext\|>, and .*merges.txt "
+                                             r"has 50,000 merges, which with the 256 bytes make 50,256"):
+        load_tokenizer(folder)
+
+
+@pytest.mark.parametrize("vocab_size, tokens, message", [
+    (50257, 1000, r"the tokenizer in .*vocab.json has 1,001 tokens, but the model's vocabulary has 50,257: they do "
+                  r"not belong together \(the model has embeddings for 49,256 tokens it lacks: a vocab.json cut short"),
+    (50000, None, r"the tokenizer in .*vocab.json has 50,257 tokens, but the model's vocabulary has 50,000: .*its own "
+                  r"vocab.json"),
+    (60000, None, r"has 50,257 tokens, but the model's vocabulary has 60,000: .*embeddings for 9,743 tokens it lacks"),
+    (50258, None, r"has 50,257 tokens, but the model's vocabulary has 50,258"),  # one more token: not padding
+])
+def test_a_vocabulary_of_another_size_than_the_models(tmp_path, trained_dir, monkeypatch, vocab_size, tokens,
+                                                      message):
+    """A vocab.json alone (no merges.txt to hold it against), or GPT-2's whole, beside a model of another size."""
+    monkeypatch.delenv(tokenizer.TIKTOKEN_FILE_ENV, raising=False)
+    vocab = None if tokens is None else {**first_of_gpt2_vocab(trained_dir, tokens), EOT: tokens}
+    folder = model_folder(tmp_path / "m", trained_dir, vocab_size, vocab, merges=tokens is None)
+    with pytest.raises(TokenizerError, match=message):
+        load_tokenizer(folder)
+
+
+@pytest.mark.parametrize("vocab_size", [50257, 50264, 50304, 50432])
+def test_gpt2_files_fit_the_model_and_its_padding(tmp_path, trained_dir, monkeypatch, vocab_size):
+    """GPT-2's own files fit a model of 50,257 tokens, or of that rounded up to a multiple of 8, 64 (nanoGPT) or
+    128 (Megatron-LM)."""
+    monkeypatch.delenv(tokenizer.TIKTOKEN_FILE_ENV, raising=False)
+    enc = load_tokenizer(model_folder(tmp_path / "m", trained_dir, vocab_size))
+    assert enc.encode("Hello world") == [15496, 995] and enc.source == tmp_path / "m" / "vocab.json"
+    tokenizer.check_fits(enc, vocab_size)
+
+
+def test_padding_is_rounding_up_to_a_power_of_two_of_at_least_8():
+    assert tokenizer.padded(50257, 50304) and tokenizer.padded(50257, 50264) and tokenizer.padded(50257, 50432)
+    assert tokenizer.padded(1001, 1024) and tokenizer.padded(65, 72)
+    assert not tokenizer.padded(50257, 50258) and not tokenizer.padded(50257, 50305)
+    assert not tokenizer.padded(1001, 50257)
+    assert not tokenizer.padded(50257, 50257) and not tokenizer.padded(50257, 50256)
+
+
+
+def test_a_small_model_without_a_vocabulary_of_its_own_is_refused_before_any_gpt2_source(
+        tmp_path, trained_dir, char_checkpoint, monkeypatch):
+    """No GPT-2 source could fit a model of fewer tokens: none is tried (offline, a download would fail and the
+    message would be about that), and the message says what the model needs."""
+    monkeypatch.delenv(tokenizer.TIKTOKEN_FILE_ENV, raising=False)
+
+    def no_download():
+        raise AssertionError("GPT-2's files were asked for")
+
+    monkeypatch.setattr(openai_public, "gpt2", no_download)
+    monkeypatch.setattr(tokenizer, "hub_cached_vocab", no_download)
+    checkpoint = char_checkpoint(tmp_path / "char", meta=None)
+    with pytest.raises(TokenizerError, match=r"char is a model of 65 tokens, fewer than GPT-2's 50,257: a "
+                                             r"character-level nanoGPT model .*needs the meta.pkl .*copy it beside"):
+        load_tokenizer(checkpoint.parent)
+    folder = model_folder(tmp_path / "hf", trained_dir, 1000)
+    (folder / "vocab.json").unlink()
+    with pytest.raises(TokenizerError, match=r"hf's vocabulary has 1,000 tokens, fewer than GPT-2's 50,257, and the "
+                                             r"folder has no vocab.json: .*own vocab.json and merges.txt there"):
+        load_tokenizer(folder)
