@@ -34,9 +34,9 @@ GPT2_SPLIT = r50k_pat_str
 # Unicode's White_Space characters: what \s matches in tiktoken's regex engine (a test holds the two together on
 # every code point; Python's own \s differs, taking U+001C to U+001F as well).
 WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-# A whole run of 10,000 or more (the lookbehind starts it only at a run's first character, so the search is linear):
-# far below the engine's limit, about a million, and far above the runs of real text.
-LONG_WHITESPACE = re.compile(f"(?<![{WHITESPACE}])[{WHITESPACE}]{{10000,}}")
+# Runs of whitespace this long or longer are cut off (GPT2Encoding): far below the regex engine's limit, about a
+# million, and far above the runs of real text.
+LONG_RUN = 10_000
 EOT = "<|endoftext|>"
 EOT_ID = 50256  # also the number of GPT-2's byte-pair ranks: <|endoftext|> is the id after them
 TIKTOKEN_FILE_ENV = "GPT2_TIKTOKEN_FILE"
@@ -105,8 +105,15 @@ class GPT2Encoding(tiktoken.Encoding):
 def whitespace_cuts(text: str, eot_allowed: bool) -> list[str]:
     """text cut after every long run of whitespace that other text follows: before its last character, or after
     it where an allowed <|endoftext|> follows (GPT2Encoding says why the ids stay the same)."""
+    # A run of LONG_RUN or more holds a whole block of LONG_RUN // 2 that starts at a multiple of it: only a text with
+    # such a block of whitespace (by str.isspace, which takes a few more characters) is searched, so that prose
+    # costs a few slices, not a regular expression's pass over every character.
+    block = max(1, LONG_RUN // 2)
+    if not any(text[i:i + block].isspace() for i in range(0, len(text), block)):
+        return [text]
     cuts = []
-    for run in LONG_WHITESPACE.finditer(text):
+    whole_runs = re.compile(f"(?<![{WHITESPACE}])[{WHITESPACE}]{{{LONG_RUN},}}")  # from a run's start only: linear
+    for run in whole_runs.finditer(text):
         end = run.end()
         if end < len(text):
             cuts.append(end if eot_allowed and text.startswith(EOT, end) else end - 1)

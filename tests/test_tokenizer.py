@@ -145,6 +145,7 @@ def test_whitespace_is_what_the_regex_engine_calls_whitespace():
     engine = spaces_only.decode(spaces_only.encode_ordinary(every_character))
     assert engine == "".join(re.findall(f"[{tokenizer.WHITESPACE}]", every_character))
     assert len(engine) == 25 and "\x1c" not in engine and "\u200b" not in engine  # Python's \s would take U+001C
+    assert engine.isspace()  # whitespace_cuts looks for long runs with str.isspace first: it must not miss one
 
 
 RUNS = {"spaces": " ", "tabs": "\t", "newlines": "\n", "crlf": "\r\n", "ideographic": "\u3000", "nbsp": "\xa0",
@@ -178,13 +179,24 @@ def test_long_runs_anywhere_give_tiktokens_ids(gpt2, reference, run):
             assert encoding.decode(ids) == text
 
 
+@pytest.mark.parametrize("offset", [0, 1, 4_999, 5_000, 5_001, 9_999, 10_000])
+def test_every_run_of_ten_thousand_is_cut_wherever_it_starts(offset):
+    """whitespace_cuts looks for whole blocks of 5,000 whitespace characters first: a run of 10,000 holds one
+    wherever it starts; one of 9,999 is left whole."""
+    text = "x" * offset + "\u3000\t" * 5_000 + "y" + " " * 9_999 + "z"
+    assert [len(piece) for piece in tokenizer.whitespace_cuts(text, eot_allowed=True)] == [offset + 9_999, 10_002]
+    assert [len(piece) for piece in tokenizer.whitespace_cuts(text + EOT, eot_allowed=True)] == [offset + 9_999, 10_015]
+    text = "x" * offset + " " * 10_000 + EOT + " " * 10_000
+    assert [len(piece) for piece in tokenizer.whitespace_cuts(text, eot_allowed=True)] == [offset + 10_000, 10_013]
+    assert [len(piece) for piece in tokenizer.whitespace_cuts(text, eot_allowed=False)] == [offset + 9_999, 10_014]
+
+
 def test_cuts_at_every_run_give_tiktokens_ids(shared_dir, reference, monkeypatch):
     """The cut made at every run of two or more, on random texts of whitespace of every kind (and characters that
     Python but not the regex engine calls whitespace), letters, digits, punctuation, contractions, surrogates and
     <|endoftext|>: every way of encoding gives tiktoken's ids."""
     enc = load_tokenizer(tiktoken_file=str(shared_dir / "gpt2.tiktoken"))
-    ws = tokenizer.WHITESPACE
-    monkeypatch.setattr(tokenizer, "LONG_WHITESPACE", re.compile(f"(?<![{ws}])[{ws}]{{2,}}"))
+    monkeypatch.setattr(tokenizer, "LONG_RUN", 2)
     alphabet = [" ", " ", " ", "\t", "\n", "\r", "\u3000", "\xa0", "\x85", "\u2028", "\x1c", "\u200b", "a", "Z", "é",
                 "日", "1", "²", "!", "-", "'", "s", "ll", EOT, "<|", "😀", "\ud83d", "\ude00"]
     rng, cut = random.Random(0), 0
