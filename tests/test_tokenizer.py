@@ -168,7 +168,7 @@ def test_every_source_cuts_long_runs(encoding, monkeypatch):
 def test_long_runs_anywhere_give_tiktokens_ids(gpt2, reference, run):
     """Runs about the length where the text is cut (10,000), which tiktoken itself can still encode whole."""
     encoding = gpt2
-    for length in (9_999, 10_000, 10_001, 25_000):
+    for length in (9_999, 10_000, 10_001):
         ws = (run * length)[:length]
         for text in [ws + "x", "x" + ws + "y", "a" + ws + " b", ws, "x" + ws, "1" + ws + "2", "!" + ws + "'s",
                      "é" + ws + "😀", ws + EOT + ws + "x", "x" + ws + "\n" + ws + "é", ws + " " + ws + EOT]:
