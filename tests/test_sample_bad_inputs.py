@@ -5,6 +5,7 @@ run real processes; the rest runs in process (see conftest's run_script)."""
 
 import contextlib
 import io
+import json
 import os
 import pty
 import select
@@ -125,6 +126,51 @@ def test_not_even_one_sample_fits(small_dir, monkeypatch, capsys):
 
 def test_compile_with_int8_is_refused(sample):
     refused(sample("--compile=True", "--quantize=int8"), "--compile=True does not take --quantize")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompts that tiktoken's regex engine cannot split by itself
+
+
+@pytest.mark.parametrize("run", [" ", "\n\t\u3000"], ids=["spaces", "mixed"])
+def test_a_million_whitespace_characters_mid_prompt(sample, tmp_path, run):
+    """Once 'Regex error while tokenizing: Max stack size exceeded for backtracking' and exit status 1."""
+    prompt = run * (1_000_000 // len(run)) + "x"
+    (tmp_path / "prompt.txt").write_text(prompt)
+    for start in (prompt, f"FILE:{tmp_path / 'prompt.txt'}"):
+        status, out, err = sample(f"--start={start}", "--max_new_tokens=2", "--seed=0")
+        assert status == 0 and "Traceback" not in err, err[-2000:]
+        assert "longer than the model's context of 64: keeping its last 64" in err
+        assert out.endswith(SEPARATOR) and out.count(SEPARATOR) == 10 and "x" in out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizers that do not belong to the model
+
+
+def test_a_vocab_json_cut_short_beside_gpt2s_merges(run_script, tmp_path, small_dir, monkeypatch):
+    """Once accepted, with samples decoded to garbage ('Hello� can be� to')."""
+    monkeypatch.delenv("GPT2_TIKTOKEN_FILE", raising=False)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for file in small_dir.iterdir():
+        (folder / file.name).symlink_to(file)
+    (folder / "vocab.json").unlink()
+    vocab = json.loads((small_dir / "vocab.json").read_text())
+    (folder / "vocab.json").write_text(json.dumps(dict(list(vocab.items())[:1000])))
+    refused(run_script("sample.py", f"--init_from={folder}", "--start=Hello"),
+            f"{folder / 'vocab.json'} holds 1,000 tokens besides <|endoftext|>, and {folder / 'merges.txt'} has "
+            f"50,000 merges, which with the 256 bytes make 50,256")
+
+
+def test_a_character_level_model_without_its_meta_pkl_offline(run_script, tmp_path, char_checkpoint, monkeypatch):
+    """Once a message about failing to download GPT-2's tokenizer: the missing meta.pkl comes first now."""
+    monkeypatch.delenv("GPT2_TIKTOKEN_FILE", raising=False)
+    checkpoint = char_checkpoint(tmp_path / "out-shakespeare-char", meta=None)
+    refused(run_script("sample.py", f"--init_from={checkpoint}", "--start=ROMEO:"),
+            f"{checkpoint} is a model of 65 tokens, fewer than GPT-2's 50,257: a character-level nanoGPT model "
+            f"(shakespeare_char's has 65), which needs the meta.pkl that nanoGPT's prepare.py wrote for its data. "
+            f"There is none ({checkpoint.parent / 'meta.pkl'}, {tmp_path / 'meta.pkl'}, ")
 
 
 # ---------------------------------------------------------------------------------------------------------------
