@@ -52,6 +52,10 @@ def pick_device(name: str) -> torch.device:
             raise UsageError(f"--device={name} but CUDA is not available here: use --device=cpu (or auto)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise UsageError(f"--device={name} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+        if dev.index is not None:
+            # The chosen GPU becomes the current one: what takes no device (an event, a stream, a synchronize)
+            # acts on the current GPU, and on cuda:0 it would not wait for work queued on cuda:N.
+            torch.cuda.set_device(dev)
     elif dev.type == "mps":
         if not torch.backends.mps.is_available():
             raise UsageError(f"--device={name} but MPS is not available here: use --device=cpu (or auto)")
@@ -60,21 +64,32 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
+def native_bf16(dev: torch.device) -> bool:
+    """Whether the GPU dev computes in bfloat16 itself: compute capability 8 or more (A100, RTX 30 and later), or
+    ROCm. Older GPUs (T4, V100) only emulate it, many times slower than float16, and torch.cuda.is_bf16_supported()
+    counts that emulation and asks about the current GPU, not dev."""
+    import torch
+
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(dev)[0] >= 8
+
+
 def pick_dtype(name: str, dev: torch.device) -> torch.dtype:
-    """--dtype's name as a torch.dtype that dev runs: auto is bfloat16 on CUDA where supported, else float16 there
-    and on MPS, float32 on a CPU."""
+    """--dtype's name as a torch.dtype that dev runs: auto is bfloat16 on a GPU with native bfloat16, else float16
+    there and on MPS, float32 on a CPU."""
     import torch
 
     if name == "auto":
         if dev.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if native_bf16(dev) else torch.float16
         return torch.float16 if dev.type == "mps" else torch.float32
     if name not in DTYPE_NAMES:
         raise UsageError(f"unknown dtype '{name}': use auto, {', '.join(DTYPE_NAMES)}")
     dt = getattr(torch, name)
-    # Older GPUs only emulate bfloat16, slowly: refuse rather than run many times slower than float16.
-    if dev.type == "cuda" and dt == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
-        raise UsageError(f"{torch.cuda.get_device_name(dev)} does not support bfloat16: use --dtype=float16")
+    # Emulated bfloat16 is refused rather than run many times slower than float16.
+    if dev.type == "cuda" and dt == torch.bfloat16 and not native_bf16(dev):
+        raise UsageError(f"{torch.cuda.get_device_name(dev)} has no native bfloat16 (compute capability "
+                         f"{'.'.join(map(str, torch.cuda.get_device_capability(dev)))}, under 8.0): use "
+                         f"--dtype=float16, or float32")
     try:  # what the model does, in miniature: the device either runs it or says why not
         x = torch.ones(2, 2, dtype=dt, device=dev)
         (x @ x).softmax(-1).sum().item()

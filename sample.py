@@ -315,9 +315,9 @@ def start_copy(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
     import torch
 
     host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)  # pinned: the copy can be asynchronous
-    host.copy_(tokens, non_blocking=True)
+    host.copy_(tokens, non_blocking=True)  # queued on the tokens' GPU's stream: the event must be recorded there
     landed = torch.cuda.Event()
-    landed.record()
+    landed.record(torch.cuda.current_stream(tokens.device))
     return host, landed
 
 

@@ -10,12 +10,57 @@ from model import GPTConfig
 from tokenizer import EOT, EOT_ID, load_tokenizer
 
 
-def test_dtype_the_device_cannot_run(monkeypatch):
+@pytest.fixture
+def two_gpus(monkeypatch) -> list:
+    """CUDA as this machine would show it with a T4 (compute capability 7.5) as cuda:0, the current device, and an
+    A100 (8.0) as cuda:1; torch.cuda.is_bf16_supported() answers as torch's does for the T4, counting emulation.
+    Returns the devices torch.cuda.set_device is given."""
+    current = [0]
+    capability = {0: (7, 5), 1: (8, 0)}
+
+    def index(device=None) -> int:
+        return current[0] if device is None or torch.device(device).index is None else torch.device(device).index
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Old GPU")
-    with pytest.raises(UsageError, match="Old GPU does not support bfloat16"):
-        runtime.pick_dtype("bfloat16", torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[index(device)])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: ["Tesla T4", "A100"][index(device)])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    chosen = []
+
+    def set_device(device) -> None:
+        chosen.append(device)
+        current[0] = torch.device(device).index
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    return chosen
+
+
+def test_auto_dtype_is_bfloat16_only_where_the_chosen_gpu_has_it_natively(two_gpus, monkeypatch):
+    assert runtime.pick_dtype("auto", torch.device("cuda:0")) == torch.float16  # emulated bfloat16 does not count
+    assert runtime.pick_dtype("auto", torch.device("cuda")) == torch.float16  # the current GPU, the T4
+    assert runtime.pick_dtype("auto", torch.device("cuda:1")) == torch.bfloat16  # asked of cuda:1, not the current
+    with pytest.raises(UsageError, match=r"Tesla T4 has no native bfloat16 \(compute capability 7.5, under 8.0\): "
+                                         r"use --dtype=float16, or float32"):
+        runtime.pick_dtype("bfloat16", torch.device("cuda:0"))
+    monkeypatch.setattr(torch.version, "hip", "6.0")  # ROCm GPUs compute bfloat16 natively
+    assert runtime.pick_dtype("auto", torch.device("cuda:0")) == torch.bfloat16
+
+
+def test_an_indexed_gpu_becomes_the_current_one(two_gpus):
+    """What takes no device (a CUDA event, torch.cuda.synchronize()) acts on the current GPU: --device=cuda:1 makes
+    cuda:1 current, where it is picked."""
+    assert runtime.pick_device("cuda:1") == torch.device("cuda:1") and two_gpus == [torch.device("cuda:1")]
+    assert torch.cuda.current_device() == 1
+    runtime.pick_device("cuda")
+    runtime.pick_device("cpu")
+    assert two_gpus == [torch.device("cuda:1")]  # "cuda" is the current GPU already
+    with pytest.raises(UsageError, match="--device=cuda:2 but this machine has 2 CUDA device"):
+        runtime.pick_device("cuda:2")
+
+
+def test_dtype_the_device_cannot_run():
     with pytest.raises(UsageError, match="cannot run float16"):
         runtime.pick_dtype("float16", torch.device("meta"))  # a device that cannot compute at all
 
