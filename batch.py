@@ -490,16 +490,17 @@ def make_samples(job: SampleJob, enc: tiktoken.Encoding, model: GPT) -> list[Sam
     return samples
 
 
-def batches(samples: list[Sample], job: SampleJob, model: GPT) -> list[list[Sample]]:
+def batches(samples: list[Sample], job: SampleJob, model: GPT, compile: bool = False) -> list[list[Sample]]:
     """Samples grouped by bucket, each bucket cut into batches of at most batch_size rows whose KV cache fits in
-    kv_cache_mb."""
+    kv_cache_mb (compile: a static cache of the whole context per row)."""
     buckets = {}
     for s in samples:
         buckets.setdefault(s.bucket, []).append(s)
     config, itemsize = model.config, model.transformer.wte.weight.element_size()
     out = []
     for bucket in buckets.values():
-        row_bytes = kv_cache_bytes(config, len(bucket[0].ids), bucket[0].prompt.settings["max_new_tokens"], itemsize)
+        row_bytes = kv_cache_bytes(config, len(bucket[0].ids), bucket[0].prompt.settings["max_new_tokens"], itemsize,
+                                   compile)
         rows = max(1, min(job.batch_size, job.kv_cache_mb * 2 ** 20 // row_bytes))
         out += [bucket[i:i + rows] for i in range(0, len(bucket), rows)]
     return out
@@ -544,7 +545,7 @@ def sample_prompts(job: SampleJob, model: GPT, enc: tiktoken.Encoding, ranks: Ra
     progress = Progress(ranks, len(mine), len(mine) - len(todo), "sample")
 
     def steps() -> Iterator[None]:
-        for batch in batches(todo, job, model):
+        for batch in batches(todo, job, model, compile):
             ends = sample_batch(model, batch, compile)
             for s, (tokens, finish) in zip(batch, ends):
                 text = token_bytes(enc, tokens).decode("utf-8", errors="replace")

@@ -211,35 +211,40 @@ def available_memory(dev: torch.device) -> Optional[int]:
     return None
 
 
-def kv_cache_bytes(config: GPTConfig, prompt_len: int, max_new_tokens: int, dtype_bytes: int) -> int:
+def kv_cache_bytes(config: GPTConfig, prompt_len: int, max_new_tokens: int, dtype_bytes: int,
+                   compile: bool = False) -> int:
     """One row's KV cache: the keys and values of every layer at every position it will hold (at most the
-    model's context)."""
-    positions = min(config.block_size, prompt_len + max_new_tokens)
+    model's context). Compiled decoding's static cache holds the whole context, however short the sample."""
+    positions = config.block_size if compile else min(config.block_size, prompt_len + max_new_tokens)
     return 2 * config.n_layer * positions * config.n_embd * dtype_bytes
 
 
-def bytes_per_sample(config: GPTConfig, prompt_len: int, max_new_tokens: int, dtype_bytes: int) -> int:
+def bytes_per_sample(config: GPTConfig, prompt_len: int, max_new_tokens: int, dtype_bytes: int,
+                     compile: bool = False) -> int:
     """What one sample of a batch takes: its KV cache, a step's logits with the sampling's float32 copies of them,
     and past the context a window step's activations."""
     logits = 6 * config.vocab_size * 4
     past_context = prompt_len + max_new_tokens > config.block_size
     window = 12 * config.block_size * config.n_embd * dtype_bytes if past_context else 0
-    return kv_cache_bytes(config, prompt_len, max_new_tokens, dtype_bytes) + logits + window
+    return kv_cache_bytes(config, prompt_len, max_new_tokens, dtype_bytes, compile) + logits + window
 
 
 def batch_sizes(config: GPTConfig, dtype_bytes: int, prompt_len: int, max_new_tokens: int, num_samples: int,
-                dev: torch.device) -> list[int]:
+                dev: torch.device, compile: bool = False) -> list[int]:
     """sample.py's num_samples in one batch if it fits in the memory available, else in as few even batches as
-    fit, said on stderr. UsageError if not even one sample fits."""
-    per_sample = bytes_per_sample(config, prompt_len, max_new_tokens, dtype_bytes)
+    fit, said on stderr. UsageError if not even one sample fits. compile: decoding is compiled (a static cache of
+    the whole context per sample; generation frees one batch's before it takes the next's)."""
+    per_sample = bytes_per_sample(config, prompt_len, max_new_tokens, dtype_bytes, compile)
     available = available_memory(dev)
     if available is None or num_samples * per_sample <= MEMORY_SHARE * available:
         return [num_samples]
     fit = int(MEMORY_SHARE * available // per_sample)
     if fit < 1:
+        shorter = (f"use --compile=False (a compiled cache holds all {config.block_size} positions)" if compile
+                   else "lower --max_new_tokens")
         raise UsageError(f"one sample needs about {per_sample / 1e6:,.0f} MB (KV cache and logits) and {dev} has "
-                         f"{available / 1e6:,.0f} MB available: lower --max_new_tokens, or use a smaller model, "
-                         f"a smaller --dtype or a device with more memory")
+                         f"{available / 1e6:,.0f} MB available: {shorter}, or use a smaller model, a smaller "
+                         f"--dtype or a device with more memory")
     n = -(-num_samples // fit)
     sizes = [num_samples // n + (i < num_samples % n) for i in range(n)]
     print(f"sample.py: {num_samples} samples need about {num_samples * per_sample / 1e6:,.0f} MB for their KV "

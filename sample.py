@@ -249,7 +249,7 @@ def write_samples(model: GPT, enc: tiktoken.Encoding, prompt: str, out: TextIO, 
 
     idx = torch.tensor([ids], dtype=torch.long, device=dev)
     sizes = batch_sizes(model.config, model.transformer.wte.weight.element_size(), idx.size(1), max_new_tokens,
-                        num_samples, dev)
+                        num_samples, dev, compile)
     writer = SampleWriter(enc, ids if prompt else [], num_samples, stop_at_eot, live, out)  # "" prints as ""
     generator = None if seed is None else torch.Generator(device=dev).manual_seed(seed)  # shared by the batches
     steps, first_step, status = [], 0.0, 0  # steps: how many each batch made

@@ -101,6 +101,20 @@ def test_share_is_contiguous_balanced_and_complete():
     assert max(costs) - min(costs) <= 5
 
 
+def test_compiled_batches_are_cut_for_a_static_cache_of_the_whole_context():
+    """kv_cache_mb bounds a batch's KV cache: 21 positions a row eager, the whole context (1024) compiled."""
+    from batch import Prompt, Sample, SampleJob, batches
+    from model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=1024, vocab_size=100, n_layer=2, n_head=2, n_embd=64))
+    prompt = Prompt(1, 1, "A", dict(max_new_tokens=20, temperature=1.0, top_k=None, top_p=None, num_samples=40,
+                                    stop_at_eot=False, seed=0))
+    samples = [Sample(prompt, 0, k, k, [7]) for k in range(40)]
+    job = SampleJob([prompt], "p.jsonl", "out.jsonl", batch_size=32, kv_cache_mb=8)
+    assert [len(b) for b in batches(samples, job, model)] == [32, 8]  # 2 x 2 x 21 x 64 x 4 bytes a row
+    assert [len(b) for b in batches(samples, job, model, compile=True)] == [8] * 5  # 2 x 2 x 1024 x 64 x 4: 1 MiB
+
+
 @pytest.mark.parametrize("content, message", [
     (None, "cannot read the prompts file '{path}': No such file or directory"),
     (b'{"prompt": "ok"}\n\xff\xfe\n', "is not UTF-8 text (byte 0xff on line 2)"),

@@ -94,6 +94,22 @@ def test_kv_cache_bytes_stop_growing_at_the_context():
     config = GPTConfig(block_size=64, vocab_size=100, n_layer=2, n_head=2, n_embd=16)
     assert runtime.kv_cache_bytes(config, 3, 5, 4) == 2 * 2 * 8 * 16 * 4  # keys and values, 2 layers, 8 positions
     assert runtime.kv_cache_bytes(config, 3, 10 ** 9, 2) == 2 * 2 * 64 * 16 * 2
+    assert runtime.kv_cache_bytes(config, 3, 5, 4, compile=True) == 2 * 2 * 64 * 16 * 4  # static: the context
+
+
+def test_compiled_batches_are_planned_for_a_static_cache_of_the_whole_context(monkeypatch, capsys):
+    """GPT-2 124M, 100 samples of 1 + 20 tokens, 2 GB available: eager caches of 21 positions fit at once;
+    compiled, each sample's cache holds 1024 positions, so the samples run in batches that fit."""
+    monkeypatch.setattr(runtime, "available_memory", lambda dev: 2 * 10 ** 9)
+    config = GPTConfig(vocab_size=50257)
+    assert runtime.batch_sizes(config, 2, 1, 20, 100, torch.device("cuda")) == [100]
+    sizes = runtime.batch_sizes(config, 2, 1, 20, 100, torch.device("cuda"), compile=True)
+    per_sample = 2 * 12 * 1024 * 768 * 2 + 6 * 50257 * 4
+    assert sum(sizes) == 100 and max(sizes) <= int(0.8 * 2e9 // per_sample) < 100
+    assert "batches of up to" in capsys.readouterr().err
+    monkeypatch.setattr(runtime, "available_memory", lambda dev: 10 ** 6)
+    with pytest.raises(UsageError, match=r"use --compile=False \(a compiled cache holds all 1024 positions\)"):
+        runtime.batch_sizes(config, 2, 1, 20, 100, torch.device("cuda"), compile=True)
 
 
 def test_batch_sizes_for_a_hundred_thousand_samples(monkeypatch, capsys):
