@@ -302,3 +302,52 @@ def test_a_failing_rank_fails_the_run_with_its_message(torchrun, trained_dir, pr
     assert "cannot write the part file" in run.stderr and "rank1-of-2.part: Is a directory" in run.stderr
     assert time.monotonic() - started < 150
     assert not (tmp_path / "out.jsonl").exists()
+
+
+LATE_RANK = """
+import json, os, sys, time
+from datetime import timedelta
+
+sys.path.insert(0, os.getcwd())  # the project's folder, where torchrun runs this
+import batch
+
+out, timeout = sys.argv[1], float(sys.argv[2])
+ranks = batch.start_ranks("cpu", timeout=timedelta(seconds=timeout))
+keys = [(json.dumps(i),) for i in range(4)]
+mine = keys[2 * ranks.rank:2 * ranks.rank + 2]
+output = batch.Output(out, ranks, keys, mine, lambda record: (json.dumps(record["id"]),))
+output.resume()
+if ranks.rank == 1:
+    time.sleep(4 * timeout)  # still working on its share long after rank 0 has finished
+for (key,) in mine:
+    output.write(json.dumps({"id": json.loads(key), "rank": ranks.rank}))
+output.merge()
+ranks.close()
+"""
+
+
+def test_a_rank_that_finishes_long_before_the_others_waits_for_them(torchrun, tmp_path):
+    """Rank 0 finishes its share 4 collective timeouts (of 2 s here) before rank 1, as one can finish minutes or
+    hours before the others of a long job (NCCL's timeout is 10 minutes, gloo's 30): it waits for the last rank
+    outside any collective, and the merge that follows is whole."""
+    script = tmp_path / "late_rank.py"
+    script.write_text(LATE_RANK, encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    run = torchrun(str(script), str(out), "2", timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert lines(out) == [{"id": i, "rank": i // 2} for i in range(4)]
+    assert list(tmp_path.glob("*.part")) == []
+
+
+@pytest.mark.parametrize("device", ["cuda:1", "cuda:0"])
+def test_an_indexed_gpu_is_refused_under_torchrun(run_script, trained_dir, prompts_file, tmp_path, monkeypatch,
+                                                   device):
+    """Each rank takes the GPU of its LOCAL_RANK; --device=cuda:N would put every rank on GPU N, which NCCL
+    refuses at the first collective. Said before any process group forms (here a rank's environment without
+    torchrun: none would form)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    code, _, err = run_script("sample.py", *sample_args(trained_dir, prompts_file, tmp_path / "out.jsonl"),
+                              f"--device={device}")
+    assert code == 2 and f"--device={device} under torchrun: every process would take that one GPU" in err
+    assert "Traceback" not in err
