@@ -49,11 +49,13 @@ class TokenHistory:
         self.all_rows = torch.arange(len(rows), device=self.seq.device)
 
     def append(self, token: torch.Tensor) -> None:
+        # Host indices go to the device without waiting (non_blocking: a GPU's step queue never drains here).
         full = (self.kept == self.seq.size(1)).nonzero()[:, 0]  # only ever at 2 * block_size
         if full.numel():  # keep the newer half, all a window needs
-            self.seq[full.to(self.seq.device), :self.block_size] = self.seq[full.to(self.seq.device), self.block_size:]
+            full_rows = full.to(self.seq.device, non_blocking=True)
+            self.seq[full_rows, :self.block_size] = self.seq[full_rows, self.block_size:]
             self.kept[full] = self.block_size
-        self.seq[self.all_rows, self.kept.to(self.seq.device)] = token
+        self.seq[self.all_rows, self.kept.to(self.seq.device, non_blocking=True)] = token
         self.kept += 1
 
     def windows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +66,8 @@ class TokenHistory:
         columns = (kept - lengths)[:, None] + torch.arange(int(lengths.max()))  # past a row's end: padding
         columns = torch.minimum(columns, (kept - 1)[:, None])
         device = self.seq.device
-        return self.seq[rows.to(device)[:, None], columns.to(device)], lengths.to(device)
+        rows, columns = rows.to(device, non_blocking=True), columns.to(device, non_blocking=True)
+        return self.seq[rows[:, None], columns], lengths.to(device, non_blocking=True)
 
 
 class Decoder:
@@ -103,14 +106,15 @@ class Decoder:
         cache.lengths = (cache.lengths + 1).clamp(max=cache.max_len)
         self.input_pos.add_(1).clamp_(max=cache.max_len - 1)  # as cache.positions(1) would give
         if sliding.numel():
-            logits[sliding.to(logits.device)] = self.slide(sliding, history)
+            logits[sliding.to(logits.device, non_blocking=True)] = self.slide(sliding, history)
             self.input_pos = cache.positions(1)
         return logits
 
     def slide(self, rows: torch.Tensor, history: TokenHistory) -> torch.Tensor:
         idx, lengths = history.windows(rows)
-        logits = self.prefill(idx, lengths, self.cache, rows.to(idx.device))
-        self.cache.lengths[rows] = lengths.cpu()
+        logits = self.prefill(idx, lengths, self.cache, rows.to(idx.device, non_blocking=True))
+        # The windows' lengths, taken on the host: reading them back from a GPU would wait for it.
+        self.cache.lengths[rows] = history.kept[rows].clamp(max=history.block_size)
         return logits
 
 
