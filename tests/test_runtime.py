@@ -10,33 +10,6 @@ from model import GPTConfig
 from tokenizer import EOT, EOT_ID, load_tokenizer
 
 
-@pytest.fixture
-def two_gpus(monkeypatch) -> list:
-    """CUDA as this machine would show it with a T4 (compute capability 7.5) as cuda:0, the current device, and an
-    A100 (8.0) as cuda:1; torch.cuda.is_bf16_supported() answers as torch's does for the T4, counting emulation.
-    Returns the devices torch.cuda.set_device is given."""
-    current = [0]
-    capability = {0: (7, 5), 1: (8, 0)}
-
-    def index(device=None) -> int:
-        return current[0] if device is None or torch.device(device).index is None else torch.device(device).index
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[index(device)])
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: ["Tesla T4", "A100"][index(device)])
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
-    chosen = []
-
-    def set_device(device) -> None:
-        chosen.append(device)
-        current[0] = torch.device(device).index
-
-    monkeypatch.setattr(torch.cuda, "set_device", set_device)
-    return chosen
-
-
 def test_auto_dtype_is_bfloat16_only_where_the_chosen_gpu_has_it_natively(two_gpus, monkeypatch):
     assert runtime.pick_dtype("auto", torch.device("cuda:0")) == torch.float16  # emulated bfloat16 does not count
     assert runtime.pick_dtype("auto", torch.device("cuda")) == torch.float16  # the current GPU, the T4
