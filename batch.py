@@ -19,7 +19,10 @@ every layer's keys and values) would take the batch past kv_cache_mb.
 Seeds. Sample k of prompt id draws its noise from its own torch.Generator, seeded from a hash of (the seed, id,
 k), where the seed is the prompt's own or the run's. So a sample's text depends on the model, the prompt, its
 settings and that seed only: never on which batch, rank or world size produced it (beyond the rounding above,
-which can change a token only where two candidates tie to within it). The seed is written in the sample's line.
+which can change a token only where two candidates tie to within it). That holds in float32. On a GPU in bfloat16
+or float16 the matrix kernels round differently for another number of rows, by far more, so a sample's tokens can
+change with its batch's size, the world size or a resume (which batches what is left anew): --dtype=float32 is
+the way to samples independent of them. The seed is written in the sample's line.
 
 Resume. Each rank appends its finished samples to its own part file (OUT.rankR-of-W.part), flushed per line and
 fsynced every FSYNC_SECONDS. Run again with the same command, a rank skips what its part file holds; a torn last
