@@ -145,8 +145,11 @@ class LlamaEngine:
         if _silence is None:  # without it llama.cpp describes the whole model on stderr
             _silence = llama_cpp.llama_log_callback(lambda level, text, user: None)
             llama_cpp.llama_log_set(_silence, None)
-        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(),
-                                                          llama_cpp.llama_model_default_params())
+        params = llama_cpp.llama_model_default_params()
+        # llama.cpp's extra weight layouts (AMX, repacked blocks) crashed llama_decode on q8_0 models on an AVX-512
+        # machine with AMX (llama-cpp-python 0.3.36, built with GGML_NATIVE): plain q8_0 kernels instead
+        params.use_extra_bufts = False
+        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {path}")
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
