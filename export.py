@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 from configurator import UsageError, configure, quiet_startup, run_main
@@ -96,6 +97,8 @@ def main() -> int:
     if not out:
         raise UsageError(f"--out names what to write: a folder for --to=hf or nanogpt, a file for --to=gguf "
                          f"(e.g. --to={to} --out={'model.gguf' if to == 'gguf' else 'my-gpt2'})")
+    if to == "gguf" and find_spec("gguf") is None:
+        raise UsageError("--to=gguf needs the gguf package, llama.cpp's GGUF writer: pip install gguf")
     target = Path(out).expanduser()
     check_out(target)  # before the model loads: a refusal answers at once
 
