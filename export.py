@@ -23,6 +23,7 @@ import os
 import sys
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Optional
 
 from configurator import UsageError, configure, quiet_startup, run_main
 
@@ -66,8 +67,10 @@ def check_out(target: Path) -> None:
                          f"else is lost; choose another --out")
 
 
-def model_vocabulary(source: Path, vocab_size: int):
-    """(GPT-2's ranks or None, the meta.pkl of a character-level vocabulary or None, a line for stderr or None)."""
+def model_vocabulary(source: Path, vocab_size: int) -> tuple[Optional[dict[bytes, int]], Optional[Path],
+                                                              Optional[str]]:
+    """GPT-2's ranks, where the model's vocabulary is GPT-2's; the meta.pkl of a character-level vocabulary; and
+    a line for stderr where the vocabulary is not GPT-2's (the others then None)."""
     from save import ranks_of
     from tokenizer import EOT_ID, char_tokenizer, check_fits, find_meta, load_tokenizer
 
@@ -79,10 +82,14 @@ def model_vocabulary(source: Path, vocab_size: int):
                        "nanogpt": "its meta.pkl is copied beside ckpt.pt"}[to]
         return None, meta, (f"the model's vocabulary is the {vocab_size} characters of {meta}, not GPT-2's: "
                             f"{not_written}")
-    if vocab_size <= EOT_ID:
+    folder = source if source.is_dir() else source.parent
+    if vocab_size <= EOT_ID and not os.path.lexists(folder / "vocab.json"):
         return None, None, (f"the model's vocabulary has {vocab_size:,} tokens, fewer than GPT-2's {EOT_ID + 1:,}, "
-                            f"and no meta.pkl describes it: its weights are exported without a tokenizer")
-    return ranks_of(load_tokenizer(source, tiktoken_file)), None, None
+                            f"and no meta.pkl or vocab.json describes it: its weights are exported without a "
+                            f"tokenizer")
+    enc = load_tokenizer(source, tiktoken_file)  # GPT-2's, or the byte-level BPE of the model's own vocab.json
+    check_fits(enc, vocab_size)
+    return ranks_of(enc), None, None
 
 
 def main() -> int:

@@ -24,12 +24,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
+import tiktoken
 import torch
 from safetensors import SafetensorError
 
 from configurator import UsageError
 from load import CONV1D_WEIGHTS, expected_shapes
-from tokenizer import EOT, EOT_ID, byte_to_unicode
+from tokenizer import EOT, byte_to_unicode
 
 MERGES_HEADER = "#version: 0.2"  # the first line of every GPT-2 merges.txt
 GGUF_TYPES = ("f32", "f16", "q8_0")  # the matrices' type; norms and biases stay float32, as llama.cpp keeps them
@@ -75,9 +76,10 @@ def gpt2_vocabulary(ranks: dict[bytes, int]) -> tuple[list[str], list[str]]:
     return tokens, merges
 
 
-def ranks_of(enc) -> dict[bytes, int]:
-    """tiktoken's bytes -> rank map of a GPT-2 encoding, through its public interface."""
-    return {enc.decode_single_token_bytes(i): i for i in range(EOT_ID)}
+def ranks_of(enc: tiktoken.Encoding) -> dict[bytes, int]:
+    """tiktoken's bytes -> rank map of a GPT-2 encoding (its ranks, then <|endoftext|>), through its public
+    interface."""
+    return {enc.decode_single_token_bytes(i): i for i in range(enc.eot_token)}
 
 
 def tokenizer_files(ranks: dict[bytes, int], block_size: int) -> dict[str, bytes]:
@@ -110,7 +112,7 @@ def write_hf(folder: Path, config_args: dict, state_dict: dict, ranks: Optional[
     from safetensors.torch import save_file
     from transformers import GenerationConfig, GPT2Config
 
-    eot = EOT_ID if ranks is not None else None
+    eot = len(ranks) if ranks is not None else None  # <|endoftext|>, the id after the ranks (GPT-2's 50256)
     # n_ctx beside n_positions, as the published GPT-2 configs have it: llama.cpp's converter reads it
     config = GPT2Config(vocab_size=config_args["vocab_size"], n_positions=config_args["block_size"],
                         n_ctx=config_args["block_size"], n_embd=config_args["n_embd"],
@@ -162,16 +164,17 @@ def write_gguf(path: Path, config_args: dict, state_dict: dict, gguf_type: str,
         writer.add_vocab_size(V)
     else:
         tokens, merges = vocabulary
-        types = [gguf.TokenType.NORMAL] * EOT_ID + [gguf.TokenType.CONTROL]
+        eot = len(tokens) - 1  # <|endoftext|>, GPT-2's 50256
+        types = [gguf.TokenType.NORMAL] * eot + [gguf.TokenType.CONTROL]
         padding = range(len(tokens), V)  # a vocabulary padded past GPT-2's (nanoGPT's 50304): ids no text gives
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre("gpt-2")
         writer.add_token_list(tokens + [f"[PAD{i}]" for i in padding])
         writer.add_token_types(types + [gguf.TokenType.UNUSED] * len(padding))
         writer.add_token_merges(merges)
-        writer.add_bos_token_id(EOT_ID)
-        writer.add_eos_token_id(EOT_ID)
-        writer.add_unk_token_id(EOT_ID)
+        writer.add_bos_token_id(eot)
+        writer.add_eos_token_id(eot)
+        writer.add_unk_token_id(eot)
         writer.add_add_bos_token(False)  # GPT-2 puts nothing before the text
 
     def add(name: str, t: torch.Tensor, matrix: bool = False) -> None:
