@@ -15,6 +15,7 @@ is complete (`publishing`), so a failed or killed run never leaves a half-writte
 Nothing here imports model.py.
 """
 
+import errno
 import json
 import os
 import secrets
@@ -253,8 +254,10 @@ def publishing(final: Path, folder: bool) -> Iterator[Path]:
     except (OSError, RuntimeError, SafetensorError) as e:  # what the writers raise when the disk fails them
         remove(temp)
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
-        raise SaveError(f"could not write {final}: {reason}. Nothing was written under that name: make room (a "
-                        f"full disk, a file size limit?) or write elsewhere, and run again") from None
+        space = not isinstance(e, OSError) or e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+        fix = "make room (a full disk, a file size limit?)" if space else "check the path and its permissions"
+        raise SaveError(f"could not write {final}: {reason}. Nothing was written under that name: {fix} or write "
+                        f"elsewhere, and run again") from None
     except BaseException:
         remove(temp)
         raise
