@@ -25,7 +25,9 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Optional
 
-from configurator import UsageError, configure, quiet_startup, run_main
+from cli import quiet_startup, run_main
+from configurator import configure
+from errors import UsageError
 
 if __name__ == "__main__":
     quiet_startup()  # before torch's import (in main): Ctrl-C during it ends without a traceback
@@ -125,7 +127,7 @@ def main() -> int:
             save.write_gguf(temp, config_args, state_dict, gguf_type, vocabulary)
         else:
             config_file, weights = load.locate_checkpoint(source)
-            dataset = nanogpt_dataset(weights[0]) if config_file is None else None
+            dataset = nanogpt_dataset(load.load_pickle(weights[0])) if config_file is None else None
             save.write_nanogpt(temp, config_args, state_dict, meta, dataset)
     print(f"export.py: wrote {target} ({FORMATS[to]}{f', {gguf_type}' if to == 'gguf' else ''})", file=sys.stderr)
     return 0

@@ -29,7 +29,7 @@ import tiktoken
 import torch
 from safetensors import SafetensorError
 
-from configurator import UsageError
+from errors import UsageError
 from load import CONV1D_WEIGHTS, expected_shapes
 from tokenizer import EOT, byte_to_unicode
 
