@@ -140,7 +140,7 @@ def load_tokenizer(model_folder: Optional[Path] = None,
     if model_folder is not None:
         model = Path(model_folder)
         vocab_size, meta_places = model_vocabulary(model)
-        meta = next((place for place in meta_places if os.path.lexists(place)), None)
+        meta = first_present(meta_places)
         if meta is not None:
             return fitting(char_tokenizer(meta), vocab_size)
         folder = model if model.is_dir() else model.parent
@@ -394,11 +394,26 @@ def model_vocabulary(path: Path) -> tuple[Optional[int], list[Path]]:
     saved = saved if isinstance(saved, dict) else {}
     vocab_size = config_from_nanogpt(saved["model_args"], path)["vocab_size"] if "model_args" in saved else None
     places = [path.parent / "meta.pkl", path.parent.parent / "meta.pkl"]
-    config = saved.get("config")
-    dataset = config.get("dataset") if isinstance(config, dict) else None
-    if isinstance(dataset, str) and dataset and Path(dataset).name == dataset:
+    dataset = nanogpt_dataset(saved)
+    if dataset is not None:
         places += [Path.cwd() / "data" / dataset / "meta.pkl", path.parent.parent / "data" / dataset / "meta.pkl"]
     return vocab_size, places
+
+
+def find_meta(path: Path) -> Optional[Path]:
+    """The meta.pkl of the nanoGPT checkpoint at path, if it has one where nanoGPT leaves it."""
+    return first_present(model_vocabulary(path)[1])
+
+
+def first_present(places: list[Path]) -> Optional[Path]:
+    return next((place for place in places if os.path.lexists(place)), None)
+
+
+def nanogpt_dataset(saved: object) -> Optional[str]:
+    """The dataset name in a loaded nanoGPT checkpoint's training config, if it has a plain one."""
+    config = saved.get("config") if isinstance(saved, dict) else None
+    dataset = config.get("dataset") if isinstance(config, dict) else None
+    return dataset if isinstance(dataset, str) and dataset and Path(dataset).name == dataset else None
 
 
 class PlainUnpickler(pickle.Unpickler):
