@@ -620,10 +620,10 @@ def gpu_check_parts(dev: torch.device) -> list[tuple[str, list[str], float]]:
     half = "bfloat16" if native_bf16(dev) else "float16"
     tests = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rA", "-p", "no:cacheprovider"]
     rows = [sys.executable, str(ROOT / "bench.py"), f"--device={dev}", "--quantize=None"]
-    return [("the tests marked gpu", tests, 285),
+    return [("the tests marked gpu", tests, 280),
             ("bench.py's cuda rows, eager", rows + [f"--dtype=float32,{half}", "--batch_sizes=1,10"], 70),
             ("bench.py's cuda rows, compiled", rows + ["--dtype=float32", "--compile=True", "--batch_sizes=1",
-                                                       "--reference=False", "--workload=False"], 105)]
+                                                       "--reference=False", "--workload=False"], 100)]
 
 
 def run_part(command: list[str], seconds: float) -> tuple[Optional[int], float]:
