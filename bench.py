@@ -26,6 +26,11 @@ correctness failure, not a crash); 2 a wrong setting (a one-line message); 1 a c
 --gpu_check a part that failed or ran out of its time; 130 Ctrl-C, 143 SIGTERM.
 """
 
+if __name__ == "__main__":  # first, before the imports below: Ctrl-C or SIGTERM while they load ends quietly
+    from startup import quiet_startup
+
+    quiet_startup()
+
 import contextlib
 import copy
 import json as jsonlib
@@ -44,17 +49,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Optional
 
-from cli import quiet_startup, run_main
-from configurator import configure, read_settings
-from errors import UsageError
-
-if __name__ == "__main__":
-    quiet_startup()  # before torch's import below: Ctrl-C during it ends without a traceback
-
-import numpy  # noqa: F401 (before torch, which imports it from C and swallows any error there, a Ctrl-C too)
 import torch
 import torch.nn as nn
 
+from cli import run_main
+from configurator import configure, read_settings
+from errors import UsageError
 from linear import Fp16Linear, Int8Linear
 from load import CONV1D_WEIGHTS
 from model import GPT, GPTConfig

@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING, Iterator, Optional
 
 from errors import UsageError
-from tokenizer import EOT, EOT_ID, check_fits, load_tokenizer
+from tokenizer import EOT, EOT_ID, load_tokenizer
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -124,8 +124,9 @@ def model_from(checkpoint: Path, dev: torch.device, dt: torch.dtype, quantize_mo
 def load_model(name: str, dev: torch.device, dtype_name: str, quantize_mode: Optional[str],
                tiktoken_path: Optional[str]) -> tuple[GPT, tiktoken.Encoding]:
     """The model `name` on dev, in dtype_name's dtype (and int8 or fp16 weights if asked), and its tokenizer, which
-    must fit it; the load is reported on stderr. The tokenizer is found before the weights load, so that a missing
-    one is said at once."""
+    must fit it (load_tokenizer checks it against the checkpoint's vocab_size, the one the model is built with); the
+    load is reported on stderr. The tokenizer is found before the weights load, so that a missing one is said at
+    once."""
     dt = pick_dtype(dtype_name, dev)
     checkpoint = open_checkpoint(name)
     enc = load_tokenizer(checkpoint, tiktoken_path)
@@ -134,7 +135,6 @@ def load_model(name: str, dev: torch.device, dtype_name: str, quantize_mode: Opt
     dt_name = str(dt).removeprefix("torch.")
     print(f"loaded {name} ({model.get_num_params(non_embedding=False):,} params) on {dev}/{dt_name} "
           f"in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
-    check_fits(enc, model.config.vocab_size)
     return model, enc
 
 

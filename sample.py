@@ -18,6 +18,11 @@ writing every sample as far as it got; 141 the reader of the pipe left; 1 stdout
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the imports below: Ctrl-C or SIGTERM while they load ends quietly
+    from startup import quiet_startup
+
+    quiet_startup()
+
 import codecs
 import os
 import select
@@ -27,13 +32,9 @@ import time
 from itertools import accumulate
 from typing import TYPE_CHECKING, Iterator, Optional, TextIO
 
-from cli import Terminated, flush_stdout, quiet_startup, run_main, signals_held, writing_stdout
+from cli import Terminated, flush_stdout, run_main, signals_held, writing_stdout
 from configurator import configure
 from errors import UsageError
-
-if __name__ == "__main__":
-    quiet_startup()  # before the imports below (and torch's, in main): Ctrl-C during them ends without a traceback
-
 from runtime import batch_sizes, check_sampling, load_model, pick_device, prompt_ids, sample_steps, token_bytes
 from tokenizer import EOT, EOT_ID
 
@@ -214,9 +215,7 @@ def main() -> int:
         return batch.sample_prompts(job, model, enc, ranks, compiled)
 
     stdout = prepare_stdout()
-    prompt = read_prompt(start)  # before the slow imports: a mistake here answers at once
-    import numpy  # noqa: F401 (before torch, which imports it from C and swallows any error there, a Ctrl-C too)
-
+    prompt = read_prompt(start)  # before torch's slow import: a mistake here answers at once
     check_sampling(max_new_tokens, temperature, top_k, top_p, num_samples, seed)  # now: no model loads in vain
     if compile and quantize is not None:
         raise UsageError("--compile=True does not take --quantize (torch.compile cannot trace the int8 or fp16 "

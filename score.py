@@ -22,6 +22,11 @@ float rounding (about 1e-7 relative).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the imports below: Ctrl-C or SIGTERM while they load ends quietly
+    from startup import quiet_startup
+
+    quiet_startup()
+
 import json
 import math
 import sys
