@@ -19,18 +19,24 @@ every layer's keys and values) would take the batch past kv_cache_mb.
 Seeds. Sample k of prompt id draws its noise from its own torch.Generator, seeded from a hash of (the seed, id,
 k), where the seed is the prompt's own or the run's. So a sample's text depends on the model, the prompt, its
 settings and that seed only: never on which batch, rank or world size produced it (beyond the rounding above,
-which can change a token only where two candidates tie to within it). The seed is written in the sample's line.
+which can change a token only where two candidates tie to within it). That holds in float32. On a GPU in bfloat16
+or float16 the matrix kernels round differently for another number of rows, by far more, so a sample's tokens can
+change with its batch's size, the world size or a resume (which batches what is left anew): --dtype=float32 is
+the way to samples independent of them. The seed is written in the sample's line.
 
 Resume. Each rank appends its finished samples to its own part file (OUT.rankR-of-W.part), flushed per line and
 fsynced every FSYNC_SECONDS. Run again with the same command, a rank skips what its part file holds; a torn last
 line (a process killed mid-write) is cut off and its sample redone. When every rank is done, rank 0 gathers the
 parts (through torch.distributed, so no shared file system is needed), writes OUT in the file's order
-(prompt, then sample), and the parts are removed. An OUT that already holds every sample is not redone.
+(prompt, then sample), and the parts are removed. An OUT that already holds every sample is not redone. A rank
+that finishes early waits for the others as long as they take (Ranks.wait_for_all), not a collective's timeout.
 
 Ranks. Under torchrun (WORLD_SIZE > 1) the samples, sorted by bucket, are cut into one contiguous share per rank of
 about equal work, so buckets stay whole; the share depends only on the file, the settings and the world size. A
-rank on a GPU takes cuda:LOCAL_RANK; on a CPU each rank takes cores / LOCAL_WORLD_SIZE threads (torchrun's own
-default is one). A rank that fails exits, and torchrun stops the others and reports it: the run never hangs.
+rank on a GPU takes cuda:LOCAL_RANK (--device=cuda:N is refused: every rank would take GPU N); on a CPU each rank
+takes cores / LOCAL_WORLD_SIZE threads (torchrun's own default is one). The collectives here move Python objects
+(part files, figures) over gloo, from host memory, also beside NCCL on GPUs. A rank that fails exits, and
+torchrun stops the others and reports it: the run never hangs.
 """
 
 from __future__ import annotations
@@ -42,11 +48,14 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
 
-from configurator import Setting, UsageError, convert, read_settings
-from tokenizer import EOT, EOT_ID
+from configurator import Setting, convert
+from errors import UsageError
+from runtime import check_sampling, kv_cache_bytes, prompt_ids, sample_steps, token_bytes
+from tokenizer import EOT_ID
 
 if TYPE_CHECKING:
     import tiktoken
@@ -54,7 +63,16 @@ if TYPE_CHECKING:
 
     from model import GPT
 
-PER_PROMPT = ("max_new_tokens", "temperature", "top_k", "top_p", "num_samples", "stop_at_eot", "seed")
+# What a .jsonl line may set for its prompt, typed as sample.py's settings of those names (a test holds them equal)
+PER_PROMPT = {s.name: s for s in (
+    Setting("max_new_tokens", int, False, "tokens generated in each sample"),
+    Setting("temperature", float, False, "0 is greedy"),
+    Setting("top_k", int, True, "keep only the top_k most likely tokens"),
+    Setting("top_p", float, True, "nucleus sampling"),
+    Setting("num_samples", int, False, "samples of the prompt"),
+    Setting("stop_at_eot", bool, False, "end a sample at <|endoftext|>"),
+    Setting("seed", int, True, "the seed of the prompt's samples (null is refused)"),
+)}
 FSYNC_SECONDS = 10.0  # flushed lines survive a killed process at once; fsync guards them against a machine crash
 
 Key = tuple  # what identifies a line: (id as JSON, sample index) for samples, (id as JSON,) for scores
@@ -164,6 +182,23 @@ class Ranks:
     rank: int = 0
     world: int = 1
     device: str = "auto"  # the device setting for this rank
+    store: Any = None  # torchrun's key-value store, where a rank that has finished its share says so
+    objects: Any = None  # the gloo process group of the collectives here
+    waits: int = 0  # wait_for_all calls so far
+
+    def wait_for_all(self, poll_seconds: float = 0.1) -> None:
+        """Return once every rank has called this. A rank that finishes its share long before the others waits
+        here, asking the store now and then, not in a collective: a collective's wait ends in a timeout (30
+        minutes for gloo, 10 for NCCL), and the job would fail at its very end."""
+        if self.world == 1:
+            return
+        key, self.waits = f"finished/{self.waits}", self.waits + 1
+        try:
+            self.store.add(key, 1)
+            while self.store.add(key, 0) < self.world:
+                time.sleep(poll_seconds)
+        except RuntimeError as e:  # the store has gone: torchrun is stopping the job
+            raise SystemExit(f"rank {self.rank}: stopping, the job's store has gone ({str(e).splitlines()[0]})")
 
     def gather(self, obj: Any) -> Optional[list]:
         """Every rank's obj, in rank order, on rank 0 (None elsewhere)."""
@@ -181,43 +216,59 @@ class Ranks:
         self._collective("barrier")
 
     def close(self) -> None:
-        self._collective("destroy_process_group")
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
     def _collective(self, name: str, *args, **kwargs) -> None:
-        """torch.distributed's function `name`, with one process a no-op. When another rank has died, this one
-        ends with one line, not a traceback: torchrun reports the rank that failed first, with its message."""
+        """torch.distributed's function `name` over the gloo group, with one process a no-op: what moves is Python
+        objects, which gloo takes from host memory (NCCL would copy them through the GPU). When another rank has
+        died, this one ends with one line, not a traceback: torchrun reports the rank that failed first."""
         if self.world == 1:
             return
         import torch.distributed as dist
 
         try:
-            getattr(dist, name)(*args, **kwargs)
+            getattr(dist, name)(*args, group=self.objects, **kwargs)
         except RuntimeError as e:  # gloo and NCCL report a lost peer as a RuntimeError
             raise SystemExit(f"rank {self.rank}: stopping, another rank has failed ({str(e).splitlines()[0]})")
 
 
-def start_ranks(device: str) -> Ranks:
-    """This process's rank. Under torchrun: the process group (NCCL on GPUs, gloo on CPUs), cuda:LOCAL_RANK for
-    device auto or cuda, and on a CPU an equal part of the cores for each of this machine's ranks."""
+def start_ranks(device: str, timeout: Optional[timedelta] = None) -> Ranks:
+    """This process's rank. Under torchrun: cuda:LOCAL_RANK for device auto or cuda (an indexed GPU is refused:
+    every rank would take it), on a CPU an equal part of the cores for each of this machine's ranks, and the
+    process groups: the default one (NCCL on GPUs, gloo on CPUs) and a gloo one for the collectives here. timeout:
+    the limit of each of those collectives (None: torch's default); the wait for the slowest rank is not one
+    (wait_for_all)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Ranks(device=device)
+    if device.startswith("cuda:"):
+        raise UsageError(f"--device={device} under torchrun: every process would take that one GPU (and NCCL "
+                         f"refuses a GPU shared by two ranks). Use --device=cuda (or auto): each process takes the "
+                         f"GPU of its LOCAL_RANK; CUDA_VISIBLE_DEVICES chooses which GPUs those are")
     import torch
     import torch.distributed as dist
 
+    from runtime import pick_device
+
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    gpus = device in ("auto", "cuda") and torch.cuda.is_available()
-    if gpus:
+    dev = pick_device(device)  # a device this machine lacks is named before any group forms
+    if dev.type == "cuda":
+        if local_world > torch.cuda.device_count():
+            raise UsageError(f"torchrun started {local_world} processes on this machine, which has "
+                             f"{torch.cuda.device_count()} GPU(s): one process a GPU (--nproc_per_node="
+                             f"{torch.cuda.device_count()}), or --device=cpu")
         device = f"cuda:{local_rank}"
-        torch.cuda.set_device(local_rank)
-    elif device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
-    else:
+        pick_device(device)  # the current GPU from here on
+    elif dev.type == "cpu":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(max(1, cores // local_world))
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return Ranks(rank, world, device)
+    store, rank, world = next(dist.rendezvous("env://"))  # torchrun's store: init_process_group's, kept for us
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=store, rank=rank, world_size=world)
+    return Ranks(rank, world, device, store, dist.new_group(backend="gloo", timeout=timeout))
 
 
 def share(items: list, cost: Callable[[Any], float], ranks: Ranks) -> list:
@@ -320,6 +371,7 @@ class Output:
         """Every rank's part, on rank 0, written to OUT in order; the parts removed. Rank 0 gets the parsed lines
         in order, the other ranks None."""
         self.close()
+        self.ranks.wait_for_all()  # the ranks that finished first wait for the last here, without a timeout
         parts = self.ranks.gather(self.part.read_text(encoding="utf-8").splitlines())
         records = None
         if self.ranks.rank == 0:
@@ -433,51 +485,43 @@ class SampleJob:
     out: str
     batch_size: int
     kv_cache_mb: int
-    compile: bool
 
     @classmethod
-    def from_settings(cls, config: dict) -> "SampleJob":
-        """sample.py's settings (its globals) as a job; the prompts file is read and checked here."""
-        from sampling import check_sampling_args
-
-        if config["prompts"] is None or config["out"] is None:
+    def read(cls, path: Optional[str], out: Optional[str], batch_size: int, kv_cache_mb: int,
+             defaults: dict) -> "SampleJob":
+        """The job of sampling every prompt of the file at path to out, with the run's settings `defaults` (one
+        value for each name in PER_PROMPT) under each line's own; the file is read and checked here."""
+        if path is None or out is None:
             raise UsageError("--prompts and --out go together: --prompts=prompts.jsonl --out=samples.jsonl")
-        if config["seed"] is None:
+        if defaults["seed"] is None:
             raise UsageError("--prompts needs a seed (an int), so that a resumed run draws the samples it would "
                              "have drawn")
-        if config["batch_size"] < 1 or config["kv_cache_mb"] < 1:
-            raise UsageError(f"batch_size and kv_cache_mb must be >= 1, got {config['batch_size']} and "
-                             f"{config['kv_cache_mb']}")
-        types = read_settings(config["__file__"])
-        defaults = {name: config[name] for name in PER_PROMPT}
+        if batch_size < 1 or kv_cache_mb < 1:
+            raise UsageError(f"batch_size and kv_cache_mb must be >= 1, got {batch_size} and {kv_cache_mb}")
+        d = defaults  # the run's settings are checked as a line's are, but named as the settings they are
+        check_sampling(d["max_new_tokens"], d["temperature"], d["top_k"], d["top_p"], d["num_samples"])
+        prompts = read_prompts(path, "prompt", PER_PROMPT, defaults, check_line)
+        return cls(prompts, path, out, batch_size, kv_cache_mb)
 
-        def check(s: dict) -> None:
-            if s["seed"] is None:
-                raise ValueError("seed must be an int here, not null")
-            check_sampling_args(s["max_new_tokens"], s["temperature"], s["top_k"], s["top_p"], s["num_samples"])
 
-        try:
-            check(defaults)
-        except ValueError as e:
-            raise UsageError(e) from None
-        prompts = read_prompts(config["prompts"], "prompt", {name: types[name] for name in PER_PROMPT}, defaults,
-                               check)
-        return cls(prompts, config["prompts"], config["out"], config["batch_size"], config["kv_cache_mb"],
-                   config["compile"])
+def check_line(settings: dict) -> None:
+    """A prompt's settings, its line's over the run's, as generate_stream checks them: ValueError if wrong."""
+    from sampling import check_sampling_args
+
+    if settings["seed"] is None:
+        raise ValueError("seed must be an int here, not null")
+    check_sampling_args(settings["max_new_tokens"], settings["temperature"], settings["top_k"], settings["top_p"],
+                        settings["num_samples"])
 
 
 def make_samples(job: SampleJob, enc: tiktoken.Encoding, model: GPT) -> list[Sample]:
     """Every sample of every prompt, in the file's order, each with its prompt's token ids (an empty prompt starts
     from <|endoftext|>; a prompt longer than the context keeps its end, as sample.py does)."""
     samples, cropped = [], 0
-    block_size, vocab_size = model.config.block_size, model.config.vocab_size
+    block_size = model.config.block_size
     for order, prompt in enumerate(job.prompts):
-        ids = enc.encode(prompt.text, allowed_special={EOT}) or [EOT_ID]
-        if max(ids) >= vocab_size:
-            raise UsageError(f"{job.path} line {prompt.line}: the prompt holds token {max(ids)}, outside the "
-                             f"model's vocabulary of {vocab_size}: this tokenizer does not fit the model")
-        if len(ids) > block_size:
-            ids, cropped = ids[-block_size:], cropped + 1
+        ids, length = prompt_ids(enc, prompt.text, model.config, f"{job.path} line {prompt.line}: the prompt")
+        cropped += length > block_size
         seed = prompt.settings["seed"]
         samples += [Sample(prompt, order, k, sample_seed(seed, prompt.id, k), ids)
                     for k in range(prompt.settings["num_samples"])]
@@ -487,18 +531,17 @@ def make_samples(job: SampleJob, enc: tiktoken.Encoding, model: GPT) -> list[Sam
     return samples
 
 
-def batches(samples: list[Sample], job: SampleJob, model: GPT) -> list[list[Sample]]:
+def batches(samples: list[Sample], job: SampleJob, model: GPT, compile: bool = False) -> list[list[Sample]]:
     """Samples grouped by bucket, each bucket cut into batches of at most batch_size rows whose KV cache fits in
-    kv_cache_mb."""
+    kv_cache_mb (compile: a static cache of the whole context per row)."""
     buckets = {}
     for s in samples:
         buckets.setdefault(s.bucket, []).append(s)
     config, itemsize = model.config, model.transformer.wte.weight.element_size()
     out = []
     for bucket in buckets.values():
-        settings = bucket[0].prompt.settings
-        positions = min(config.block_size, len(bucket[0].ids) + settings["max_new_tokens"])
-        row_bytes = 2 * config.n_layer * config.n_embd * positions * itemsize  # keys and values, every layer
+        row_bytes = kv_cache_bytes(config, len(bucket[0].ids), bucket[0].prompt.settings["max_new_tokens"], itemsize,
+                                   compile)
         rows = max(1, min(job.batch_size, job.kv_cache_mb * 2 ** 20 // row_bytes))
         out += [bucket[i:i + rows] for i in range(0, len(bucket), rows)]
     return out
@@ -512,9 +555,8 @@ def sample_batch(model: GPT, batch: list[Sample], compile: bool) -> list[tuple[l
     idx = torch.tensor([s.ids for s in batch], device=device)
     generators = [torch.Generator(device=device).manual_seed(s.seed) for s in batch]
     s = batch[0].prompt.settings
-    steps = list(model.generate_stream(idx, s["max_new_tokens"], s["temperature"], s["top_k"], top_p=s["top_p"],
-                                       stop_tokens=[EOT_ID] if s["stop_at_eot"] else None, generators=generators,
-                                       compile=compile))
+    steps = list(sample_steps(model, idx, s["max_new_tokens"], s["temperature"], s["top_k"], s["top_p"],
+                              s["stop_at_eot"], compile, generators=generators))
     rows = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in batch]
     ends = []
     for tokens in rows:
@@ -525,10 +567,10 @@ def sample_batch(model: GPT, batch: list[Sample], compile: bool) -> list[tuple[l
     return ends
 
 
-def sample_prompts(job: SampleJob, model: GPT, enc: tiktoken.Encoding, ranks: Ranks,
-                   token_bytes: Callable[[list[int]], bytes]) -> int:
-    """Run the job on this rank: its share of the samples, appended to its part, then merged into job.out.
-    Returns the exit status (130 when interrupted: what was finished is kept for the next run)."""
+def sample_prompts(job: SampleJob, model: GPT, enc: tiktoken.Encoding, ranks: Ranks, compile: bool = False) -> int:
+    """Run the job on this rank: its share of the samples, appended to its part, then merged into job.out; compile:
+    generate_stream's. Returns the exit status (130 when interrupted: what was finished is kept for the next
+    run)."""
     samples = make_samples(job, enc, model)
     by_bucket = sorted(samples, key=lambda s: (s.bucket, s.order, s.index))
     mine = share(by_bucket, lambda s: s.prompt.settings["max_new_tokens"] + 1, ranks)
@@ -544,10 +586,10 @@ def sample_prompts(job: SampleJob, model: GPT, enc: tiktoken.Encoding, ranks: Ra
     progress = Progress(ranks, len(mine), len(mine) - len(todo), "sample")
 
     def steps() -> Iterator[None]:
-        for batch in batches(todo, job, model):
-            ends = sample_batch(model, batch, job.compile)
+        for batch in batches(todo, job, model, compile):
+            ends = sample_batch(model, batch, compile)
             for s, (tokens, finish) in zip(batch, ends):
-                text = token_bytes(tokens).decode("utf-8", errors="replace")
+                text = token_bytes(enc, tokens).decode("utf-8", errors="replace")
                 output.write(json.dumps(dict(id=s.prompt.id, sample=s.index, text=text, tokens=len(tokens),
                                              finish=finish, seed=s.seed), ensure_ascii=False))
             last = sum(s.index == s.prompt.settings["num_samples"] - 1 for s in batch)  # a prompt counts once

@@ -54,21 +54,22 @@ class TokenHistory:
 
     def append(self, tokens: torch.Tensor, counts: Optional[torch.Tensor] = None) -> None:
         """Add the first counts[i] of tokens [B, S] to row i (all S if counts is None; counts on the host)."""
-        S = tokens.size(1)
+        # Host indices go to the device without waiting (non_blocking: a GPU's step queue never drains here).
+        S, device = tokens.size(1), self.seq.device
         full = (self.kept + S > self.seq.size(1)).nonzero()[:, 0]  # only ever at 2 * block_size columns
         if full.numel():  # keep the newest block_size tokens, all a window needs
-            device = self.seq.device
             newest = (self.kept[full] - self.block_size)[:, None] + torch.arange(self.block_size)
-            self.seq[full.to(device), :self.block_size] = self.seq[full.to(device)[:, None], newest.to(device)]
+            full_rows = full.to(device, non_blocking=True)
+            self.seq[full_rows, :self.block_size] = self.seq[full_rows[:, None], newest.to(device, non_blocking=True)]
             self.kept[full] = self.block_size
         # All S columns are written; those past a row's count lie past its end, unread until overwritten.
-        columns = (self.kept[:, None] + torch.arange(S)).to(self.seq.device)
+        columns = (self.kept[:, None] + torch.arange(S)).to(device, non_blocking=True)
         self.seq[self.all_rows[:, None], columns] = tokens
         self.kept += S if counts is None else counts
 
     def back(self, steps: Union[int, torch.Tensor]) -> torch.Tensor:
         """Each row's token `steps` places from its end (1: its newest), [B]; steps an int or [B] on the host."""
-        return self.seq[self.all_rows, (self.kept - steps).to(self.seq.device)]
+        return self.seq[self.all_rows, (self.kept - steps).to(self.seq.device, non_blocking=True)]
 
     def windows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The last block_size tokens (or all, if fewer) of each row in `rows` (host indices), padded on the
@@ -78,7 +79,8 @@ class TokenHistory:
         columns = (kept - lengths)[:, None] + torch.arange(int(lengths.max()))  # past a row's end: padding
         columns = torch.minimum(columns, (kept - 1)[:, None])
         device = self.seq.device
-        return self.seq[rows.to(device)[:, None], columns.to(device)], lengths.to(device)
+        rows, columns = rows.to(device, non_blocking=True), columns.to(device, non_blocking=True)
+        return self.seq[rows[:, None], columns], lengths.to(device, non_blocking=True)
 
 
 class Decoder:
@@ -117,14 +119,15 @@ class Decoder:
         cache.lengths = (cache.lengths + 1).clamp(max=cache.max_len)
         self.input_pos.add_(1).clamp_(max=cache.max_len - 1)  # as cache.positions(1) would give
         if sliding.numel():
-            logits[sliding.to(logits.device)] = self.slide(sliding, history)
+            logits[sliding.to(logits.device, non_blocking=True)] = self.slide(sliding, history)
             self.input_pos = cache.positions(1)
         return logits
 
     def slide(self, rows: torch.Tensor, history: TokenHistory) -> torch.Tensor:
         idx, lengths = history.windows(rows)
-        logits = self.prefill(idx, lengths, self.cache, rows.to(idx.device))
-        self.cache.lengths[rows] = lengths.cpu()
+        logits = self.prefill(idx, lengths, self.cache, rows.to(idx.device, non_blocking=True))
+        # The windows' lengths, taken on the host: reading them back from a GPU would wait for it.
+        self.cache.lengths[rows] = history.kept[rows].clamp(max=history.block_size)
         return logits
 
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -145,9 +148,11 @@ def compiled_phases(model: GPT, batch: int, dtype: torch.dtype,
                          "fbgemm's packed products): use compile=False, where their decoding is already fast")
     cache = model._compiled.get("kv_cache")
     if cache is None or cache.k[0].shape[0] != batch or cache.k[0].dtype != dtype or cache.k[0].device != device:
-        model._compiled.pop("kv_cache", None)  # the old cache's memory goes before the new one's is taken
-        cache = KVCache(model.config, batch, model.config.block_size, dtype, device, static=True)
-        model._compiled["kv_cache"] = cache
+        # Both references to the old cache go first (this name's too), so that its memory is free before the new
+        # one's is taken: two caches at once may not fit.
+        cache = model._compiled["kv_cache"] = None
+        cache = model._compiled["kv_cache"] = KVCache(model.config, batch, model.config.block_size, dtype, device,
+                                                      static=True)
     cache.lengths.zero_()
     if "decode_step" not in model._compiled:
         mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs remove per-kernel launches
@@ -279,7 +284,8 @@ def generate_stream(model: GPT, prompts: Prompts, max_new_tokens: int, temperatu
     costs that row a full forward pass over block_size tokens (see Decoder.step), and speculation stops.
     """
     stop_tokens = check_generation_args(prompts, max_new_tokens, temperature, top_k, top_p, num_samples,
-                                        model.config.vocab_size, stop_tokens, seed, generator)
+                                        model.config.vocab_size, stop_tokens, seed, generator,
+                                        device=model.transformer.wte.weight.device, generators=generators)
     if generators is not None and (seed is not None or generator is not None):
         raise ValueError("give one of seed, generator and generators, not several")
     if draft is not None:

@@ -1,10 +1,10 @@
-"""
-GPT-2 in plain PyTorch: the network and its KV cache.
+"""GPT-2 in plain PyTorch: the network and its KV cache.
 
-The file reads top to bottom: the config, the KV cache, attention, MLP and block, then GPT with its forward pass,
-from_pretrained, and the two passes generation is made of: prefill (prompts from position 0) and decode_step (new
-positions for every row, each at its own). generate.py drives them; load.py reads checkpoint files; linear.py holds
-the CPU's matmul routes and the int8 and float16 weights; sampling.py draws each token and checks arguments.
+The file reads top to bottom: the config, the KV cache, attention, MLP and block, then GPT with its
+forward pass, from_pretrained, and the two passes generation is made of: prefill (prompts from
+position 0) and decode_step (new positions for every row, each at its own). generate.py drives them;
+load.py reads checkpoint files; linear.py holds the CPU's matmul routes and the int8 and float16
+weights; sampling.py draws each token and checks arguments.
 """
 
 import math
@@ -23,7 +23,7 @@ from sampling import check_int, check_token_ids
 @dataclass
 class GPTConfig:
     block_size: int = 1024
-    vocab_size: int = 50304  # nanoGPT's padded training vocabulary; GPT-2 checkpoints carry their own 50257
+    vocab_size: int = 50304  # nanoGPT's padded training size; GPT-2 checkpoints carry their 50257
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -32,57 +32,65 @@ class GPTConfig:
 
 
 class KVCache:
-    """Every layer's keys and values for each row of a batch, and how many positions each row has filled.
+    """Every layer's keys and values for each row of a batch, and how many positions each row has
+    filled.
 
-    Rows advance on their own: a row's new positions are written at its own length, and each query sees the keys
-    of its own row up to its own position. What lies past a row's length is stale and seen by no query, so taking
-    positions back (a draft's rejected tokens) is only lowering a length, and a row can start over (a new prompt,
-    or a window that slid) while the others go on. Each layer holds a K and a V tensor of its own: a compiled step
-    then writes them in place (Inductor copies a write into a slice of a larger graph input). A static cache
-    (compiled decoding) shows a step the whole buffer, so that every step has the same shapes and is captured once.
+    Rows advance on their own: a row's new positions are written at its own length, and each query
+    sees the keys of its own row up to its own position. What lies past a row's length is stale and
+    seen by no query, so taking positions back (a draft's rejected tokens) is only lowering a
+    length, and a row can start over (a new prompt, or a window that slid) while the others go on.
+    Each layer holds a K and a V tensor of its own: a compiled step then writes them in place
+    (Inductor copies a write into a slice of a larger graph input). A static cache (compiled
+    decoding) shows a step the whole buffer, so that every step has the same shapes and is captured
+    once.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, dtype: torch.dtype,
                  device: torch.device, static: bool = False):
         shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]  # [B, H, L, D]
+        # k[layer], v[layer]: [B, H, max_len, D]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
-        self.lengths = torch.zeros(batch_size, dtype=torch.long)  # positions filled per row, kept on the host
+        # Positions filled per row, on the host: generation reads them without waiting for a GPU.
+        self.lengths = torch.zeros(batch_size, dtype=torch.long)
         self.all_rows = torch.arange(batch_size, device=device)
         self.static = static
         if static:
             for t in self.k + self.v:
-                torch._dynamo.mark_static_address(t)  # written in place by a captured graph: keep the addresses
+                torch._dynamo.mark_static_address(t)  # a captured graph writes here: keep it
 
     @property
     def max_len(self) -> int:
         return self.k[0].size(2)
 
     def positions(self, new: int) -> torch.Tensor:
-        """[B, new] positions of each row's next `new` tokens, on the cache's device. A row already at the end
-        gets the last positions (what it writes there is redone by the window slide that follows)."""
+        """[B, new] positions of each row's next `new` tokens, on the cache's device. A row already
+        at the end gets the last positions (what it writes there is redone by the window slide that
+        follows)."""
         pos = self.lengths[:, None] + torch.arange(new)
         return pos.clamp(max=self.max_len - 1).to(self.all_rows.device, non_blocking=True)
 
     def visible(self, new: int) -> int:
-        """Keys a step of `new` positions per row may see: the whole buffer in a static cache, else up to the end
-        of the longest row."""
+        """Keys a step of `new` positions per row may see: the whole buffer in a static cache, else
+        up to the end of the longest row."""
         return self.max_len if self.static else min(int(self.lengths.max()) + new, self.max_len)
 
     def write(self, layer: int, rows: torch.Tensor, input_pos: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor) -> None:
-        """Store new keys and values. A prompt shared by several rows (its samples) is written to each."""
+        """Store new keys and values. A prompt shared by several rows (its samples) is written to
+        each."""
         # rows: [R], input_pos: [R or 1, S], k, v: [R or R / samples, H, S, D]
         if k.size(0) != rows.size(0):
             k = k.repeat_interleave(rows.size(0) // k.size(0), dim=0)
             v = v.repeat_interleave(rows.size(0) // v.size(0), dim=0)
-        self.k[layer][rows[:, None], :, input_pos] = k.transpose(1, 2)  # the indexed view is [R, S, H, D]
+        self.k[layer][rows[:, None], :, input_pos] = k.transpose(1, 2)  # indexed view: [R, S, H, D]
         self.v[layer][rows[:, None], :, input_pos] = v.transpose(1, 2)
 
 
 class CacheStep(NamedTuple):
-    """What one pass over new positions does with the cache: write rows' keys and values at input_pos, and (a
-    decode step) let each query see its row's keys where mask is True; without a mask, a prompt sees its own."""
+    """What one pass over new positions does with the cache: write rows' keys and values at
+    input_pos, and (a decode step) let each query see its row's keys where mask is True; without a
+    mask, a prompt sees its own."""
     cache: KVCache
     rows: torch.Tensor  # [R] the cache rows being written
     input_pos: torch.Tensor  # [R or 1, S]
@@ -93,12 +101,14 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
         if config.n_embd % config.n_head != 0:
-            raise ValueError(f"n_embd ({config.n_embd}) must be a multiple of n_head ({config.n_head})")
+            raise ValueError(f"n_embd ({config.n_embd}) must be a multiple of n_head "
+                             f"({config.n_head})")
         self.layer_idx = layer_idx
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
-        self.c_attn = RoutedLinear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # query, key, value at once
+        # query, key and value in one product
+        self.c_attn = RoutedLinear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = RoutedLinear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -107,11 +117,12 @@ class CausalSelfAttention(nn.Module):
         mask = None
         if step is not None:
             step.cache.write(self.layer_idx, step.rows, step.input_pos, k, v)
-            if step.mask is not None:  # a decode step: each query sees its own row of the cache, up to itself
+            if step.mask is not None:  # a decode step: a query sees its row up to itself
                 mask = step.mask
                 k = step.cache.k[self.layer_idx][:, :, :mask.size(-1)]  # [B, H, visible, D]
                 v = step.cache.v[self.layer_idx][:, :, :mask.size(-1)]
-        # Without a mask the queries are a prompt from position 0 over its own keys: causal (flash kernels where
+        # Without a mask the queries are a prompt from position 0 over its own keys: causal (flash
+        # kernels where
         # the device has them). An `if`, so that a compiled prefill of any length gets a plain bool.
         is_causal = False
         if mask is None and q.size(2) > 1:
@@ -121,7 +132,8 @@ class CausalSelfAttention(nn.Module):
         return self._merge_heads(y)
 
     def forward_with_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The output and the attention probabilities [B, H, T, T], written out (for attention pictures)."""
+        """The output and the attention probabilities [B, H, T, T], written out (for attention
+        pictures)."""
         q, k, v = self._heads(x)
         T = q.size(2)
         scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
@@ -143,7 +155,8 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = RoutedLinear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's own gelu ("gelu_new"); the erf form drifts from its weights
+        # GPT-2's own gelu ("gelu_new"); the erf form drifts from its weights
+        self.gelu = nn.GELU(approximate="tanh")
         self.c_proj = RoutedLinear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -170,9 +183,9 @@ class Block(nn.Module):
 
 
 class Embedding(nn.Embedding):
-    """nn.Embedding without its own N(0, 1) draw: GPT._init_weights draws GPT-2's N(0, 0.02) over it anyway, and a
-    model built on the meta device to be filled from a checkpoint needs none (torch's meta normal_ alone costs a
-    second of start-up, importing its compiler)."""
+    """nn.Embedding without its own N(0, 1) draw: GPT._init_weights draws GPT-2's N(0, 0.02) over it
+    anyway, and a model built on the meta device to be filled from a checkpoint needs none (torch's
+    meta normal_ alone costs a second of start-up, importing its compiler)."""
 
     def reset_parameters(self) -> None:
         pass
@@ -192,10 +205,11 @@ class GPT(nn.Module):
         self.lm_head = RoutedLinear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self._compiled = {}
-        if self.lm_head.weight.is_meta:  # built to be filled from a checkpoint: random values would be wasted work
+        if self.lm_head.weight.is_meta:  # to be filled from a checkpoint: random values are wasted
             return
         self.apply(self._init_weights)
-        # GPT-2 scales the residual projections so the residual stream's variance does not grow with depth.
+        # GPT-2 scales the residual projections so the residual stream's variance does not grow with
+        # depth.
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
@@ -207,29 +221,33 @@ class GPT(nn.Module):
             torch.nn.init.zeros_(module.bias)
 
     def get_num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; the position embedding is left out by default (the token one is shared with the head)."""
+        """Parameter count; the position embedding is left out by default (the token one is shared
+        with the head)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= self.transformer.wpe.weight.numel()
         return n
 
     def crop_block_size(self, block_size: int) -> None:
-        """Shrink the context, e.g. to sample a 1024-position checkpoint with less memory (checked first: a refusal
-        leaves the model as it was)."""
+        """Shrink the context, e.g. to sample a 1024-position checkpoint with less memory (checked
+        first: a refusal leaves the model as it was)."""
         check_int("block_size", block_size, 1, self.config.block_size)
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
         self.config.block_size = int(block_size)
         self._compiled.clear()  # its static cache was shaped for the old context
 
     def quantize_int8(self) -> "GPT":
-        """Int8 weights with per-output-channel scales for every Linear, in place (CPU only; see linear.py)."""
+        """Int8 weights with per-output-channel scales for every Linear, in place (CPU only; see
+        linear.py)."""
         return quantize_int8(self)
 
     def quantize_fp16(self) -> "GPT":
-        """Float16 weights for every Linear, multiplied in float32, in place (CPU only; see linear.py)."""
+        """Float16 weights for every Linear, multiplied in float32, in place (CPU only; see
+        linear.py)."""
         return quantize_fp16(self)
 
-    def _hidden(self, idx: torch.Tensor, input_pos: torch.Tensor, step: Optional[CacheStep] = None) -> torch.Tensor:
+    def _hidden(self, idx: torch.Tensor, input_pos: torch.Tensor,
+                step: Optional[CacheStep] = None) -> torch.Tensor:
         # idx: [B, S], input_pos: [B or 1, S] -> [B, S, C]
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(input_pos))
         for block in self.transformer.h:
@@ -239,27 +257,31 @@ class GPT(nn.Module):
     def _positions(self, idx: torch.Tensor) -> torch.Tensor:
         T = idx.size(1)
         if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
+            raise ValueError(f"sequence of length {T} is longer than block_size "
+                             f"{self.config.block_size}")
         return torch.arange(T, device=idx.device)
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
                 all_logits: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Logits for [B, T] token ids, without any cache.
 
-        With targets: logits for every position and the mean cross-entropy (targets of -1 are ignored). Without:
-        logits for the last position only, shape [B, 1, V], unless all_logits=True asks for every position.
+        With targets: logits for every position and the mean cross-entropy (targets of -1 are
+        ignored). Without: logits for the last position only, shape [B, 1, V], unless
+        all_logits=True asks for every position.
         """
         check_token_ids(idx, self.config.vocab_size)
         x = self._hidden(idx, self._positions(idx)[None])
         if targets is not None:
             logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1)
             return logits, loss
         return self.lm_head(x if all_logits else x[:, [-1], :]), None
 
     @torch.no_grad()
     def forward_with_attention(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits for every position and the attention probabilities, shape [n_layer, B, n_head, T, T]."""
+        """Logits for every position and the attention probabilities, shape [n_layer, B, n_head, T,
+        T]."""
         check_token_ids(idx, self.config.vocab_size)
         x = self.transformer.wte(idx) + self.transformer.wpe(self._positions(idx))
         probs = []
@@ -272,55 +294,65 @@ class GPT(nn.Module):
     def from_pretrained(cls, model_type: str, override_args: Optional[dict] = None) -> "GPT":
         """Load GPT-2 weights, in eval mode and float32, from any of:
 
-        - 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', 'distilgpt2', or a hub repo id of a GPT-2 model
-          ('openai-community/gpt2'), fetched once through huggingface_hub's cache and then read offline;
-        - a local folder in the Hugging Face layout (config.json with model.safetensors or pytorch_model.bin);
-        - a nanoGPT training checkpoint (ckpt.pt, or a folder holding one).
-        override_args may set dropout only. Raises load.LoadError with what went wrong and what to do.
+        - 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', 'distilgpt2', or a hub repo id of a GPT-2
+          model ('openai-community/gpt2'), fetched once through huggingface_hub's cache and then
+          read offline;
+        - a local folder in the Hugging Face layout (config.json with model.safetensors or
+          pytorch_model.bin);
+        - a nanoGPT training checkpoint (ckpt.pt, or a folder holding one). override_args may set
+          dropout only. Raises load.LoadError with what went wrong and what to do.
         """
         config_args, state_dict = load.read_pretrained(model_type, override_args)
         with torch.device("meta"):  # no memory, no init: every tensor comes from the checkpoint
             model = cls(GPTConfig(**config_args))
         model.load_state_dict(state_dict, assign=True)
-        model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the shared tensor: tie again
+        model.lm_head.weight = model.transformer.wte.weight  # assign=True untied them: tie again
         return model.eval()
 
-    # ------------------------------------------------------------------------------------------------------------
-    # The two passes of generation (driven by generate.py): a prompt from position 0, then new positions per row.
+    # ----------------------------------------------------------------------------------------------
+    # --------------
+    # The two passes of generation (driven by generate.py): a prompt from position 0, then new
+    # positions per row.
 
     def prefill(self, idx: torch.Tensor, lengths: torch.Tensor, kv_cache: Optional[KVCache] = None,
                 rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Run prompts from position 0, writing their keys and values into the cache rows `rows` (if a cache is
-        given); logits [B, V] for the token after each. Unchecked: generation checks the ids on entry."""
-        # idx: [B, T] prompts, each padded on the right to T; lengths: [B] their own lengths on idx's device
+        """Run prompts from position 0, writing their keys and values into the cache rows `rows` (if
+        a cache is given); logits [B, V] for the token after each. Unchecked: generation checks the
+        ids on entry."""
+        # idx: [B, T] prompts, each padded on the right to T; lengths: [B] their own lengths on
+        # idx's device
         input_pos = torch.arange(idx.size(1), device=idx.device)[None]  # [1, T]
         step = None
         if kv_cache is not None:
             step = CacheStep(kv_cache, kv_cache.all_rows if rows is None else rows, input_pos, None)
         x = self._hidden(idx, input_pos, step)
-        last = x[torch.arange(idx.size(0), device=idx.device), lengths - 1]  # [B, C]: each prompt's last token
+        last = x[torch.arange(idx.size(0), device=idx.device), lengths - 1]  # [B, C]
         return self.lm_head(last)
 
-    def decode_step(self, idx: torch.Tensor, input_pos: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
-        """Feed every row of the cache S new tokens at its own positions; logits [B, S, V] after each of them."""
+    def decode_step(self, idx: torch.Tensor, input_pos: torch.Tensor,
+                    kv_cache: KVCache) -> torch.Tensor:
+        """Feed every row of the cache S new tokens at its own positions; logits [B, S, V] after
+        each of them."""
         # idx, input_pos: [B, S]
         keys = torch.arange(kv_cache.visible(idx.size(1)), device=idx.device)
-        mask = (keys <= input_pos[..., None])[:, None]  # [B, 1, S, visible]: a query sees its row up to itself
+        mask = (keys <= input_pos[..., None])[:, None]  # [B, 1, S, visible]: its row, up to itself
         x = self._hidden(idx, input_pos, CacheStep(kv_cache, kv_cache.all_rows, input_pos, mask))
         return self.lm_head(x)
 
     @torch.no_grad()
     def generate_stream(self, idx: Union[torch.Tensor, list[torch.Tensor]], max_new_tokens: int,
-                        temperature: float = 1.0, top_k: Optional[int] = None, **options) -> Iterator[torch.Tensor]:
-        """Yield each step's new tokens, one per row, as they are made: see generate.generate_stream."""
-        from generate import generate_stream  # generation drives the model, so it imports this module
+                        temperature: float = 1.0, top_k: Optional[int] = None,
+                        **options) -> Iterator[torch.Tensor]:
+        """Yield each step's new tokens, one per row, as they are made: see
+        generate.generate_stream."""
+        from generate import generate_stream  # generate.py imports this module: import it here
         return generate_stream(self, idx, max_new_tokens, temperature, top_k, **options)
 
     @torch.no_grad()
     def generate(self, idx: Union[torch.Tensor, list[torch.Tensor]], max_new_tokens: int,
                  temperature: float = 1.0, top_k: Optional[int] = None,
                  **options) -> Union[torch.Tensor, list[torch.Tensor]]:
-        """nanoGPT's generate: the prompt [B, T] followed by up to max_new_tokens sampled tokens; for a list of
-        prompts, a list of each one's tokens: see generate.generate."""
+        """nanoGPT's generate: the prompt [B, T] followed by up to max_new_tokens sampled tokens;
+        for a list of prompts, a list of each one's tokens: see generate.generate."""
         from generate import generate
         return generate(self, idx, max_new_tokens, temperature, top_k, **options)

@@ -4,7 +4,6 @@ torn line; bad files and a failing rank."""
 
 import json
 import os
-import runpy
 import signal
 import subprocess
 import sys
@@ -65,16 +64,26 @@ def test_text_file_lines_escapes_and_ids(tmp_path):
 
 def test_jsonl_settings_per_prompt(prompts_file):
     import batch
+    import sample
 
-    config = runpy.run_path(str(ROOT / "sample.py"))  # sample.py's settings, at their defaults
-    config.update(prompts=str(prompts_file), out="unused.jsonl", num_samples=1, max_new_tokens=8)
-    job = batch.SampleJob.from_settings(config)
+    defaults = {name: getattr(sample, name) for name in batch.PER_PROMPT}  # sample.py's settings, at their defaults
+    defaults.update(num_samples=1, max_new_tokens=8)
+    job = batch.SampleJob.read(str(prompts_file), "unused.jsonl", 32, 2048, defaults)
     by_id = {p.id: p for p in job.prompts}
     assert list(by_id) == ["a", "b", 3, 4, 5, "six", *range(10, 18), 99, "end"]
     assert by_id[3].settings["num_samples"] == 2 and by_id["a"].settings["num_samples"] == 1
     assert by_id["six"].settings == dict(max_new_tokens=8, temperature=0.8, top_k=None, top_p=0.9, num_samples=1,
                                          stop_at_eot=False, seed=7)
     assert by_id[4].settings["temperature"] == 0.0 and isinstance(by_id[4].settings["temperature"], float)
+
+
+def test_per_prompt_settings_are_typed_as_sample_py_declares_them(root_dir):
+    import batch
+    from configurator import read_settings
+
+    declared = read_settings(str(root_dir / "sample.py"))
+    for name, setting in batch.PER_PROMPT.items():
+        assert (setting.kind, setting.optional) == (declared[name].kind, declared[name].optional), name
 
 
 def test_seed_depends_on_seed_id_and_sample_only():
@@ -90,6 +99,20 @@ def test_share_is_contiguous_balanced_and_complete():
     assert sum(shares, []) == items  # each a contiguous run, in order, covering everything once
     costs = [sum(map(cost, s)) for s in shares]
     assert max(costs) - min(costs) <= 5
+
+
+def test_compiled_batches_are_cut_for_a_static_cache_of_the_whole_context():
+    """kv_cache_mb bounds a batch's KV cache: 21 positions a row eager, the whole context (1024) compiled."""
+    from batch import Prompt, Sample, SampleJob, batches
+    from model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=1024, vocab_size=100, n_layer=2, n_head=2, n_embd=64))
+    prompt = Prompt(1, 1, "A", dict(max_new_tokens=20, temperature=1.0, top_k=None, top_p=None, num_samples=40,
+                                    stop_at_eot=False, seed=0))
+    samples = [Sample(prompt, 0, k, k, [7]) for k in range(40)]
+    job = SampleJob([prompt], "p.jsonl", "out.jsonl", batch_size=32, kv_cache_mb=8)
+    assert [len(b) for b in batches(samples, job, model)] == [32, 8]  # 2 x 2 x 21 x 64 x 4 bytes a row
+    assert [len(b) for b in batches(samples, job, model, compile=True)] == [8] * 5  # 2 x 2 x 1024 x 64 x 4: 1 MiB
 
 
 @pytest.mark.parametrize("content, message", [
@@ -279,3 +302,52 @@ def test_a_failing_rank_fails_the_run_with_its_message(torchrun, trained_dir, pr
     assert "cannot write the part file" in run.stderr and "rank1-of-2.part: Is a directory" in run.stderr
     assert time.monotonic() - started < 150
     assert not (tmp_path / "out.jsonl").exists()
+
+
+LATE_RANK = """
+import json, os, sys, time
+from datetime import timedelta
+
+sys.path.insert(0, os.getcwd())  # the project's folder, where torchrun runs this
+import batch
+
+out, timeout = sys.argv[1], float(sys.argv[2])
+ranks = batch.start_ranks("cpu", timeout=timedelta(seconds=timeout))
+keys = [(json.dumps(i),) for i in range(4)]
+mine = keys[2 * ranks.rank:2 * ranks.rank + 2]
+output = batch.Output(out, ranks, keys, mine, lambda record: (json.dumps(record["id"]),))
+output.resume()
+if ranks.rank == 1:
+    time.sleep(4 * timeout)  # still working on its share long after rank 0 has finished
+for (key,) in mine:
+    output.write(json.dumps({"id": json.loads(key), "rank": ranks.rank}))
+output.merge()
+ranks.close()
+"""
+
+
+def test_a_rank_that_finishes_long_before_the_others_waits_for_them(torchrun, tmp_path):
+    """Rank 0 finishes its share 4 collective timeouts (of 2 s here) before rank 1, as one can finish minutes or
+    hours before the others of a long job (NCCL's timeout is 10 minutes, gloo's 30): it waits for the last rank
+    outside any collective, and the merge that follows is whole."""
+    script = tmp_path / "late_rank.py"
+    script.write_text(LATE_RANK, encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    run = torchrun(str(script), str(out), "2", timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert lines(out) == [{"id": i, "rank": i // 2} for i in range(4)]
+    assert list(tmp_path.glob("*.part")) == []
+
+
+@pytest.mark.parametrize("device", ["cuda:1", "cuda:0"])
+def test_an_indexed_gpu_is_refused_under_torchrun(run_script, trained_dir, prompts_file, tmp_path, monkeypatch,
+                                                   device):
+    """Each rank takes the GPU of its LOCAL_RANK; --device=cuda:N would put every rank on GPU N, which NCCL
+    refuses at the first collective. Said before any process group forms (here a rank's environment without
+    torchrun: none would form)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    code, _, err = run_script("sample.py", *sample_args(trained_dir, prompts_file, tmp_path / "out.jsonl"),
+                              f"--device={device}")
+    assert code == 2 and f"--device={device} under torchrun: every process would take that one GPU" in err
+    assert "Traceback" not in err
