@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar, Union
 import torch
 from torch.nn import functional as F
 
-from linear import Fp16Linear, Int8Linear, swap_linears
+from linear import Fp16Linear, Int8Linear
 from model import GPT, KVCache
 from sampling import Sampling, check_generation_args, check_int
 
@@ -186,11 +186,12 @@ def draft_model(model: GPT, draft: Union[str, GPT]) -> GPT:
                          "already int8 or fp16: speculate for its float32 original, or give no draft")
     key = f"{draft} draft"  # kept beside the compiled steps, made from the same weights (crop_block_size clears it)
     if key not in model._compiled:
-        # deepcopy with every tensor of the model in its memo copies the modules around the model's own tensors;
-        # then only the Linears are replaced: the embeddings and layer norms stay shared, not copied.
+        # deepcopy with every tensor of the model in its memo copies the modules around the model's own tensors,
+        # whose Linears are then replaced: the embeddings and layer norms stay shared, not copied.
         memo = {id(t): t for t in model.parameters()}
         memo[id(model._compiled)] = {}
-        model._compiled[key] = swap_linears(copy.deepcopy(model, memo), Int8Linear if draft == "int8" else Fp16Linear)
+        copied = copy.deepcopy(model, memo)
+        model._compiled[key] = copied.quantize_int8() if draft == "int8" else copied.quantize_fp16()
     return model._compiled[key]
 
 

@@ -222,3 +222,37 @@ def test_a_quantized_model_takes_no_quantized_draft():
     model = GPT(GPTConfig(block_size=16, vocab_size=97, n_layer=1, n_head=1, n_embd=8)).eval().quantize_fp16()
     with pytest.raises(ValueError, match="already int8 or fp16"):
         model.generate(torch.tensor([[1, 2]]), 3, draft="int8")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sample.py --draft and --draft_tokens
+
+def test_sample_py_with_a_draft_writes_the_models_own_samples(run_script, trained_dir):
+    """Greedy, the same text with an int8 draft, an fp16 draft and another model (the same one) as the draft; the
+    speculation's figures on stderr."""
+    args = [f"--init_from={trained_dir}", "--start=The history of", "--max_new_tokens=40", "--num_samples=2",
+            "--temperature=0"]
+    status, plain, _ = run_script("sample.py", *args)
+    assert status == 0 and plain.count("---------------") == 2
+    for draft in ("int8", "fp16", str(trained_dir)):
+        status, out, err = run_script("sample.py", *args, f"--draft={draft}", "--draft_tokens=3")
+        assert status == 0 and out == plain, draft
+        assert "speculative decoding: " in err and "of the draft's tokens accepted" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--draft=int8", "--quantize=fp16"], "leaves no float model to copy"),
+    (["--draft=int8", "--draft_tokens=0"], "--draft_tokens must be >= 1, got 0"),
+    (["--draft_tokens=3"], "--draft_tokens=3 without --draft"),
+    (["--draft=no/such/model"], "--draft=no/such/model: "),
+    (["--draft=int8", "--prompts=p.jsonl", "--out=o.jsonl"], "--draft is for sample.py's own samples"),
+])
+def test_sample_py_refuses_a_draft_that_cannot_serve(run_script, trained_dir, args, message):
+    status, out, err = run_script("sample.py", f"--init_from={trained_dir}", "--max_new_tokens=5", *args)
+    assert status == 2 and message in err and "Traceback" not in err and out == ""
+
+
+def test_sample_py_refuses_a_draft_of_another_vocabulary(run_script, trained_dir, char_checkpoint, tmp_path):
+    status, _, err = run_script("sample.py", f"--init_from={trained_dir}", "--max_new_tokens=5",
+                                f"--draft={char_checkpoint(tmp_path)}")
+    assert status == 2 and "has a vocabulary of 65 tokens and the model one of 50257" in err
