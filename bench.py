@@ -11,7 +11,7 @@ no-cache method, on the same weights, prompts and lengths:
 
 Systems: (a) ours, model.generate_stream with the KV cache; (b) transformers' GPT2LMHeadModel.generate, greedy,
 KV cache on; (c) ours without the cache (use_kv_cache=False, nanoGPT's method); (d) sample.py's default workload;
-(f) with --busy_core, (a) in float32 at torch's default thread count and at one thread, quiet and while another
+(s) ours float32 with speculative decoding (generate's draft=), an int8 and an fp16 draft; (f) with --busy_core, (a) in float32 at torch's default thread count and at one thread, quiet and while another
 process spins on one core; (p) with --peers, CTranslate2 and llama.cpp on the same weights (peers.py).
 --prompts_file_bench runs only (e): a prompts file of 200 prompts of mixed lengths through batch.py against
 model.generate looped prompt by prompt, and sample.py --prompts as 2 processes x 1 thread (torchrun) against
@@ -72,6 +72,8 @@ new_tokens: int = 64  # greedy tokens generated per row
 batch_sizes: str = '1,10'  # comma-separated batch sizes
 dtype: str = 'float32,bfloat16'  # weight dtypes for (a) and (b), comma-separated; float32 always runs (the baseline)
 quantize: str | None = 'int8,fp16'  # also run (a) with int8 and/or fp16 weights (GPT.quantize_int8/_fp16); None skips
+draft: str | None = 'int8,fp16'  # (s): float32 decoded speculatively with these drafts (int8, fp16; CPU); None skips
+draft_tokens: int | None = None  # (s): tokens a draft proposes a round; None: generate.py's DRAFT_TOKENS
 slow_batches: str = '1'  # batch sizes for (b) in dtypes other than float32 (bfloat16 at batch 10 takes minutes)
 repeats: int = 3  # timed runs per measurement (the median is reported), after one warm-up run
 max_seconds: float = 30.0  # fewer repeats (at least one) for a system whose runs take longer than this in all
@@ -112,6 +114,8 @@ class Result:
     weight_mb: float  # bytes a decode step reads from weights
     roofline: Optional[float] = None  # decode steps/s reached over the most the bandwidth allows
     runs: int = 0
+    accepted: Optional[float] = None  # (s): the share of the draft's tokens the model accepted (last run)
+    tokens_per_round: Optional[float] = None  # (s): tokens a row made per round of one model step (last run)
     tokens: list = field(default_factory=list, repr=False)  # greedy tokens of the last run, (batch, new_tokens)
 
 
@@ -259,13 +263,15 @@ def transformers_model(model: GPT):
 # Timing: one generation, as a list of step timestamps
 
 
-def run_ours(model: GPT, idx: torch.Tensor, steps: int, use_kv_cache: bool = True,
-             compiled: bool = False) -> tuple[list[float], torch.Tensor]:
+def run_ours(model: GPT, idx: torch.Tensor, steps: int, use_kv_cache: bool = True, compiled: bool = False,
+             **speculation) -> tuple[list[float], torch.Tensor]:
     """Greedy generation through the project's generate_stream; the start time and each step's time. On a GPU only
     the first and the last step wait for the device (as a user's loop would not wait at all), so the times
-    between are when steps were queued, and only the first and last are exact."""
+    between are when steps were queued, and only the first and last are exact. speculation: generate_stream's
+    draft, draft_tokens and stats (a round's tokens then come at once: only the last step's time counts)."""
     times, tokens = [time.perf_counter()], []
-    for token in model.generate_stream(idx, steps, temperature=0, use_kv_cache=use_kv_cache, compile=compiled):
+    for token in model.generate_stream(idx, steps, temperature=0, use_kv_cache=use_kv_cache, compile=compiled,
+                                       **speculation):
         if not tokens or len(tokens) == steps - 1:
             sync(idx.device)
         times.append(time.perf_counter())
@@ -335,6 +341,25 @@ def measure_ours(model: GPT, variant: str, idx: torch.Tensor, timing: Timing, co
                    lambda: run_ours(model, idx, timing.new_tokens, compiled=compiled), idx, timing, decode_bytes(model))
 
 
+def measure_speculative(model: GPT, draft: str, idx: torch.Tensor, timing: Timing,
+                        draft_tokens: Optional[int]) -> Result:
+    """(s): ours float32 (model) decoded speculatively with the draft `draft` (int8, fp16), with the share of its
+    tokens accepted and the tokens per round of the last run. weights MB/step stays the float32 model's, so the
+    roofline column can pass 100%: one read of the weights serves several tokens."""
+    stats = {}
+    options = dict(draft=draft, stats=stats) | ({} if draft_tokens is None else dict(draft_tokens=draft_tokens))
+
+    def run() -> tuple[list[float], torch.Tensor]:
+        stats.clear()
+        return run_ours(model, idx, timing.new_tokens, **options)
+
+    result = measure(f"(s) ours float32, {draft} draft", run, idx, timing, decode_bytes(model))
+    if stats.get("rounds"):
+        result.accepted = stats["accepted"] / stats["proposed"]
+        result.tokens_per_round = stats["tokens"] / stats["rounds"] / idx.size(0)
+    return result
+
+
 def measure_transformers(hf, dtype: str, idx: torch.Tensor, timing: Timing, weight_bytes: int) -> Result:
     """(b): transformers' generate with its KV cache, in dtype; weight_bytes: ours in that dtype."""
     return measure(f"(b) transformers {dtype}", lambda: run_transformers(hf, idx, timing.new_tokens), idx, timing,
@@ -388,6 +413,7 @@ class Rows:
     """One batch size's results, each kept under what it measured: the checks and ratios are read from here."""
     batch: int
     ours: dict[str, Result] = field(default_factory=dict)  # (a) by variant: float32, bfloat16, ..., int8, fp16
+    speculative: dict[str, Result] = field(default_factory=dict)  # (s) by draft: int8, fp16
     compiled: dict[str, Result] = field(default_factory=dict)  # (a) compiled, by variant
     transformers: dict[str, Result] = field(default_factory=dict)  # (b) by dtype
     under_load: Optional[tuple[Result, Result, Result]] = None  # (f) quiet 1 thread, busy default, busy 1 thread
@@ -399,15 +425,16 @@ class Rows:
         rows = []
         for variant, result in self.ours.items():
             rows += [result] + [r[variant] for r in (self.compiled, self.transformers) if variant in r]
-        rows += list(self.under_load or ()) + list(self.peers.values())
+        rows += list(self.speculative.values()) + list(self.under_load or ()) + list(self.peers.values())
         return rows + ([self.no_cache] if self.no_cache else [])
 
 
 def measure_batch(idx: torch.Tensor, ours: dict[str, nn.Module], theirs: dict[str, nn.Module], slow: list[int],
-                  compile: bool, busy_core: bool, engines: list, reference: bool, timing: Timing) -> Rows:
+                  compile: bool, busy_core: bool, engines: list, reference: bool, timing: Timing,
+                  drafts: list[str], draft_tokens: Optional[int]) -> Rows:
     """Every system on the prompts idx, one measurement a row: (a) each of our variants (and compiled, unless
-    quantized), (b) transformers' in each dtype (other than float32 only at the slow batch sizes), (f) under load,
-    (p) each peer, and (c) at batch 1."""
+    quantized), (b) transformers' in each dtype (other than float32 only at the slow batch sizes), (s) float32
+    with each draft, (f) under load, (p) each peer, and (c) at batch 1."""
     rows = Rows(idx.size(0))
     for variant, model in ours.items():
         rows.ours[variant] = measure_ours(model, variant, idx, timing)
@@ -416,6 +443,8 @@ def measure_batch(idx: torch.Tensor, ours: dict[str, nn.Module], theirs: dict[st
         if variant in theirs and (variant == "float32" or rows.batch in slow):
             rows.transformers[variant] = measure_transformers(theirs[variant], variant, idx, timing,
                                                               decode_bytes(model))
+    for draft in drafts:
+        rows.speculative[draft] = measure_speculative(ours["float32"], draft, idx, timing, draft_tokens)
     if busy_core:
         rows.under_load = measure_under_load(ours["float32"], idx, timing)
     for peer in engines:
@@ -697,7 +726,8 @@ def tables(report: dict) -> str:
               "(the weights)" if gpu else "RSS growth: peak resident memory growth during the warm-up run, in this "
               "one process (weights were already resident)")
     lines += ["", "roofline: decode steps/s reached x weight bytes per step / median read bandwidth (1 = the most "
-              f"the memory allows; the KV cache's reads are not counted). {memory}.", ""]
+              f"the memory allows; the KV cache's reads are not counted; (s) counts tokens, several a read of the "
+              f"weights, and can pass 1). {memory}.", ""]
     for line in report["ratios"]:
         lines.append(line)
     lines.append("")
@@ -734,9 +764,9 @@ def parse_sizes(name: str, text: str) -> list[int]:
     return sizes
 
 
-def check_settings(s: SimpleNamespace) -> tuple[list[int], list[int], list[str], list[str]]:
+def check_settings(s: SimpleNamespace) -> tuple[list[int], list[int], list[str], list[str], list[str]]:
     """Every setting in s checked before anything slow runs, as sample.py does; the batch sizes, the slow ones, the
-    dtypes and the quantized variants."""
+    dtypes, the quantized variants and the drafts."""
     at_least = dict(prompt_len=1, new_tokens=2, repeats=1, bandwidth_mb=1, workload_samples=1, workload_tokens=1,
                     n_layer=1, n_head=1, n_embd=1, vocab_size=1, block_size=1)
     for name, low in at_least.items():
@@ -773,7 +803,12 @@ def check_settings(s: SimpleNamespace) -> tuple[list[int], list[int], list[str],
     quantized = [q for q in (s.quantize or "").split(",") if q]  # int8, fp16, both or none
     if not set(quantized) <= {"int8", "fp16"}:
         raise UsageError(f"quantize must be int8, fp16, int8,fp16 or None, got '{s.quantize}'")
-    return batches, slow, dtypes, quantized
+    drafts = [d for d in (s.draft or "").split(",") if d]
+    if not set(drafts) <= {"int8", "fp16"}:
+        raise UsageError(f"draft must be int8, fp16, int8,fp16 or None, got '{s.draft}'")
+    if s.draft_tokens is not None and s.draft_tokens < 1:
+        raise UsageError(f"--draft_tokens={s.draft_tokens}: a draft proposes at least 1 token a round")
+    return batches, slow, dtypes, quantized, drafts
 
 
 def trained_folder(name: str) -> Path:
@@ -812,8 +847,8 @@ def variants(model: GPT, dtypes: list[str], quantized: list[str],
 
 
 def token_checks(rows: Rows, engines: list) -> tuple[list[str], bool]:
-    """One batch's greedy tokens compared: the lines that say so, and whether the float32 tokens of (a), (b) and
-    (c) are identical."""
+    """One batch's greedy tokens compared: the lines that say so, and whether the float32 tokens of (a), (b), (c)
+    and (s) are identical."""
     a = rows.ours["float32"].tokens
     same = a == rows.transformers["float32"].tokens
     line = (f"batch {rows.batch}: float32 greedy tokens, (a) ours vs (b) transformers: "
@@ -831,6 +866,15 @@ def token_checks(rows: Rows, engines: list) -> tuple[list[str], bool]:
                 text += (f"; equal to transformers {variant}'s at "
                          f"{100 * agreement(result.tokens, rows.transformers[variant].tokens):.0f}%")
             lines.append(text)
+    for draft, result in rows.speculative.items():
+        same_s = result.tokens == a  # speculative decoding keeps the model's own greedy tokens
+        same = same and same_s
+        text = (f"batch {rows.batch}: float32 with the {draft} draft, greedy tokens "
+                f"{'identical to' if same_s else 'DIFFER from'} (a) float32's")
+        if result.accepted is not None:
+            text += (f"; {100 * result.accepted:.1f}% of the draft's tokens accepted, {result.tokens_per_round:.2f} "
+                     f"tokens a row per round (one float32 step)")
+        lines.append(text)
     for peer in engines:
         if peer.like in rows.ours:
             agree = agreement(rows.peers[peer.name].tokens, rows.ours[peer.like].tokens)
@@ -871,6 +915,13 @@ def ratio_lines(rows: dict[int, Rows], engines: list) -> list[str]:
         for peer in engines:
             ratio(f"batch {b} decode, ours {peer.like} / {peer.name}", r.ours.get(peer.like), r.peers.get(peer.name),
                   1.0)
+        for draft, result in r.speculative.items():
+            ratio(f"batch {b} decode, ours float32 with the {draft} draft / ours float32", result,
+                  r.ours.get("float32"), 1.5 if b == 1 else None)
+            for peer in engines:
+                if peer.like == "float32":
+                    ratio(f"batch {b} decode, ours float32 with the {draft} draft / {peer.name}", result,
+                          r.peers.get(peer.name), 1.0 if b == 1 else None)
     return lines
 
 
@@ -882,7 +933,7 @@ def main() -> int:
         for name, value in QUICK.items():
             if getattr(s, name) == QUICK_DEFAULTS[name]:
                 setattr(s, name, value)
-    batches, slow, dtypes, quantized = check_settings(s)
+    batches, slow, dtypes, quantized, drafts = check_settings(s)
     if s.threads is not None:
         torch.set_num_threads(s.threads)
     if s.prompts_file_bench:
@@ -918,7 +969,8 @@ def main() -> int:
         for batch in batches:
             idx = torch.randint(0, vocab, (batch, s.prompt_len), generator=generator).to(s.device)
             rows[batch] = measure_batch(idx, ours, theirs, slow, s.compile, s.busy_core and s.device == "cpu",
-                                        engines, s.reference, timing)
+                                        engines, s.reference, timing, drafts if s.device == "cpu" else [],
+                                        s.draft_tokens)
             lines, same = token_checks(rows[batch], engines)
             checks += lines
             ok = ok and same

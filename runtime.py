@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional, Union
 
 from errors import UsageError
 from tokenizer import EOT, EOT_ID, load_tokenizer
@@ -121,6 +121,54 @@ def model_from(checkpoint: Path, dev: torch.device, dt: torch.dtype, quantize_mo
     return model
 
 
+def check_draft(name: Optional[str], draft_tokens: Optional[int], dev: torch.device, quantize_mode: Optional[str],
+                compile: bool) -> None:
+    """--draft and --draft_tokens checked before any model loads: UsageError for a draft that cannot serve."""
+    from sampling import check_int
+
+    if name is None:
+        if draft_tokens is not None:
+            raise UsageError(f"--draft_tokens={draft_tokens} without --draft: give a draft (int8, fp16 or a smaller "
+                             "model) for it to propose tokens")
+        return
+    if draft_tokens is not None:
+        try:
+            check_int("--draft_tokens", draft_tokens, 1)
+        except (TypeError, ValueError) as e:
+            raise UsageError(e) from None
+    if compile:
+        raise UsageError("--draft does not take --compile=True: speculative decoding runs eagerly")
+    if name in ("int8", "fp16"):
+        if dev.type != "cpu":
+            raise UsageError(f"--draft={name} runs on the CPU only (fbgemm's products), not on {dev}: give a "
+                             "smaller model of the same vocabulary as the draft instead, such as --draft=distilgpt2")
+        if quantize_mode is not None:
+            raise UsageError(f"--draft={name} is a quantized copy of the float model, and --quantize={quantize_mode} "
+                             "leaves no float model to copy: drop one of them")
+    else:
+        try:
+            open_checkpoint(name)  # a draft that is not there is said now, before the model loads
+        except UsageError as e:
+            raise UsageError(f"--draft={name}: {e}") from None
+
+
+def load_draft(name: Optional[str], model: GPT, dev: torch.device, dtype_name: str) -> Union[None, str, GPT]:
+    """--draft's draft for speculative decoding (checked by check_draft): "int8" or "fp16", which generation makes
+    from the model's own weights, or the model `name` loaded on dev in dtype_name's dtype, which must share the
+    model's vocabulary."""
+    if name is None or name in ("int8", "fp16"):
+        return name
+    t0 = time.perf_counter()
+    draft = model_from(open_checkpoint(name), dev, pick_dtype(dtype_name, dev))
+    if draft.config.vocab_size != model.config.vocab_size:
+        raise UsageError(f"--draft={name} has a vocabulary of {draft.config.vocab_size} tokens and the model one of "
+                         f"{model.config.vocab_size}: a draft must propose the model's own token ids; use a model "
+                         f"of the same family (distilgpt2 or gpt2 for GPT-2's 50257 tokens), or int8 or fp16")
+    print(f"loaded the draft {name} ({draft.get_num_params(non_embedding=False):,} params) in "
+          f"{time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    return draft
+
+
 def load_model(name: str, dev: torch.device, dtype_name: str, quantize_mode: Optional[str],
                tiktoken_path: Optional[str]) -> tuple[GPT, tiktoken.Encoding]:
     """The model `name` on dev, in dtype_name's dtype (and int8 or fp16 weights if asked), and its tokenizer, which
@@ -180,12 +228,12 @@ def token_bytes(enc: tiktoken.Encoding, tokens: list[int]) -> bytes:
 
 def sample_steps(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float, top_k: Optional[int],
                  top_p: Optional[float], stop_at_eot: bool, compile: bool = False,
-                 **draw) -> Iterator[torch.Tensor]:
+                 **options) -> Iterator[torch.Tensor]:
     """Each step's new tokens from model.generate_stream, ending a row at <|endoftext|> when stop_at_eot: the one
-    call behind sample.py's samples and a prompts file's. draw: how the rows draw their noise (num_samples,
-    generator, generators)."""
+    call behind sample.py's samples and a prompts file's. options: how the rows draw their noise (num_samples,
+    generator, generators) and speculative decoding's (draft, draft_tokens, stats)."""
     return model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p=top_p,
-                                 stop_tokens=[EOT_ID] if stop_at_eot else None, compile=compile, **draw)
+                                 stop_tokens=[EOT_ID] if stop_at_eot else None, compile=compile, **options)
 
 
 # ----------------------------------------------------------------------------------------------------------------

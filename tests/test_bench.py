@@ -18,8 +18,11 @@ def test_quick_bench_runs_every_system_with_identical_tokens(root_dir):
     systems = {(r["system"], r["batch"]) for r in report["results"]}
     for batch in (1, 10):
         for system in ("(a) ours float32", "(b) transformers float32", "(a) ours int8", "(a) ours fp16",
-                       "(a) ours bfloat16", "(b) transformers bfloat16"):
+                       "(a) ours bfloat16", "(b) transformers bfloat16", "(s) ours float32, int8 draft",
+                       "(s) ours float32, fp16 draft"):
             assert (system, batch) in systems
+    speculative = [r for r in report["results"] if r["system"].startswith("(s)")]
+    assert all(0 < r["accepted"] <= 1 and 1 <= r["tokens_per_round"] for r in speculative)
     assert ("(c) ours no cache float32", 1) in systems
     for r in report["results"]:
         assert r["decode_tok_s"] > 0 and r["ttft_ms"] > 0 and 0 < r["roofline"]
