@@ -5,8 +5,11 @@ A generation reads top to bottom: each prompt becomes a row (prompts of differen
 `padded`), each row's tokens are kept in a bounded history (`TokenHistory`), and a `Decoder` runs the phases over
 one KV cache: `prefill` writes each prompt into its rows of the cache, `decode_step` feeds every row its newest token
 at the row's own position, and a row that has filled the context slides its window (`slide`: its last block_size
-tokens prefilled again, nanoGPT's meaning past the context). `generate_stream` is the loop over those phases; `generate` collects what it yields. Also here: the
-thread count each CPU step runs at (ThreadChooser) and the rule of one compiled generation at a time.
+tokens prefilled again, nanoGPT's meaning past the context). `generate_stream` is the loop over those phases;
+`generate` collects what it yields. The prompts-file job (batch.py) drives the same Decoder as a fixed number of
+slots: a row that has finished takes a new prompt (`admit`) while the others go on, and a row left with nothing
+to do is parked. Also here: the thread count each CPU step runs at (ThreadChooser) and the rule of one compiled
+generation at a time.
 """
 
 import functools
@@ -48,6 +51,12 @@ class TokenHistory:
         self.kept = torch.tensor(lengths)  # [B] columns in use, on the host
         self.all_rows = torch.arange(len(rows), device=self.seq.device)
 
+    @classmethod
+    def for_slots(cls, slots: int, longest: int, block_size: int, device: torch.device) -> "TokenHistory":
+        """A history of `slots` rows that take their prompts later (admit), with room for `longest` tokens a row
+        (a prompt and its new tokens) or 2 * block_size, whichever is less."""
+        return cls([torch.zeros(1, dtype=torch.long, device=device)] * slots, longest - 1, block_size)
+
     def append(self, token: torch.Tensor) -> None:
         full = (self.kept == self.seq.size(1)).nonzero()[:, 0]  # only ever at 2 * block_size
         if full.numel():  # keep the newer half, all a window needs
@@ -55,6 +64,13 @@ class TokenHistory:
             self.kept[full] = self.block_size
         self.seq[self.all_rows, self.kept.to(self.seq.device)] = token
         self.kept += 1
+
+    def admit(self, rows: torch.Tensor, prompts: Sequence[torch.Tensor]) -> None:
+        """Rows `rows` (host indices) start over from these prompts, one a row (each at most as long as the
+        columns, as the one whose history is built for the longest prompt and its new tokens)."""
+        for row, prompt in zip(rows.tolist(), prompts):
+            self.seq[row, :prompt.numel()] = prompt
+            self.kept[row] = prompt.numel()
 
     def windows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The last block_size tokens (or all, if fewer) of each row in `rows` (host indices), padded on the
@@ -106,6 +122,24 @@ class Decoder:
             logits[sliding.to(logits.device)] = self.slide(sliding, history)
             self.input_pos = cache.positions(1)
         return logits
+
+    def admit(self, rows: torch.Tensor, prompts: Sequence[torch.Tensor], history: TokenHistory) -> torch.Tensor:
+        """Start new prompts, one a row, in the rows `rows` (host indices) while the other rows go on where they
+        are (continuous batching); logits [R, V] for each prompt's first new token. What a row held before is
+        stale from then on and seen by no query."""
+        idx, lengths = padded(prompts)
+        logits = self.prefill(idx, lengths, self.cache, rows.to(idx.device))
+        self.cache.lengths[rows] = lengths.cpu()
+        self.input_pos = self.cache.positions(1)
+        history.admit(rows, prompts)
+        return logits
+
+    def park(self, rows: torch.Tensor) -> None:
+        """Rows (host indices) with nothing to do, as a run's last prompts finish elsewhere in the batch, go back to
+        length 0: they still take part in each step (their tokens are read by no one) but never grow into a
+        window slide."""
+        self.cache.lengths[rows] = 0
+        self.input_pos = self.cache.positions(1)
 
     def slide(self, rows: torch.Tensor, history: TokenHistory) -> torch.Tensor:
         idx, lengths = history.windows(rows)

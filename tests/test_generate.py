@@ -239,6 +239,26 @@ def test_temperature_zero_is_argmax():
     assert torch.equal(sample_next_token(logits, 0.0, 5, 0.5), logits.argmax(-1))
 
 
+def test_settings_per_row_draw_what_each_row_draws_alone():
+    """Rows with their own temperature, top-k and top-p in one call: each row's token is the one its settings
+    draw for it alone, from its own generator (which is left where drawing alone leaves it)."""
+    logits = torch.randn(6, 500, generator=torch.Generator().manual_seed(0)) * 3
+    settings = [(0.8, 200, None), (0.0, None, None), (1.0, None, 0.9), (0.8, 200, None), (1.3, 5, 0.5),
+                (1.0, None, None)]
+    temperature, top_k, top_p = (list(s) for s in zip(*settings))
+    together = [torch.Generator().manual_seed(i) for i in range(6)]
+    alone = [torch.Generator().manual_seed(i) for i in range(6)]
+    for _ in range(3):
+        drawn = sample_next_token(logits, temperature, top_k, top_p, generators=together)
+        for i, (t, k, p) in enumerate(settings):
+            assert drawn[i] == sample_next_token(logits[i:i + 1], t, k, p, generators=alone[i:i + 1])[0]
+    # One setting for every row, given per row: the batch is drawn as with scalars.
+    same = sample_next_token(logits, [0.8] * 6, 200, [None] * 6, torch.Generator().manual_seed(1))
+    assert torch.equal(same, sample_next_token(logits, 0.8, 200, None, torch.Generator().manual_seed(1)))
+    with pytest.raises(ValueError, match="one value per row"):
+        sample_next_token(logits, [0.8] * 5)
+
+
 def test_compiled_decode_equals_eager():
     """compile=True: the decode step compiled over the static cache, prefill compiled for any length."""
     torch.manual_seed(0)
@@ -334,6 +354,57 @@ def test_prompt_list_with_stop_tokens_and_samples(trained):
         if new[-1].item() in (13, 50256):
             assert not torch.isin(new[:-1], torch.tensor([13, 50256])).any()
         assert torch.equal(new, alone[prompt.numel():][:new.numel()])
+
+
+def run_slots(model: GPT, slots: int, queue: list, **settings) -> list[torch.Tensor]:
+    """Continuous batching as the prompts-file job does it, over Decoder: queue holds (prompt, new tokens, seed);
+    a row that has its new tokens takes the next prompt at once (admit), while the others go on; an idle row is
+    parked. Each prompt's new tokens, in the queue's order."""
+    from generate import Decoder, TokenHistory
+    longest = max(p.numel() + n for p, n, _ in queue)
+    block = model.config.block_size
+    decoder = Decoder(model, slots, min(longest, block), torch.device("cpu"), compile=False)
+    history = TokenHistory.for_slots(slots, longest, block, torch.device("cpu"))
+    running, made, todo = [None] * slots, [[] for _ in queue], list(range(len(queue)))
+    generators = [torch.Generator() for _ in range(slots)]
+    token = None
+    with torch.no_grad():
+        while todo or any(r is not None for r in running):
+            logits = decoder.step(token, history) if token is not None else torch.zeros(slots, model.config.vocab_size)
+            free = [i for i, r in enumerate(running) if r is None]
+            take = [(row, todo.pop(0)) for row in free[:len(todo)]]
+            if take:
+                rows = torch.tensor([row for row, _ in take])
+                logits[rows] = decoder.admit(rows, [queue[q][0] for _, q in take], history)
+                for row, q in take:
+                    running[row] = q
+                    generators[row].manual_seed(queue[q][2])
+            idle = torch.tensor([i for i, r in enumerate(running) if r is None], dtype=torch.long)
+            if idle.numel():
+                decoder.park(idle)
+            token = sample_next_token(logits, generators=generators, **settings)
+            history.append(token)
+            for row, q in enumerate(running):
+                if q is not None:
+                    made[q].append(int(token[row]))
+                    if len(made[q]) == queue[q][1]:
+                        running[row] = None
+    return [torch.tensor(m) for m in made]
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0), dict(temperature=0.9, top_k=20)])
+def test_rows_admitted_mid_run_generate_as_each_prompt_alone(short_context_model, settings):
+    """Decoder.admit: a prompt started in a row while the other rows are part way (some past block_size, sliding
+    their windows) makes the tokens it makes alone, and the rows that go on are not disturbed; parked rows at the
+    end take no part."""
+    g = torch.Generator().manual_seed(2)
+    queue = [(torch.randint(0, 97, (length,), generator=g), new, 50 + i)
+             for i, (length, new) in enumerate([(5, 10), (40, 60), (12, 25), (44, 30), (2, 20), (30, 3), (7, 90)])]
+    made = run_slots(short_context_model, 3, queue, **settings)
+    for (prompt, new, seed), tokens in zip(queue, made):
+        alone = short_context_model.generate(prompt[None], new, generators=[torch.Generator().manual_seed(seed)],
+                                             **settings)[0]
+        assert torch.equal(tokens, alone[prompt.numel():]), (prompt.numel(), new)
 
 
 # ---------------------------------------------------------------------------------------------------------------
