@@ -94,11 +94,15 @@ class Decoder:
         if not compile:
             self.cache = KVCache(model.config, batch, max_len, dtype, device)
             self.prefill, self.decode_step = model.prefill, model.decode_step
+            self.decode_and_prefill = model.decode_and_prefill
             if device.type == "cpu" and torch.get_num_threads() > 1:
                 # Every core, or one where that is faster now (another program keeps a core busy).
-                self.decode_step = functools.partial(ThreadChooser().run, model.decode_step)
+                chooser = ThreadChooser()
+                self.decode_step = functools.partial(chooser.run, model.decode_step)
+                self.decode_and_prefill = functools.partial(chooser.run_chosen, model.decode_and_prefill)
         else:
             self.cache, self.prefill, self.decode_step = compiled_phases(model, batch, dtype, device)
+            self.decode_and_prefill = None  # a captured step has one shape: new prompts get a prefill apart
         self.input_pos = self.cache.positions(1)  # [B, 1], advanced on the device: no host copy per step
 
     def start(self, prompts: Sequence[torch.Tensor], samples: int) -> torch.Tensor:
@@ -109,27 +113,46 @@ class Decoder:
         self.input_pos = self.cache.positions(1)
         return logits.repeat_interleave(samples, dim=0)
 
-    def step(self, token: torch.Tensor, history: TokenHistory) -> torch.Tensor:
-        """Feed each row its newest token [B]; logits [B, V] for the next. A row that has filled the context slides
-        its window instead: GPT-2's positions are absolute, so a slide shifts every position and no cached key stays
+    def step(self, token: torch.Tensor, history: TokenHistory,
+             admit: Optional[tuple[torch.Tensor, Sequence[torch.Tensor]]] = None) -> torch.Tensor:
+        """Feed each row its newest token [B]; logits [B, V] for the next. admit, (rows as host indices, prompts):
+        those rows start new prompts instead (continuous batching), prefilled in the same pass as the step where
+        it is eager (Packed: one read of the weights for both). A row that has filled the context slides its
+        window instead: GPT-2's positions are absolute, so a slide shifts every position and no cached key stays
         valid; that row costs a prefill of block_size tokens per step from then on."""
         cache = self.cache
+        rows, prompts = admit or (torch.zeros(0, dtype=torch.long), [])
         sliding = (cache.lengths == cache.max_len).nonzero()[:, 0]
-        logits = self.decode_step(token[:, None], self.input_pos, cache)[:, -1]
+        sliding = sliding[~torch.isin(sliding, rows)]  # a row that starts over does not slide
+        first = None  # the new prompts' logits
+        if prompts and self.decode_and_prefill is not None:
+            logits, first = self.decode_and_prefill(token[:, None], self.input_pos, cache, list(prompts),
+                                                    rows.to(self.input_pos.device))
+        else:
+            logits = self.decode_step(token[:, None], self.input_pos, cache)
+        logits = logits[:, -1]
         cache.lengths = (cache.lengths + 1).clamp(max=cache.max_len)
         self.input_pos.add_(1).clamp_(max=cache.max_len - 1)  # as cache.positions(1) would give
+        if prompts:
+            logits[rows.to(logits.device)] = self.admit(rows, prompts, history, first)
         if sliding.numel():
             logits[sliding.to(logits.device)] = self.slide(sliding, history)
             self.input_pos = cache.positions(1)
         return logits
 
-    def admit(self, rows: torch.Tensor, prompts: Sequence[torch.Tensor], history: TokenHistory) -> torch.Tensor:
-        """Start new prompts, one a row, in the rows `rows` (host indices) while the other rows go on where they
-        are (continuous batching); logits [R, V] for each prompt's first new token. What a row held before is
-        stale from then on and seen by no query."""
-        idx, lengths = padded(prompts)
-        logits = self.prefill(idx, lengths, self.cache, rows.to(idx.device))
-        self.cache.lengths[rows] = lengths.cpu()
+    def admit(self, rows: torch.Tensor, prompts: Sequence[torch.Tensor], history: TokenHistory,
+              logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Start new prompts, one a row, in the rows `rows` (host indices) while the other rows stay where they are
+        (continuous batching); logits [R, V] for each prompt's first new token (given as logits when a step has
+        prefilled them already). Eager, the prompts are packed side by side, none padded; compiled, padded to the
+        longest. What a row held before is stale from then on and seen by no query."""
+        device = self.input_pos.device
+        if logits is None and self.decode_and_prefill is not None:
+            _, logits = self.model.decode_and_prefill(None, None, self.cache, list(prompts), rows.to(device))
+        elif logits is None:
+            idx, lengths = padded(prompts)
+            logits = self.prefill(idx, lengths, self.cache, rows.to(device))
+        self.cache.lengths[rows] = torch.tensor([p.numel() for p in prompts])
         self.input_pos = self.cache.positions(1)
         history.admit(rows, prompts)
         return logits
@@ -299,6 +322,16 @@ class ThreadChooser:
             torch.set_num_threads(previous)
         self.record(count, seconds)
         return out
+
+    def run_chosen(self, step: Callable[..., T], *args) -> T:
+        """step(*args) at the count chosen so far, untimed: a pass of another size (a decode step that also
+        prefills new prompts) says nothing about how fast the plain steps are."""
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.chosen)
+        try:
+            return step(*args)
+        finally:
+            torch.set_num_threads(previous)
 
     def record(self, count: int, seconds: float) -> None:
         self.steps += 1

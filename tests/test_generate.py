@@ -302,6 +302,32 @@ def test_decode_step_logits_equal_the_plain_forward(trained, batch):
             torch.testing.assert_close(got[b], expected, atol=1e-5, rtol=1e-5)
 
 
+def test_decode_and_prefill_in_one_pass_equal_each_apart(trained):
+    """Packed: a decode step of rows at their own lengths and new prompts of different lengths written into other
+    rows, in one pass, give the logits and the cache each gives apart (within 1e-5)."""
+    from generate import padded
+    g = torch.Generator().manual_seed(5)
+    rows = [torch.randint(0, 50257, (n,), generator=g) for n in (3, 17, 9, 30)]
+    new = torch.randint(0, 50257, (4, 1), generator=g)
+    prompts = [torch.randint(0, 50257, (n,), generator=g) for n in (12, 1, 25)]
+    caches = [KVCache(trained.config, 4, 64, torch.float32, torch.device("cpu")) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            trained.prefill(*padded(rows), cache)
+            cache.lengths[:] = torch.tensor([r.numel() for r in rows])
+        step, first = trained.decode_and_prefill(new, caches[0].positions(1), caches[0], prompts,
+                                                 torch.tensor([3, 0, 2]))
+        alone = trained.decode_step(new, caches[1].positions(1), caches[1])
+        torch.testing.assert_close(step[1], alone[1], atol=1e-5, rtol=1e-5)  # row 1 goes on: the only one kept
+        for prompt, row, logits in zip(prompts, (3, 0, 2), first):
+            expected = trained.prefill(prompt[None], torch.tensor([prompt.numel()]), caches[1], torch.tensor([row]))
+            torch.testing.assert_close(logits, expected[0], atol=1e-5, rtol=1e-5)
+            for layer in range(trained.config.n_layer):
+                for a, b in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):
+                    torch.testing.assert_close(a[layer][row, :, :prompt.numel()], b[layer][row, :, :prompt.numel()],
+                                               atol=1e-5, rtol=1e-5)
+
+
 def test_lowered_lengths_take_positions_back(trained):
     """Positions past a row's length are unseen: after a step of 4, lowering the length by 3 and feeding other
     tokens gives the logits of the sequence without the dropped ones (a draft's rejected tokens)."""
@@ -356,29 +382,32 @@ def test_prompt_list_with_stop_tokens_and_samples(trained):
         assert torch.equal(new, alone[prompt.numel():][:new.numel()])
 
 
-def run_slots(model: GPT, slots: int, queue: list, **settings) -> list[torch.Tensor]:
+def run_slots(model: GPT, slots: int, queue: list, packed: bool = True, **settings) -> list[torch.Tensor]:
     """Continuous batching as the prompts-file job does it, over Decoder: queue holds (prompt, new tokens, seed);
-    a row that has its new tokens takes the next prompt at once (admit), while the others go on; an idle row is
-    parked. Each prompt's new tokens, in the queue's order."""
+    a row that has its new tokens takes the next prompt at the next step (prefilled in that step's pass, or apart
+    where packed=False, the compiled route), while the others go on; an idle row is parked. Each prompt's new
+    tokens, in the queue's order."""
     from generate import Decoder, TokenHistory
     longest = max(p.numel() + n for p, n, _ in queue)
     block = model.config.block_size
     decoder = Decoder(model, slots, min(longest, block), torch.device("cpu"), compile=False)
+    if not packed:
+        decoder.decode_and_prefill = None
     history = TokenHistory.for_slots(slots, longest, block, torch.device("cpu"))
     running, made, todo = [None] * slots, [[] for _ in queue], list(range(len(queue)))
     generators = [torch.Generator() for _ in range(slots)]
     token = None
     with torch.no_grad():
         while todo or any(r is not None for r in running):
-            logits = decoder.step(token, history) if token is not None else torch.zeros(slots, model.config.vocab_size)
-            free = [i for i, r in enumerate(running) if r is None]
-            take = [(row, todo.pop(0)) for row in free[:len(todo)]]
-            if take:
-                rows = torch.tensor([row for row, _ in take])
-                logits[rows] = decoder.admit(rows, [queue[q][0] for _, q in take], history)
-                for row, q in take:
-                    running[row] = q
-                    generators[row].manual_seed(queue[q][2])
+            take = [(row, todo.pop(0)) for row in [i for i, r in enumerate(running) if r is None][:len(todo)]]
+            rows, prompts = torch.tensor([row for row, _ in take], dtype=torch.long), [queue[q][0] for _, q in take]
+            if token is None:
+                logits = decoder.admit(rows, prompts, history)
+            else:
+                logits = decoder.step(token, history, (rows, prompts) if take else None)
+            for row, q in take:
+                running[row] = q
+                generators[row].manual_seed(queue[q][2])
             idle = torch.tensor([i for i, r in enumerate(running) if r is None], dtype=torch.long)
             if idle.numel():
                 decoder.park(idle)
@@ -392,15 +421,16 @@ def run_slots(model: GPT, slots: int, queue: list, **settings) -> list[torch.Ten
     return [torch.tensor(m) for m in made]
 
 
-@pytest.mark.parametrize("settings", [dict(temperature=0), dict(temperature=0.9, top_k=20)])
-def test_rows_admitted_mid_run_generate_as_each_prompt_alone(short_context_model, settings):
-    """Decoder.admit: a prompt started in a row while the other rows are part way (some past block_size, sliding
-    their windows) makes the tokens it makes alone, and the rows that go on are not disturbed; parked rows at the
-    end take no part."""
+@pytest.mark.parametrize("packed, settings", [(True, dict(temperature=0)), (True, dict(temperature=0.9, top_k=20)),
+                                              (False, dict(temperature=0.9, top_k=20))])
+def test_rows_admitted_mid_run_generate_as_each_prompt_alone(short_context_model, packed, settings):
+    """Decoder.step(admit=...): a prompt started in a row while the other rows are part way (some past block_size,
+    sliding their windows) makes the tokens it makes alone, and the rows that go on are not disturbed; parked rows
+    at the end take no part. Packed into the step's pass, and prefilled apart (the compiled route)."""
     g = torch.Generator().manual_seed(2)
     queue = [(torch.randint(0, 97, (length,), generator=g), new, 50 + i)
              for i, (length, new) in enumerate([(5, 10), (40, 60), (12, 25), (44, 30), (2, 20), (30, 3), (7, 90)])]
-    made = run_slots(short_context_model, 3, queue, **settings)
+    made = run_slots(short_context_model, 3, queue, packed, **settings)
     for (prompt, new, seed), tokens in zip(queue, made):
         alone = short_context_model.generate(prompt[None], new, generators=[torch.Generator().manual_seed(seed)],
                                              **settings)[0]
