@@ -157,11 +157,12 @@ class Decoder:
         history.admit(rows, prompts)
         return logits
 
-    def park(self, rows: torch.Tensor) -> None:
+    def park(self, rows: torch.Tensor, history: TokenHistory) -> None:
         """Rows (host indices) with nothing to do, as a run's last prompts finish elsewhere in the batch, go back to
-        length 0: they still take part in each step (their tokens are read by no one) but never grow into a
-        window slide."""
+        length 0, in the cache and in the history: they still take part in each step (their tokens are read by no
+        one) but never grow into a window slide or past the history's columns."""
         self.cache.lengths[rows] = 0
+        history.kept[rows] = 0
         self.input_pos = self.cache.positions(1)
 
     def slide(self, rows: torch.Tensor, history: TokenHistory) -> torch.Tensor:

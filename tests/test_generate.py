@@ -410,7 +410,7 @@ def run_slots(model: GPT, slots: int, queue: list, packed: bool = True, **settin
                 generators[row].manual_seed(queue[q][2])
             idle = torch.tensor([i for i, r in enumerate(running) if r is None], dtype=torch.long)
             if idle.numel():
-                decoder.park(idle)
+                decoder.park(idle, history)
             token = sample_next_token(logits, generators=generators, **settings)
             history.append(token)
             for row, q in enumerate(running):
