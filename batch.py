@@ -435,7 +435,6 @@ def run_job(output: Output, progress: Progress, steps: Iterator[None], what: str
 @dataclass
 class Sample:
     prompt: Prompt
-    order: int  # the prompt's place in the file
     index: int  # which of the prompt's samples
     seed: int
     ids: list[int]
@@ -491,11 +490,11 @@ def make_samples(job: SampleJob, enc: tiktoken.Encoding, model: GPT) -> list[Sam
     from <|endoftext|>; a prompt longer than the context keeps its end, as sample.py does)."""
     samples, cropped = [], 0
     block_size = model.config.block_size
-    for order, prompt in enumerate(job.prompts):
+    for prompt in job.prompts:
         ids, length = prompt_ids(enc, prompt.text, model.config, f"{job.path} line {prompt.line}: the prompt")
         cropped += length > block_size
         seed = prompt.settings["seed"]
-        samples += [Sample(prompt, order, k, sample_seed(seed, prompt.id, k), ids)
+        samples += [Sample(prompt, k, sample_seed(seed, prompt.id, k), ids)
                     for k in range(prompt.settings["num_samples"])]
     if cropped:
         print(f"warning: {cropped} prompts are longer than the model's context of {block_size}: each keeps its "

@@ -527,8 +527,9 @@ def prompts_file_figures(folder: Path, seed: int, repeats: int, device: str) -> 
     file and on its even counterpart, GPT-2 124M's shape with random weights (GPT-2's tokenizer, from the trained
     model's folder); on the spread file also bucketing (the job before continuous batching) and model.generate
     called prompt by prompt; then sample.py --prompts on the spread file with the trained model, as processes.
-    The job's runs are the median of repeats, interleaved; the slower two run once. device: only named in the
-    figures (the machine's description), as the rest runs on the CPU."""
+    The job's runs are the median of repeats, interleaved; the slower two run once. Each run's CPU time (this
+    process's) is kept beside its wall time: with one thread, the work done, whatever else shares the machine.
+    device: only named in the figures (the machine's description), as the rest runs on the CPU."""
     import tempfile
 
     import batch
@@ -544,30 +545,29 @@ def prompts_file_figures(folder: Path, seed: int, repeats: int, device: str) -> 
                "machine": cpu_description(device), "prompts": SPREAD["prompts"], "new_tokens": new_tokens,
                "prompt_tokens": {name: sum(len(enc.encode_ordinary(p.text)) for p in prompts)
                                  for name, prompts in files.items()}}
+    def timed(run: Callable[[], object]) -> tuple[float, float]:
+        began, cpu = time.perf_counter(), time.process_time()
+        run()
+        return time.perf_counter() - began, time.process_time() - cpu
+
     times = {"even": [], "spread": []}
     for run in range(repeats):
         for name, prompts in files.items():
             print(f"bench.py: (e) {name} file, continuous batching, run {run + 1} of {repeats}", file=sys.stderr,
                   flush=True)
             job = batch.SampleJob(prompts, name, str(scratch / f"{name}-{run}.jsonl"), 32, 2048)
-            began = time.perf_counter()
-            batch.sample_prompts(job, model, enc, batch.Ranks())
-            times[name].append(time.perf_counter() - began)
-    for name in files:
-        figures[name] = dict(runs_s=times[name], tok_s=new_tokens[name] / statistics.median(times[name]))
+            times[name].append(timed(lambda: batch.sample_prompts(job, model, enc, batch.Ranks())))
     samples = batch.make_samples(batch.SampleJob(files["spread"], "spread", "", 32, 2048), enc, model)
     print("bench.py: (e) spread file, bucketing", file=sys.stderr, flush=True)
-    began = time.perf_counter()
-    bucketed(model, samples)
-    figures["bucketing"] = dict(s=time.perf_counter() - began)
+    times["bucketing"] = [timed(lambda: bucketed(model, samples))]
     print("bench.py: (e) spread file, generate looped", file=sys.stderr, flush=True)
-    began = time.perf_counter()
-    for s in samples:
-        model.generate(torch.tensor([s.ids]), s.steps, FILE_SETTINGS["temperature"], FILE_SETTINGS["top_k"],
-                       seed=s.seed)
-    figures["looped"] = dict(s=time.perf_counter() - began)
-    for name in ("bucketing", "looped"):
-        figures[name]["tok_s"] = new_tokens["spread"] / figures[name]["s"]
+    times["looped"] = [timed(lambda: [model.generate(torch.tensor([s.ids]), s.steps, FILE_SETTINGS["temperature"],
+                                                     FILE_SETTINGS["top_k"], seed=s.seed) for s in samples])]
+    for name, runs in times.items():
+        tokens = new_tokens["even" if name == "even" else "spread"]
+        figures[name] = dict(runs_s=[wall for wall, _ in runs], cpu_s=[cpu for _, cpu in runs],
+                             tok_s=tokens / statistics.median(wall for wall, _ in runs),
+                             cpu_tok_s=tokens / statistics.median(cpu for _, cpu in runs))
     (scratch / "spread-prompts.jsonl").write_text(
         "".join(jsonlib.dumps(dict(id=p.id, prompt=p.text, max_new_tokens=p.settings["max_new_tokens"])) + "\n"
                 for p in files["spread"]), encoding="utf-8")
@@ -606,24 +606,32 @@ def process_figures(folder: Path, prompts: Path, seed: int) -> dict:
 
 def prompts_file_table(f: dict) -> str:
     m = f["machine"]
-    spread, even = f["spread"]["tok_s"], f["even"]["tok_s"]
 
-    def target(ratio: float, goal: float) -> str:
-        return f"{ratio:.2f}x (target >= {goal}x: {'met' if ratio >= goal else 'NOT met'})"
+    def row(label: str, name: str) -> str:
+        e = f[name]
+        runs = ", ".join(f"{wall:.1f}" for wall in e["runs_s"])
+        return f"  {label:<46} {e['tok_s']:7.1f} {e['cpu_tok_s']:9.1f}   ({runs} s)"
+
+    def target(label: str, num: str, den: str, goal: float) -> str:
+        ratios = [f[num][key] / f[den][key] for key in ("tok_s", "cpu_tok_s")]
+        met = "met" if ratios[0] >= goal else "NOT met"
+        return f"  {label:<46} {ratios[0]:6.2f}x {ratios[1]:8.2f}x   (target >= {goal}x: {met})"
 
     lines = [f"machine: {m['model']}, {m['cores']} cores; load average at start "
              f"{' '.join(f'{x:.2f}' for x in m['load_average'] or [])}",
              f"(e) prompts files of {f['prompts']} prompts, {f['model']}, batch size {f['batch_size']}, temperature "
-             f"0.8, top-k 200, {f['threads']} torch threads; new tokens/s (prompt tokens, new tokens):",
-             f"  even file (40 tokens, 48 new each; {f['prompt_tokens']['even']}, {f['new_tokens']['even']}), "
-             f"continuous batching: {even:7.1f}  (runs {', '.join(f'{t:.1f}' for t in f['even']['runs_s'])} s)",
-             f"  spread file (2-78 tokens, 8-88 new; {f['prompt_tokens']['spread']}, {f['new_tokens']['spread']}), "
-             f"continuous batching: {spread:7.1f}  (runs {', '.join(f'{t:.1f}' for t in f['spread']['runs_s'])} s)",
-             f"  spread file, bucketing (before): {f['bucketing']['tok_s']:7.1f}",
-             f"  spread file, generate looped: {f['looped']['tok_s']:7.1f}",
-             f"  spread / even: {target(spread / even, 0.9)}",
-             f"  spread: continuous batching / bucketing: {target(spread / f['bucketing']['tok_s'], 3)}",
-             f"  spread: continuous batching / generate looped: {target(spread / f['looped']['tok_s'], 5)}",
+             f"0.8, top-k 200, {f['threads']} torch threads",
+             f"  even file: {f['prompt_tokens']['even']} prompt tokens (40 each), {f['new_tokens']['even']} new (48 "
+             f"each); spread file: {f['prompt_tokens']['spread']} prompt tokens (2-78), {f['new_tokens']['spread']} "
+             "new (8-88)",
+             f"  {'new tokens/s (median; by CPU time in the next column)':<46} {'wall':>7} {'CPU time':>9}   (runs)",
+             row("even file, continuous batching", "even"),
+             row("spread file, continuous batching", "spread"),
+             row("spread file, bucketing (the job before)", "bucketing"),
+             row("spread file, generate looped", "looped"),
+             target("spread / even", "spread", "even", 0.9),
+             target("spread: continuous batching / bucketing", "spread", "bucketing", 3),
+             target("spread: continuous batching / generate looped", "spread", "looped", 5),
              "  sample.py --prompts on the spread file with the trained model, pinned to two cores (generation time "
              "from its summary; wall time with start-up):"]
     for name, p in f["processes"].items():
