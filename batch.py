@@ -20,18 +20,24 @@ the trained model: logits within 6e-6).
 Seeds. Sample k of prompt id draws its noise from its own torch.Generator, seeded from a hash of (the seed, id,
 k), where the seed is the prompt's own or the run's. So a sample's text depends on the model, the prompt, its
 settings and that seed only: never on which batch, rank or world size produced it (beyond the rounding above,
-which can change a token only where two candidates tie to within it). The seed is written in the sample's line.
+which can change a token only where two candidates tie to within it). That holds in float32. On a GPU in bfloat16
+or float16 the matrix kernels round differently for another number of rows, by far more, so a sample's tokens can
+change with its batch's size, the world size or a resume (which batches what is left anew): --dtype=float32 is
+the way to samples independent of them. The seed is written in the sample's line.
 
 Resume. Each rank appends its finished samples to its own part file (OUT.rankR-of-W.part), flushed per line and
 fsynced every FSYNC_SECONDS. Run again with the same command, a rank skips what its part file holds; a torn last
 line (a process killed mid-write) is cut off and its sample redone. When every rank is done, rank 0 gathers the
 parts (through torch.distributed, so no shared file system is needed), writes OUT in the file's order
-(prompt, then sample), and the parts are removed. An OUT that already holds every sample is not redone.
+(prompt, then sample), and the parts are removed. An OUT that already holds every sample is not redone. A rank
+that finishes early waits for the others as long as they take (Ranks.wait_for_all), not a collective's timeout.
 
 Ranks. Under torchrun (WORLD_SIZE > 1) the samples, in the file's order, are cut into one contiguous share per rank
-of about equal work; the share depends only on the file, the settings and the world size. A
-rank on a GPU takes cuda:LOCAL_RANK; on a CPU each rank takes cores / LOCAL_WORLD_SIZE threads (torchrun's own
-default is one). A rank that fails exits, and torchrun stops the others and reports it: the run never hangs.
+of about equal work; the share depends only on the file, the settings and the world size. A rank on a GPU takes
+cuda:LOCAL_RANK (--device=cuda:N is refused: every rank would take GPU N); on a CPU each rank takes cores /
+LOCAL_WORLD_SIZE threads (torchrun's own default is one). The collectives here move Python objects (part files,
+figures) over gloo, from host memory, also beside NCCL on GPUs. A rank that fails exits, and torchrun stops the
+others and reports it: the run never hangs.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
 
@@ -176,6 +183,23 @@ class Ranks:
     rank: int = 0
     world: int = 1
     device: str = "auto"  # the device setting for this rank
+    store: Any = None  # torchrun's key-value store, where a rank that has finished its share says so
+    objects: Any = None  # the gloo process group of the collectives here
+    waits: int = 0  # wait_for_all calls so far
+
+    def wait_for_all(self, poll_seconds: float = 0.1) -> None:
+        """Return once every rank has called this. A rank that finishes its share long before the others waits
+        here, asking the store now and then, not in a collective: a collective's wait ends in a timeout (30
+        minutes for gloo, 10 for NCCL), and the job would fail at its very end."""
+        if self.world == 1:
+            return
+        key, self.waits = f"finished/{self.waits}", self.waits + 1
+        try:
+            self.store.add(key, 1)
+            while self.store.add(key, 0) < self.world:
+                time.sleep(poll_seconds)
+        except RuntimeError as e:  # the store has gone: torchrun is stopping the job
+            raise SystemExit(f"rank {self.rank}: stopping, the job's store has gone ({str(e).splitlines()[0]})")
 
     def gather(self, obj: Any) -> Optional[list]:
         """Every rank's obj, in rank order, on rank 0 (None elsewhere)."""
@@ -193,43 +217,59 @@ class Ranks:
         self._collective("barrier")
 
     def close(self) -> None:
-        self._collective("destroy_process_group")
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
     def _collective(self, name: str, *args, **kwargs) -> None:
-        """torch.distributed's function `name`, with one process a no-op. When another rank has died, this one
-        ends with one line, not a traceback: torchrun reports the rank that failed first, with its message."""
+        """torch.distributed's function `name` over the gloo group, with one process a no-op: what moves is Python
+        objects, which gloo takes from host memory (NCCL would copy them through the GPU). When another rank has
+        died, this one ends with one line, not a traceback: torchrun reports the rank that failed first."""
         if self.world == 1:
             return
         import torch.distributed as dist
 
         try:
-            getattr(dist, name)(*args, **kwargs)
+            getattr(dist, name)(*args, group=self.objects, **kwargs)
         except RuntimeError as e:  # gloo and NCCL report a lost peer as a RuntimeError
             raise SystemExit(f"rank {self.rank}: stopping, another rank has failed ({str(e).splitlines()[0]})")
 
 
-def start_ranks(device: str) -> Ranks:
-    """This process's rank. Under torchrun: the process group (NCCL on GPUs, gloo on CPUs), cuda:LOCAL_RANK for
-    device auto or cuda, and on a CPU an equal part of the cores for each of this machine's ranks."""
+def start_ranks(device: str, timeout: Optional[timedelta] = None) -> Ranks:
+    """This process's rank. Under torchrun: cuda:LOCAL_RANK for device auto or cuda (an indexed GPU is refused:
+    every rank would take it), on a CPU an equal part of the cores for each of this machine's ranks, and the
+    process groups: the default one (NCCL on GPUs, gloo on CPUs) and a gloo one for the collectives here. timeout:
+    the limit of each of those collectives (None: torch's default); the wait for the slowest rank is not one
+    (wait_for_all)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Ranks(device=device)
+    if device.startswith("cuda:"):
+        raise UsageError(f"--device={device} under torchrun: every process would take that one GPU (and NCCL "
+                         f"refuses a GPU shared by two ranks). Use --device=cuda (or auto): each process takes the "
+                         f"GPU of its LOCAL_RANK; CUDA_VISIBLE_DEVICES chooses which GPUs those are")
     import torch
     import torch.distributed as dist
 
+    from runtime import pick_device
+
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    gpus = device in ("auto", "cuda") and torch.cuda.is_available()
-    if gpus:
+    dev = pick_device(device)  # a device this machine lacks is named before any group forms
+    if dev.type == "cuda":
+        if local_world > torch.cuda.device_count():
+            raise UsageError(f"torchrun started {local_world} processes on this machine, which has "
+                             f"{torch.cuda.device_count()} GPU(s): one process a GPU (--nproc_per_node="
+                             f"{torch.cuda.device_count()}), or --device=cpu")
         device = f"cuda:{local_rank}"
-        torch.cuda.set_device(local_rank)
-    elif device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
-    else:
+        pick_device(device)  # the current GPU from here on
+    elif dev.type == "cpu":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(max(1, cores // local_world))
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return Ranks(rank, world, device)
+    store, rank, world = next(dist.rendezvous("env://"))  # torchrun's store: init_process_group's, kept for us
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=store, rank=rank, world_size=world)
+    return Ranks(rank, world, device, store, dist.new_group(backend="gloo", timeout=timeout))
 
 
 def share(items: list, cost: Callable[[Any], float], ranks: Ranks) -> list:
@@ -332,6 +372,7 @@ class Output:
         """Every rank's part, on rank 0, written to OUT in order; the parts removed. Rank 0 gets the parsed lines
         in order, the other ranks None."""
         self.close()
+        self.ranks.wait_for_all()  # the ranks that finished first wait for the last here, without a timeout
         parts = self.ranks.gather(self.part.read_text(encoding="utf-8").splitlines())
         records = None
         if self.ranks.rank == 0:
@@ -502,11 +543,12 @@ def make_samples(job: SampleJob, enc: tiktoken.Encoding, model: GPT) -> list[Sam
     return samples
 
 
-def slot_count(samples: list[Sample], job: SampleJob, model: GPT) -> int:
+def slot_count(samples: list[Sample], job: SampleJob, model: GPT, compile: bool) -> int:
     """The rows of the KV cache: batch_size, fewer where the cache would pass kv_cache_mb (each row holds the
-    positions of the longest prompt plus its new tokens, up to the context), and no more than there are samples."""
+    positions of the longest prompt plus its new tokens, up to the context; compile: a static cache of the whole
+    context per row), and no more than there are samples."""
     config, itemsize = model.config, model.transformer.wte.weight.element_size()
-    row_bytes = kv_cache_bytes(config, max(len(s.ids) + s.steps for s in samples), 0, itemsize)
+    row_bytes = kv_cache_bytes(config, max(len(s.ids) + s.steps for s in samples), 0, itemsize, compile)
     return max(1, min(job.batch_size, job.kv_cache_mb * 2 ** 20 // row_bytes, len(samples)))
 
 
@@ -637,7 +679,7 @@ def sample_prompts(job: SampleJob, model: GPT, enc: tiktoken.Encoding, ranks: Ra
 
     def steps() -> Iterator[None]:
         work = [s for s in todo if s.steps > 0]
-        progress.slots = slot_count(work, job, model) if work else 0
+        progress.slots = slot_count(work, job, model, compile) if work else 0
         nothing = [(s, [], "length") for s in todo if s.steps == 0]  # max_new_tokens 0: no slot needed
         write(nothing)
         counted(nothing)

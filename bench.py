@@ -7,6 +7,7 @@ no-cache method, on the same weights, prompts and lengths:
     python bench.py --fidelity                   (int8, fp16 and bfloat16 against float32 on the trained model)
     python bench.py --peers                      (CTranslate2 and llama.cpp too, where installed: peers.py)
     python bench.py --busy_core                  (default threads and one, while another process keeps a core busy)
+    python bench.py --gpu_check                  (every GPU check at once, under 8 minutes: the gpu tests, cuda rows)
 
 Systems: (a) ours, model.generate_stream with the KV cache; (b) transformers' GPT2LMHeadModel.generate, greedy,
 KV cache on; (c) ours without the cache (use_kv_cache=False, nanoGPT's method); (d) sample.py's default workload;
@@ -22,8 +23,8 @@ roofline is the weight bytes a decode step reads over the read bandwidth measure
 steps per second the memory allows.
 
 Exit status: 0 done, the float32 greedy tokens of (a), (b) and (c) identical; 3 done, but those tokens differ (a
-correctness failure, not a crash); 2 a wrong setting (a one-line message); 1 a crash (with its traceback); 130
-Ctrl-C, 143 SIGTERM.
+correctness failure, not a crash); 2 a wrong setting (a one-line message); 1 a crash (with its traceback), or with
+--gpu_check a part that failed or ran out of its time; 130 Ctrl-C, 143 SIGTERM.
 """
 
 import contextlib
@@ -32,6 +33,8 @@ import json as jsonlib
 import math
 import os
 import platform
+import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -56,7 +59,7 @@ import torch.nn as nn
 from linear import Fp16Linear, Int8Linear
 from load import CONV1D_WEIGHTS
 from model import GPT, GPTConfig
-from runtime import pick_device, prompt_ids
+from runtime import native_bf16, pick_device, prompt_ids
 
 # -----------------------------------------------------------------------------
 init_from: str | None = None  # a checkpoint (hub name, folder, nanoGPT ckpt.pt); None: random weights shaped below
@@ -86,6 +89,7 @@ device: str = 'cpu'  # cpu or cuda (int8 and fp16 run on the CPU only)
 peers: bool = False  # (p): CTranslate2 and llama.cpp on the same weights, where installed (peers.py; CPU)
 busy_core: bool = False  # (f): (a) float32 at default threads and at 1, quiet and with one core kept busy (CPU)
 compile: bool = False  # also run (a) compiled (compile=True: static KV cache, CUDA graphs on a GPU)
+gpu_check: bool = False  # only every GPU check, under 8 minutes: the tests marked gpu, then this table's cuda rows
 quick: bool = False  # smoke test: a tiny model, few tokens, one repeat, short workload (explicit settings still win)
 json: bool = False  # print the results as JSON instead of tables
 seed: int = 1337  # seed of the random weights and prompts
@@ -105,7 +109,7 @@ class Result:
     prefill_tok_s: float  # prompt tokens (all rows) over the time to first token
     decode_tok_s: float  # new tokens (all rows) after the first step, over their time
     ttft_ms: float
-    rss_growth_mb: float  # peak resident memory growth during the warm-up run (weights excluded: already resident)
+    memory_growth_mb: float  # peak memory growth during the warm-up run: resident (CPU) or allocated (GPU)
     weight_mb: float  # bytes a decode step reads from weights
     roofline: Optional[float] = None  # decode steps/s reached over the most the bandwidth allows
     runs: int = 0
@@ -137,9 +141,10 @@ def cpu_description(device: str) -> dict:
 
 
 def sync(device: str | torch.device) -> None:
-    """Wait for the device, so that a clock read after it counts the work queued before it."""
+    """Wait for the device, so that a clock read after it counts the work queued before it (on that GPU: another
+    one's synchronize would not wait for it)."""
     if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def read_bandwidth(nbytes: int, device: str, repeats: int = 7) -> list[float]:
@@ -187,6 +192,33 @@ class PeakRSS:
     @property
     def growth_mb(self) -> float:
         return (self.peak - self.start) / 1e6
+
+
+class PeakGPU:
+    """Growth of the GPU memory torch has allocated over a block, at its peak (torch.cuda.max_memory_allocated):
+    the KV cache, activations and, compiled, the CUDA graphs' pool. The host's memory says nothing of it."""
+
+    def __init__(self, device: str | torch.device):
+        self.device = torch.device(device)
+
+    def __enter__(self) -> "PeakGPU":
+        sync(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.start = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sync(self.device)
+        self.peak = torch.cuda.max_memory_allocated(self.device)
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.peak - self.start) / 1e6
+
+
+def peak_memory(device: str | torch.device) -> PeakRSS | PeakGPU:
+    """What measures a run's memory on device: the GPU's own allocations, or this process's resident memory."""
+    return PeakGPU(device) if torch.device(device).type == "cuda" else PeakRSS()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -278,7 +310,7 @@ def measure(system: str, run: Callable[[], tuple[list[float], torch.Tensor]], id
     """Warm-up (memory sampled), then the timed runs of `run` on the prompts idx; medians."""
     batch, prompt = idx.shape
     print(f"bench.py: {system}, batch {batch}", file=sys.stderr, flush=True)  # progress: a full run takes minutes
-    with torch.no_grad(), PeakRSS() as rss:
+    with torch.no_grad(), peak_memory(idx.device) as memory:
         run()
     ttfts, rates = [], []
     tokens = None
@@ -294,7 +326,8 @@ def measure(system: str, run: Callable[[], tuple[list[float], torch.Tensor]], id
     ttft = statistics.median(ttfts)
     return Result(system, batch, prefill_tok_s=batch * prompt / ttft,
                   decode_tok_s=statistics.median(rates) if rates else math.nan, ttft_ms=ttft * 1e3,
-                  rss_growth_mb=rss.growth_mb, weight_mb=weight_bytes / 1e6, runs=len(ttfts), tokens=tokens.tolist())
+                  memory_growth_mb=memory.growth_mb, weight_mb=weight_bytes / 1e6, runs=len(ttfts),
+                  tokens=tokens.tolist())
 
 
 def measure_ours(model: GPT, variant: str, idx: torch.Tensor, timing: Timing, compiled: bool = False) -> Result:
@@ -643,6 +676,60 @@ def prompts_file_table(f: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# --gpu_check: every GPU check in one run
+
+
+def gpu_check_parts(dev: torch.device) -> list[tuple[str, list[str], float]]:
+    """--gpu_check's parts, each (what it is, its command, the seconds it may take; under 8 minutes in all): every
+    test marked gpu (tests/test_gpu.py's, and the others'), then this table's cuda rows: eager in float32 and the
+    GPU's half precision (bfloat16 where native, else float16) at batch 1 and 10 with sample.py's workload, and
+    compiled in float32 at batch 1 (a compiled variant or batch size costs a compilation of a minute or so)."""
+    half = "bfloat16" if native_bf16(dev) else "float16"
+    tests = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rA", "-p", "no:cacheprovider"]
+    rows = [sys.executable, str(ROOT / "bench.py"), f"--device={dev}", "--quantize=None"]
+    return [("the tests marked gpu", tests, 280),
+            ("bench.py's cuda rows, eager", rows + [f"--dtype=float32,{half}", "--batch_sizes=1,10"], 70),
+            ("bench.py's cuda rows, compiled", rows + ["--dtype=float32", "--compile=True", "--batch_sizes=1",
+                                                       "--reference=False", "--workload=False"], 100)]
+
+
+def run_part(command: list[str], seconds: float) -> tuple[Optional[int], float]:
+    """command run in this project's folder, its output going to ours, stopped with every process it started once
+    it has taken `seconds` (or on Ctrl-C); its exit status (None if stopped) and the seconds it took."""
+    start = time.monotonic()
+    part = subprocess.Popen(command, cwd=ROOT, start_new_session=True)  # its own group: stopped whole
+    try:
+        status = part.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        status = None
+    finally:
+        if part.poll() is None:
+            os.killpg(part.pid, signal.SIGKILL)
+            part.wait()
+    return status, time.monotonic() - start
+
+
+def run_gpu_check(device: str) -> int:
+    """Every GPU check, one part after another, each part's output as it comes; then a line for each part: passed,
+    failed, or out of time. device: the GPU to check (cuda unless --device names one). Exit status 0 when every
+    part passed, else 1."""
+    if not torch.cuda.is_available():
+        raise UsageError("--gpu_check runs the checks that need a GPU, and CUDA is not available here: run it on a "
+                         "machine with an NVIDIA GPU")
+    dev = pick_device(device if device.startswith("cuda") else "cuda")
+    outcomes, start = [], time.monotonic()
+    for name, command, seconds in gpu_check_parts(dev):
+        print(f"bench.py --gpu_check: {name} ({seconds:.0f} s at most): {shlex.join(command)}", flush=True)
+        status, took = run_part(command, seconds)
+        verdict = "passed" if status == 0 else "OUT OF TIME" if status is None else f"FAILED (exit status {status})"
+        outcomes.append((name, verdict, took))
+    print(f"\nbench.py --gpu_check on {torch.cuda.get_device_name(dev)}, {time.monotonic() - start:.0f} s:")
+    for name, verdict, took in outcomes:
+        print(f"  {name}: {verdict} in {took:.0f} s")
+    return 0 if all(verdict == "passed" for _, verdict, _ in outcomes) else 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Report
 
 
@@ -663,17 +750,21 @@ def tables(report: dict) -> str:
              f"read bandwidth (sum of a {report['bandwidth_mb']} MB buffer, {m['threads']} threads): median "
              f"{bw['median']:.1f} GB/s (min {bw['min']:.1f}, max {bw['max']:.1f}, {bw['samples']} samples at start "
              f"and end)", ""]
+    gpu = torch.device(report["device"]).type == "cuda"
+    memory = "GPU peak MB" if gpu else "RSS growth MB"
     head = (f"{'system':<30} {'batch':>5} {'prefill tok/s':>13} {'decode tok/s':>12} {'TTFT ms':>9} "
-            f"{'weights MB/step':>15} {'roofline':>8} {'RSS growth MB':>13} {'runs':>4}")
+            f"{'weights MB/step':>15} {'roofline':>8} {memory:>13} {'runs':>4}")
     lines += [head, "-" * len(head)]
     for r in report["results"]:
         roof = f"{100 * r['roofline']:.0f}%" if r["roofline"] is not None else "-"
         lines.append(f"{r['system']:<30} {r['batch']:>5} {r['prefill_tok_s']:>13.1f} {r['decode_tok_s']:>12.1f} "
-                     f"{r['ttft_ms']:>9.1f} {r['weight_mb']:>15.1f} {roof:>8} {r['rss_growth_mb']:>13.1f} "
+                     f"{r['ttft_ms']:>9.1f} {r['weight_mb']:>15.1f} {roof:>8} {r['memory_growth_mb']:>13.1f} "
                      f"{r['runs']:>4}")
+    memory = ("GPU peak: the most GPU memory torch allocated during the warm-up run, over what it held before "
+              "(the weights)" if gpu else "RSS growth: peak resident memory growth during the warm-up run, in this "
+              "one process (weights were already resident)")
     lines += ["", "roofline: decode steps/s reached x weight bytes per step / median read bandwidth (1 = the most "
-              "the memory allows; the KV cache's reads are not counted). RSS growth: peak resident memory growth "
-              "during the warm-up run, in this one process (weights were already resident).", ""]
+              f"the memory allows; the KV cache's reads are not counted). {memory}.", ""]
     for line in report["ratios"]:
         lines.append(line)
     lines.append("")
@@ -730,7 +821,8 @@ def check_settings(s: SimpleNamespace) -> tuple[list[int], list[int], list[str],
                          f"{s.block_size}: transformers' GPT-2 (b) cannot generate past its context")
     if not 0 <= s.seed < 2 ** 64:
         raise UsageError(f"--seed={s.seed}: give a seed from 0 to 2**64-1")
-    if pick_device(s.device).type not in ("cpu", "cuda"):
+    dev = pick_device(s.device)
+    if dev.type not in ("cpu", "cuda"):
         raise UsageError(f"--device={s.device}: bench.py runs on cpu or cuda")
     batches = parse_sizes("batch_sizes", s.batch_sizes)
     if not batches:
@@ -740,6 +832,11 @@ def check_settings(s: SimpleNamespace) -> tuple[list[int], list[int], list[str],
     for d in dtypes:
         if d not in ("float32", "bfloat16", "float16"):
             raise UsageError(f"unknown dtype '{d}': use float32, bfloat16 or float16")
+    if dev.type == "cuda" and "bfloat16" in dtypes and not native_bf16(dev):
+        capability = ".".join(map(str, torch.cuda.get_device_capability(dev)))
+        raise UsageError(f"--dtype={s.dtype}: {torch.cuda.get_device_name(dev)} has no native bfloat16 (compute "
+                         f"capability {capability}, under 8.0) and would time its emulation: use "
+                         f"--dtype=float32,float16")
     quantized = [q for q in (s.quantize or "").split(",") if q]  # int8, fp16, both or none
     if not set(quantized) <= {"int8", "fp16"}:
         raise UsageError(f"quantize must be int8, fp16, int8,fp16 or None, got '{s.quantize}'")
@@ -846,6 +943,8 @@ def ratio_lines(rows: dict[int, Rows], engines: list) -> list[str]:
 
 def main() -> int:
     s = SimpleNamespace(**{name: globals()[name] for name in read_settings(__file__)})
+    if s.gpu_check:
+        return run_gpu_check(s.device)
     if s.quick:  # a tiny model and short runs, except for the settings given another value
         for name, value in QUICK.items():
             if getattr(s, name) == QUICK_DEFAULTS[name]:
@@ -898,7 +997,7 @@ def main() -> int:
             r.roofline = (r.decode_tok_s / r.batch) * (r.weight_mb * 1e6) / bw
     ratios = ratio_lines(rows, engines)
 
-    report = dict(machine=machine, transformers=transformers.__version__, model=name,
+    report = dict(machine=machine, device=s.device, transformers=transformers.__version__, model=name,
                   prompt_len=s.prompt_len, new_tokens=s.new_tokens, repeats=s.repeats, bandwidth_mb=s.bandwidth_mb,
                   bandwidth_gb_s=dict(median=bw / 1e9, min=min(bandwidth) / 1e9, max=max(bandwidth) / 1e9,
                                       samples=len(bandwidth)),

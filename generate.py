@@ -58,11 +58,13 @@ class TokenHistory:
         return cls([torch.zeros(1, dtype=torch.long, device=device)] * slots, longest - 1, block_size)
 
     def append(self, token: torch.Tensor) -> None:
+        # Host indices go to the device without waiting (non_blocking: a GPU's step queue never drains here).
         full = (self.kept == self.seq.size(1)).nonzero()[:, 0]  # only ever at 2 * block_size
         if full.numel():  # keep the newer half, all a window needs
-            self.seq[full.to(self.seq.device), :self.block_size] = self.seq[full.to(self.seq.device), self.block_size:]
+            full_rows = full.to(self.seq.device, non_blocking=True)
+            self.seq[full_rows, :self.block_size] = self.seq[full_rows, self.block_size:]
             self.kept[full] = self.block_size
-        self.seq[self.all_rows, self.kept.to(self.seq.device)] = token
+        self.seq[self.all_rows, self.kept.to(self.seq.device, non_blocking=True)] = token
         self.kept += 1
 
     def admit(self, rows: torch.Tensor, prompts: Sequence[torch.Tensor]) -> None:
@@ -80,7 +82,8 @@ class TokenHistory:
         columns = (kept - lengths)[:, None] + torch.arange(int(lengths.max()))  # past a row's end: padding
         columns = torch.minimum(columns, (kept - 1)[:, None])
         device = self.seq.device
-        return self.seq[rows.to(device)[:, None], columns.to(device)], lengths.to(device)
+        rows, columns = rows.to(device, non_blocking=True), columns.to(device, non_blocking=True)
+        return self.seq[rows[:, None], columns], lengths.to(device, non_blocking=True)
 
 
 class Decoder:
@@ -127,16 +130,16 @@ class Decoder:
         first = None  # the new prompts' logits
         if prompts and self.decode_and_prefill is not None:
             logits, first = self.decode_and_prefill(token[:, None], self.input_pos, cache, list(prompts),
-                                                    rows.to(self.input_pos.device))
+                                                    rows.to(self.input_pos.device, non_blocking=True))
         else:
             logits = self.decode_step(token[:, None], self.input_pos, cache)
         logits = logits[:, -1]
         cache.lengths = (cache.lengths + 1).clamp(max=cache.max_len)
         self.input_pos.add_(1).clamp_(max=cache.max_len - 1)  # as cache.positions(1) would give
         if prompts:
-            logits[rows.to(logits.device)] = self.admit(rows, prompts, history, first)
+            logits[rows.to(logits.device, non_blocking=True)] = self.admit(rows, prompts, history, first)
         if sliding.numel():
-            logits[sliding.to(logits.device)] = self.slide(sliding, history)
+            logits[sliding.to(logits.device, non_blocking=True)] = self.slide(sliding, history)
             self.input_pos = cache.positions(1)
         return logits
 
@@ -148,10 +151,11 @@ class Decoder:
         longest. What a row held before is stale from then on and seen by no query."""
         device = self.input_pos.device
         if logits is None and self.decode_and_prefill is not None:
-            _, logits = self.model.decode_and_prefill(None, None, self.cache, list(prompts), rows.to(device))
+            _, logits = self.model.decode_and_prefill(None, None, self.cache, list(prompts),
+                                                       rows.to(device, non_blocking=True))
         elif logits is None:
             idx, lengths = padded(prompts)
-            logits = self.prefill(idx, lengths, self.cache, rows.to(device))
+            logits = self.prefill(idx, lengths, self.cache, rows.to(device, non_blocking=True))
         self.cache.lengths[rows] = torch.tensor([p.numel() for p in prompts])
         self.input_pos = self.cache.positions(1)
         history.admit(rows, prompts)
@@ -167,8 +171,9 @@ class Decoder:
 
     def slide(self, rows: torch.Tensor, history: TokenHistory) -> torch.Tensor:
         idx, lengths = history.windows(rows)
-        logits = self.prefill(idx, lengths, self.cache, rows.to(idx.device))
-        self.cache.lengths[rows] = lengths.cpu()
+        logits = self.prefill(idx, lengths, self.cache, rows.to(idx.device, non_blocking=True))
+        # The windows' lengths, taken on the host: reading them back from a GPU would wait for it.
+        self.cache.lengths[rows] = history.kept[rows].clamp(max=history.block_size)
         return logits
 
 
@@ -180,9 +185,11 @@ def compiled_phases(model: GPT, batch: int, dtype: torch.dtype,
                          "fbgemm's packed products): use compile=False, where their decoding is already fast")
     cache = model._compiled.get("kv_cache")
     if cache is None or cache.k[0].shape[0] != batch or cache.k[0].dtype != dtype or cache.k[0].device != device:
-        model._compiled.pop("kv_cache", None)  # the old cache's memory goes before the new one's is taken
-        cache = KVCache(model.config, batch, model.config.block_size, dtype, device, static=True)
-        model._compiled["kv_cache"] = cache
+        # Both references to the old cache go first (this name's too), so that its memory is free before the new
+        # one's is taken: two caches at once may not fit.
+        cache = model._compiled["kv_cache"] = None
+        cache = model._compiled["kv_cache"] = KVCache(model.config, batch, model.config.block_size, dtype, device,
+                                                      static=True)
     cache.lengths.zero_()
     if "decode_step" not in model._compiled:
         mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs remove per-kernel launches
@@ -215,7 +222,8 @@ def generate_stream(model: GPT, prompts: Prompts, max_new_tokens: int, temperatu
     costs that row a full forward pass over block_size tokens (see Decoder.step).
     """
     stop_tokens = check_generation_args(prompts, max_new_tokens, temperature, top_k, top_p, num_samples,
-                                        model.config.vocab_size, stop_tokens, seed, generator)
+                                        model.config.vocab_size, stop_tokens, seed, generator,
+                                        device=model.transformer.wte.weight.device, generators=generators)
     if generators is not None and (seed is not None or generator is not None):
         raise ValueError("give one of seed, generator and generators, not several")
     rows = list(prompts)  # 1-D id tensors: a [B, T] tensor's rows, or the list of prompts as it is

@@ -385,7 +385,7 @@ class GPT(nn.Module):
         x = self._hidden(torch.cat(ids)[None], torch.cat(positions)[None], Packed(shapes, steps))[0]
         decoded = 0 if idx is None else idx.numel()
         ends = decoded - 1 + torch.tensor([p.numel() for p in prompts]).cumsum(0)  # last tokens
-        logits = self.lm_head(torch.cat([x[:decoded], x[ends.to(x.device)]]))  # [B * S + R, V]
+        logits = self.lm_head(torch.cat([x[:decoded], x[ends.to(x.device, non_blocking=True)]]))
         step_logits = None if idx is None else logits[:decoded].view(idx.size(0), idx.size(1), -1)
         return step_logits, logits[decoded:]
 

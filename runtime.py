@@ -52,6 +52,10 @@ def pick_device(name: str) -> torch.device:
             raise UsageError(f"--device={name} but CUDA is not available here: use --device=cpu (or auto)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise UsageError(f"--device={name} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+        if dev.index is not None:
+            # The chosen GPU becomes the current one: what takes no device (an event, a stream, a synchronize)
+            # acts on the current GPU, and on cuda:0 it would not wait for work queued on cuda:N.
+            torch.cuda.set_device(dev)
     elif dev.type == "mps":
         if not torch.backends.mps.is_available():
             raise UsageError(f"--device={name} but MPS is not available here: use --device=cpu (or auto)")
@@ -60,21 +64,32 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
+def native_bf16(dev: torch.device) -> bool:
+    """Whether the GPU dev computes in bfloat16 itself: compute capability 8 or more (A100, RTX 30 and later), or
+    ROCm. Older GPUs (T4, V100) only emulate it, many times slower than float16, and torch.cuda.is_bf16_supported()
+    counts that emulation and asks about the current GPU, not dev."""
+    import torch
+
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(dev)[0] >= 8
+
+
 def pick_dtype(name: str, dev: torch.device) -> torch.dtype:
-    """--dtype's name as a torch.dtype that dev runs: auto is bfloat16 on CUDA where supported, else float16 there
-    and on MPS, float32 on a CPU."""
+    """--dtype's name as a torch.dtype that dev runs: auto is bfloat16 on a GPU with native bfloat16, else float16
+    there and on MPS, float32 on a CPU."""
     import torch
 
     if name == "auto":
         if dev.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if native_bf16(dev) else torch.float16
         return torch.float16 if dev.type == "mps" else torch.float32
     if name not in DTYPE_NAMES:
         raise UsageError(f"unknown dtype '{name}': use auto, {', '.join(DTYPE_NAMES)}")
     dt = getattr(torch, name)
-    # Older GPUs only emulate bfloat16, slowly: refuse rather than run many times slower than float16.
-    if dev.type == "cuda" and dt == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
-        raise UsageError(f"{torch.cuda.get_device_name(dev)} does not support bfloat16: use --dtype=float16")
+    # Emulated bfloat16 is refused rather than run many times slower than float16.
+    if dev.type == "cuda" and dt == torch.bfloat16 and not native_bf16(dev):
+        raise UsageError(f"{torch.cuda.get_device_name(dev)} has no native bfloat16 (compute capability "
+                         f"{'.'.join(map(str, torch.cuda.get_device_capability(dev)))}, under 8.0): use "
+                         f"--dtype=float16, or float32")
     try:  # what the model does, in miniature: the device either runs it or says why not
         x = torch.ones(2, 2, dtype=dt, device=dev)
         (x @ x).softmax(-1).sum().item()
@@ -196,35 +211,40 @@ def available_memory(dev: torch.device) -> Optional[int]:
     return None
 
 
-def kv_cache_bytes(config: GPTConfig, prompt_len: int, max_new_tokens: int, dtype_bytes: int) -> int:
+def kv_cache_bytes(config: GPTConfig, prompt_len: int, max_new_tokens: int, dtype_bytes: int,
+                   compile: bool = False) -> int:
     """One row's KV cache: the keys and values of every layer at every position it will hold (at most the
-    model's context)."""
-    positions = min(config.block_size, prompt_len + max_new_tokens)
+    model's context). Compiled decoding's static cache holds the whole context, however short the sample."""
+    positions = config.block_size if compile else min(config.block_size, prompt_len + max_new_tokens)
     return 2 * config.n_layer * positions * config.n_embd * dtype_bytes
 
 
-def bytes_per_sample(config: GPTConfig, prompt_len: int, max_new_tokens: int, dtype_bytes: int) -> int:
+def bytes_per_sample(config: GPTConfig, prompt_len: int, max_new_tokens: int, dtype_bytes: int,
+                     compile: bool = False) -> int:
     """What one sample of a batch takes: its KV cache, a step's logits with the sampling's float32 copies of them,
     and past the context a window step's activations."""
     logits = 6 * config.vocab_size * 4
     past_context = prompt_len + max_new_tokens > config.block_size
     window = 12 * config.block_size * config.n_embd * dtype_bytes if past_context else 0
-    return kv_cache_bytes(config, prompt_len, max_new_tokens, dtype_bytes) + logits + window
+    return kv_cache_bytes(config, prompt_len, max_new_tokens, dtype_bytes, compile) + logits + window
 
 
 def batch_sizes(config: GPTConfig, dtype_bytes: int, prompt_len: int, max_new_tokens: int, num_samples: int,
-                dev: torch.device) -> list[int]:
+                dev: torch.device, compile: bool = False) -> list[int]:
     """sample.py's num_samples in one batch if it fits in the memory available, else in as few even batches as
-    fit, said on stderr. UsageError if not even one sample fits."""
-    per_sample = bytes_per_sample(config, prompt_len, max_new_tokens, dtype_bytes)
+    fit, said on stderr. UsageError if not even one sample fits. compile: decoding is compiled (a static cache of
+    the whole context per sample; generation frees one batch's before it takes the next's)."""
+    per_sample = bytes_per_sample(config, prompt_len, max_new_tokens, dtype_bytes, compile)
     available = available_memory(dev)
     if available is None or num_samples * per_sample <= MEMORY_SHARE * available:
         return [num_samples]
     fit = int(MEMORY_SHARE * available // per_sample)
     if fit < 1:
+        shorter = (f"use --compile=False (a compiled cache holds all {config.block_size} positions)" if compile
+                   else "lower --max_new_tokens")
         raise UsageError(f"one sample needs about {per_sample / 1e6:,.0f} MB (KV cache and logits) and {dev} has "
-                         f"{available / 1e6:,.0f} MB available: lower --max_new_tokens, or use a smaller model, "
-                         f"a smaller --dtype or a device with more memory")
+                         f"{available / 1e6:,.0f} MB available: {shorter}, or use a smaller model, a smaller "
+                         f"--dtype or a device with more memory")
     n = -(-num_samples // fit)
     sizes = [num_samples // n + (i < num_samples % n) for i in range(n)]
     print(f"sample.py: {num_samples} samples need about {num_samples * per_sample / 1e6:,.0f} MB for their KV "

@@ -83,16 +83,18 @@ def sample_rows(logits: torch.Tensor, temperature: PerRow[float], top_k: PerRow[
 def check_generation_args(idx: Union[torch.Tensor, Sequence[torch.Tensor]], max_new_tokens: int,
                           temperature: float, top_k: Optional[int], top_p: Optional[float], num_samples: int,
                           vocab_size: int, stop_tokens: Optional[Iterable[int]] = None, seed: Optional[int] = None,
-                          generator: Optional[torch.Generator] = None) -> Optional[list[int]]:
+                          generator: Optional[torch.Generator] = None, *, device: Optional[torch.device] = None,
+                          generators: Optional[Sequence[torch.Generator]] = None) -> Optional[list[int]]:
     """Raise TypeError or ValueError naming the first argument of generation that is wrong; the stop tokens as a
-    list (None for none). idx is a [B, T] tensor of ids or a list of 1-D id tensors (prompts of any lengths)."""
+    list (None for none). idx is a [B, T] tensor of ids or a list of 1-D id tensors (prompts of any lengths).
+    device, the model's, is where the prompts must be and the generators must draw: checked before anything runs
+    there, as a mismatch would otherwise fail after the prefill with a RuntimeError naming no argument."""
     check_sampling_args(max_new_tokens, temperature, top_k, top_p, num_samples, seed)
+    check_generators(generator, generators, device)
     if isinstance(idx, torch.Tensor) or not isinstance(idx, (list, tuple)):
-        check_token_ids(idx, vocab_size)
+        check_token_ids(idx, vocab_size, device)
     else:
-        check_prompt_list(idx, vocab_size)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        check_prompt_list(idx, vocab_size, device)
     if seed is not None and generator is not None:
         raise ValueError("give either seed or generator, not both")
     if stop_tokens is None:
@@ -122,8 +124,23 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k: Optional
         check_int("seed", seed, -2 ** 63, 2 ** 64 - 1, rule="in -2**63..2**64-1 (what torch.Generator takes) or None")
 
 
-def check_prompt_list(prompts: Sequence[torch.Tensor], vocab_size: int) -> None:
-    """A list of prompts must hold non-empty 1-D tensors of ids in the vocabulary, all on one device."""
+def check_generators(generator: Optional[torch.Generator], generators: Optional[Sequence[torch.Generator]],
+                     device: Optional[torch.device]) -> None:
+    """generator, or each of generators, must be a torch.Generator of the model's device type (the noise is drawn
+    beside the logits; a CUDA generator serves every GPU)."""
+    named = [] if generator is None else [("generator", generator)]
+    named += [(f"generators[{i}]", g) for i, g in enumerate(generators or ())]
+    for name, g in named:
+        if not isinstance(g, torch.Generator):
+            raise TypeError(f"{name} must be a torch.Generator or None, got {type(g).__name__}")
+        if device is not None and g.device.type != device.type:
+            raise ValueError(f"{name} is a {g.device.type} generator but the model is on {device}: make it with "
+                             f"torch.Generator(device={str(device)!r})")
+
+
+def check_prompt_list(prompts: Sequence[torch.Tensor], vocab_size: int, device: Optional[torch.device] = None) -> None:
+    """A list of prompts must hold non-empty 1-D tensors of ids in the vocabulary, all on one device (device, if
+    given)."""
     for i, p in enumerate(prompts):
         if not isinstance(p, torch.Tensor) or p.dim() != 1:
             what = f"a {p.dim()}-D tensor" if isinstance(p, torch.Tensor) else type(p).__name__
@@ -136,11 +153,12 @@ def check_prompt_list(prompts: Sequence[torch.Tensor], vocab_size: int) -> None:
                              "the model's device")
     if not prompts:
         raise ValueError("idx is an empty list: give at least one prompt")
-    check_token_ids(torch.cat(list(prompts))[None], vocab_size)  # one device sync for every prompt
+    check_token_ids(torch.cat(list(prompts))[None], vocab_size, device)  # one device sync for every prompt
 
 
-def check_token_ids(idx: torch.Tensor, vocab_size: int) -> None:
-    """idx must be a non-empty [B, T] tensor of integer ids in 0..vocab_size - 1 (one device sync, for the range)."""
+def check_token_ids(idx: torch.Tensor, vocab_size: int, device: Optional[torch.device] = None) -> None:
+    """idx must be a non-empty [B, T] tensor of integer ids in 0..vocab_size - 1 (one device sync, for the range), on
+    device if one is given (the model's)."""
     if not isinstance(idx, torch.Tensor):
         raise TypeError(f"idx must be a (batch, length) tensor of token ids, got {type(idx).__name__}; for a list "
                         f"of ids use torch.tensor([ids])")
@@ -150,6 +168,9 @@ def check_token_ids(idx: torch.Tensor, vocab_size: int) -> None:
     if idx.numel() == 0:
         raise ValueError(f"idx is empty (shape {tuple(idx.shape)}); start from <|endoftext|> (id 50256) "
                          "to generate without a prompt")
+    if device is not None and idx.device != device:
+        raise ValueError(f"idx is on {idx.device} but the model on {device}: move the prompt to the model's device "
+                         f"(idx.to({str(device)!r}))")
     low, high = torch.aminmax(idx)
     low, high = low.item(), high.item()
     if low < 0 or high >= vocab_size:

@@ -1,11 +1,15 @@
 """Shared fixtures: offline hub, the trained model in ../shared (loaded once per run), and small random
 checkpoints written by transformers."""
 
+import gc
+import math
 import os
 import pickle
+import re
 import runpy
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -159,6 +163,83 @@ def assert_same_logits():
             assert torch.allclose(last[:, 0], logits[:, -1], atol=1e-5)  # a 1-row matmul rounds differently
 
     return check
+
+
+@pytest.fixture(scope="session")
+def cache_copies() -> Callable[[str], list[str]]:
+    """copies(code): the lines of one graph's code as Inductor wrote it (torch._inductor.utils.run_and_get_code)
+    that copy a KV cache input or allocate a buffer of a layer's cache shape; none where the compiled pass writes
+    the cache in place. The cache inputs are the graph's inputs of 4 or more dimensions (weights have 1 or 2, ids
+    and positions 2); a layer's shape is their last 4 (sizes may be symbols, in a graph compiled for any shape).
+    In the static case a buffer as large as a layer's cache counts too, whatever its shape."""
+
+    def copies(code: str) -> list[str]:
+        call = code[re.search(r"def call\(", code).start():]  # the wrapper that runs the kernels, after them
+        inputs = dict(re.findall(r"assert_size_stride\((arg\d+_1), \(([^()]*)\)", call))
+        cache = {name: tuple(d.strip() for d in dims.split(",") if d.strip()) for name, dims in inputs.items()}
+        cache = {name: dims[-4:] for name, dims in cache.items() if len(dims) >= 4}
+        assert cache, "no KV cache input in this graph: is it a pass over the cache?"
+        sizes = [math.prod(map(int, dims)) for dims in cache.values() if all(d.isdigit() for d in dims)]
+        found = []
+        for line in call.splitlines():
+            allocation = re.search(r"= empty_strided\w*\(\(([^()]*)\)", line)
+            if allocation:
+                dims = tuple(d.strip() for d in allocation.group(1).split(",") if d.strip())
+                big = sizes and all(d.isdigit() for d in dims) and math.prod(map(int, dims)) >= min(sizes)
+                if dims in cache.values() or big:
+                    found.append(line.strip())
+            elif "copy_" in line and any(re.search(rf"\b{name}\b", line) for name in cache):
+                found.append(line.strip())
+        return found
+
+    return copies
+
+
+@pytest.fixture
+def two_gpus(monkeypatch) -> list:
+    """CUDA as this machine would show it with a T4 (compute capability 7.5) as cuda:0, the current device, and an
+    A100 (8.0) as cuda:1; torch.cuda.is_bf16_supported() answers as torch's does for the T4, counting emulation.
+    Returns the devices torch.cuda.set_device is given."""
+    current = [0]
+    capability = {0: (7, 5), 1: (8, 0)}
+
+    def index(device=None) -> int:
+        return current[0] if device is None or torch.device(device).index is None else torch.device(device).index
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[index(device)])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: ["Tesla T4", "A100"][index(device)])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    chosen = []
+
+    def set_device(device) -> None:
+        chosen.append(device)
+        current[0] = torch.device(device).index
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    return chosen
+
+
+@pytest.fixture
+def old_cache_alive(monkeypatch) -> list[bool]:
+    """For each KV cache that generation makes from here on, whether an earlier one was still in memory then (after
+    a garbage collection): a new static cache must not be taken while the old one is held."""
+    import generate
+    from model import KVCache
+
+    made, alive = [], []
+
+    class Watched(KVCache):
+        def __init__(self, *args, **kwargs):
+            gc.collect()
+            alive.append(any(ref() is not None for ref in made))
+            super().__init__(*args, **kwargs)
+            made.append(weakref.ref(self.k[0]))
+
+    monkeypatch.setattr(generate, "KVCache", Watched)
+    return alive
 
 
 @pytest.fixture(scope="session")

@@ -102,6 +102,21 @@ def test_share_is_contiguous_balanced_and_complete():
     assert max(costs) - min(costs) <= 5
 
 
+def test_slots_are_cut_for_the_cache_budget_and_a_compiled_static_cache_of_the_whole_context():
+    """kv_cache_mb bounds the slots' KV cache: 21 positions a row eager, the whole context (1024) compiled."""
+    from batch import Prompt, Sample, SampleJob, slot_count
+    from model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=1024, vocab_size=100, n_layer=2, n_head=2, n_embd=64))
+    prompt = Prompt(1, 1, "A", dict(max_new_tokens=20, temperature=1.0, top_k=None, top_p=None, num_samples=40,
+                                    stop_at_eot=False, seed=0))
+    samples = [Sample(prompt, k, k, [7]) for k in range(40)]
+    job = SampleJob([prompt], "p.jsonl", "out.jsonl", batch_size=32, kv_cache_mb=8)
+    assert slot_count(samples, job, model, compile=False) == 32  # 2 x 2 x 21 x 64 x 4 bytes a row: 1,024 fit
+    assert slot_count(samples, job, model, compile=True) == 8  # 2 x 2 x 1024 x 64 x 4: 1 MiB a row
+    assert slot_count(samples[:5], job, model, compile=False) == 5  # no more slots than samples
+
+
 @pytest.mark.parametrize("content, message", [
     (None, "cannot read the prompts file '{path}': No such file or directory"),
     (b'{"prompt": "ok"}\n\xff\xfe\n', "is not UTF-8 text (byte 0xff on line 2)"),
@@ -296,6 +311,55 @@ def test_a_failing_rank_fails_the_run_with_its_message(torchrun, trained_dir, pr
     assert "cannot write the part file" in run.stderr and "rank1-of-2.part: Is a directory" in run.stderr
     assert time.monotonic() - started < 150
     assert not (tmp_path / "out.jsonl").exists()
+
+
+LATE_RANK = """
+import json, os, sys, time
+from datetime import timedelta
+
+sys.path.insert(0, os.getcwd())  # the project's folder, where torchrun runs this
+import batch
+
+out, timeout = sys.argv[1], float(sys.argv[2])
+ranks = batch.start_ranks("cpu", timeout=timedelta(seconds=timeout))
+keys = [(json.dumps(i),) for i in range(4)]
+mine = keys[2 * ranks.rank:2 * ranks.rank + 2]
+output = batch.Output(out, ranks, keys, mine, lambda record: (json.dumps(record["id"]),))
+output.resume()
+if ranks.rank == 1:
+    time.sleep(4 * timeout)  # still working on its share long after rank 0 has finished
+for (key,) in mine:
+    output.write(json.dumps({"id": json.loads(key), "rank": ranks.rank}))
+output.merge()
+ranks.close()
+"""
+
+
+def test_a_rank_that_finishes_long_before_the_others_waits_for_them(torchrun, tmp_path):
+    """Rank 0 finishes its share 4 collective timeouts (of 2 s here) before rank 1, as one can finish minutes or
+    hours before the others of a long job (NCCL's timeout is 10 minutes, gloo's 30): it waits for the last rank
+    outside any collective, and the merge that follows is whole."""
+    script = tmp_path / "late_rank.py"
+    script.write_text(LATE_RANK, encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    run = torchrun(str(script), str(out), "2", timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert lines(out) == [{"id": i, "rank": i // 2} for i in range(4)]
+    assert list(tmp_path.glob("*.part")) == []
+
+
+@pytest.mark.parametrize("device", ["cuda:1", "cuda:0"])
+def test_an_indexed_gpu_is_refused_under_torchrun(run_script, trained_dir, prompts_file, tmp_path, monkeypatch,
+                                                   device):
+    """Each rank takes the GPU of its LOCAL_RANK; --device=cuda:N would put every rank on GPU N, which NCCL
+    refuses at the first collective. Said before any process group forms (here a rank's environment without
+    torchrun: none would form)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    code, _, err = run_script("sample.py", *sample_args(trained_dir, prompts_file, tmp_path / "out.jsonl"),
+                              f"--device={device}")
+    assert code == 2 and f"--device={device} under torchrun: every process would take that one GPU" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("every", [8, pytest.param(1, marks=pytest.mark.slow)])

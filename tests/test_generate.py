@@ -259,17 +259,42 @@ def test_settings_per_row_draw_what_each_row_draws_alone():
         sample_next_token(logits, [0.8] * 5)
 
 
-def test_compiled_decode_equals_eager():
-    """compile=True: the decode step compiled over the static cache, prefill compiled for any length."""
+def test_compiled_decode_equals_eager(cache_copies):
+    """compile=True: the decode step compiled over the static cache, prefill compiled for any length. Both write
+    every layer's cache in place: Inductor's code for them (on the CPU here; test_gpu.py on a GPU) allocates no
+    buffer of a layer's cache shape and copies no cache (a cache of one tensor for all layers, written a layer's
+    slice at a time, took 7 such buffers in this 2-layer decode step, and 4 in the prefill)."""
+    from torch._inductor.utils import run_and_get_code
+
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=32, vocab_size=53, n_layer=1, n_head=2, n_embd=16)).eval()
+    model = GPT(GPTConfig(block_size=32, vocab_size=53, n_layer=2, n_head=2, n_embd=16)).eval()
     idx = prompts(2, 6, 53)
     for length in (6, 4):  # a second prompt length reuses the compiled decode step and cache
         expected = model.generate(idx[:, :length], 40, temperature=0)
-        assert torch.equal(model.generate(idx[:, :length], 40, temperature=0, compile=True), expected)
+        if length == 6:  # 6 + 40 positions: window slides too, through the compiled prefill
+            compiled, codes = run_and_get_code(model.generate, idx, 40, temperature=0, compile=True)
+            assert len(codes) == 2  # the prefill and the decode step
+            assert [cache_copies(code) for code in codes] == [[], []]
+        else:
+            compiled = model.generate(idx[:, :length], 40, temperature=0, compile=True)
+        assert torch.equal(compiled, expected)
     options = dict(temperature=1.0, top_k=10, num_samples=2, seed=5)
     assert torch.equal(model.generate(idx[:1], 20, compile=True, **options), model.generate(idx[:1], 20, **options))
 
+
+
+def test_a_new_static_cache_is_taken_only_once_the_old_one_is_freed(monkeypatch, old_cache_alive):
+    """compile=True keeps one static cache (block_size long) on the model; a generation of another batch size
+    needs a new one, and the old one's memory must be free first: both at once may not fit. torch.compile is the
+    identity here, so this checks generation's own references; test_gpu.py checks it through compiled CUDA
+    graphs."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: fn)
+    model = GPT(GPTConfig(block_size=16, vocab_size=53, n_layer=1, n_head=2, n_embd=16)).eval()
+    idx = prompts(2, 3, 53)
+    model.generate(idx, 4, compile=True)
+    model.generate(idx, 4, compile=True)  # the same batch: the same cache
+    model.generate(idx[:1], 4, compile=True)  # another batch size: a new cache
+    assert old_cache_alive == [False, False]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -63,6 +63,35 @@ def test_generate_names_the_wrong_argument(tiny, kwargs, error, message):
         tiny.generate(**args)
 
 
+@pytest.fixture(scope="module")
+def meta_model() -> GPT:
+    """A model on the meta device (shapes, no data): a device other than the CPU that any machine has."""
+    with torch.device("meta"):
+        return GPT(GPTConfig(block_size=48, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32)).eval()
+
+
+@pytest.mark.parametrize("on_meta_model, kwargs, message", [
+    (False, dict(idx=prompt().to("meta")), r"idx is on meta but the model on cpu: .*idx.to\('cpu'\)"),
+    (False, dict(idx=[prompt()[0].to("meta")]), "idx is on meta but the model on cpu"),
+    (True, dict(idx=prompt()), r"idx is on cpu but the model on meta"),
+    (True, dict(generator=torch.Generator()),
+     r"generator is a cpu generator but the model is on meta: .*torch.Generator\(device='meta'\)"),
+    (True, dict(generators=[torch.Generator()]), r"generators\[0\] is a cpu generator but the model is on meta"),
+    (True, dict(generators=["g"]), r"generators\[0\] must be a torch.Generator"),
+])
+def test_generate_names_a_prompt_or_generator_on_another_device(tiny, meta_model, on_meta_model, kwargs, message):
+    """Checked on entry, before anything runs on the model's device (else a RuntimeError after the prefill that
+    names no argument). The meta device stands in for a GPU: the check is the same for cuda:1 against cuda:0."""
+    model = meta_model if on_meta_model else tiny
+    args = dict(idx=prompt().to(model.transformer.wte.weight.device), max_new_tokens=3)
+    args.update(kwargs)
+    error = TypeError if "must be a torch.Generator" in message else ValueError
+    with pytest.raises(error, match=message):
+        model.generate(**args)
+    with pytest.raises(error, match=message):
+        next(model.generate_stream(**args))
+
+
 @pytest.mark.parametrize("idx, error, message", [
     (torch.tensor([[5, VOCAB]]), ValueError, r"outside the vocabulary: they must be in 0..96, got 5..97"),
     (torch.tensor([[-3, 5]]), ValueError, r"got -3..5"),

@@ -10,12 +10,30 @@ from model import GPTConfig
 from tokenizer import EOT, EOT_ID, load_tokenizer
 
 
-def test_dtype_the_device_cannot_run(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Old GPU")
-    with pytest.raises(UsageError, match="Old GPU does not support bfloat16"):
-        runtime.pick_dtype("bfloat16", torch.device("cuda"))
+def test_auto_dtype_is_bfloat16_only_where_the_chosen_gpu_has_it_natively(two_gpus, monkeypatch):
+    assert runtime.pick_dtype("auto", torch.device("cuda:0")) == torch.float16  # emulated bfloat16 does not count
+    assert runtime.pick_dtype("auto", torch.device("cuda")) == torch.float16  # the current GPU, the T4
+    assert runtime.pick_dtype("auto", torch.device("cuda:1")) == torch.bfloat16  # asked of cuda:1, not the current
+    with pytest.raises(UsageError, match=r"Tesla T4 has no native bfloat16 \(compute capability 7.5, under 8.0\): "
+                                         r"use --dtype=float16, or float32"):
+        runtime.pick_dtype("bfloat16", torch.device("cuda:0"))
+    monkeypatch.setattr(torch.version, "hip", "6.0")  # ROCm GPUs compute bfloat16 natively
+    assert runtime.pick_dtype("auto", torch.device("cuda:0")) == torch.bfloat16
+
+
+def test_an_indexed_gpu_becomes_the_current_one(two_gpus):
+    """What takes no device (a CUDA event, torch.cuda.synchronize()) acts on the current GPU: --device=cuda:1 makes
+    cuda:1 current, where it is picked."""
+    assert runtime.pick_device("cuda:1") == torch.device("cuda:1") and two_gpus == [torch.device("cuda:1")]
+    assert torch.cuda.current_device() == 1
+    runtime.pick_device("cuda")
+    runtime.pick_device("cpu")
+    assert two_gpus == [torch.device("cuda:1")]  # "cuda" is the current GPU already
+    with pytest.raises(UsageError, match="--device=cuda:2 but this machine has 2 CUDA device"):
+        runtime.pick_device("cuda:2")
+
+
+def test_dtype_the_device_cannot_run():
     with pytest.raises(UsageError, match="cannot run float16"):
         runtime.pick_dtype("float16", torch.device("meta"))  # a device that cannot compute at all
 
@@ -49,6 +67,22 @@ def test_kv_cache_bytes_stop_growing_at_the_context():
     config = GPTConfig(block_size=64, vocab_size=100, n_layer=2, n_head=2, n_embd=16)
     assert runtime.kv_cache_bytes(config, 3, 5, 4) == 2 * 2 * 8 * 16 * 4  # keys and values, 2 layers, 8 positions
     assert runtime.kv_cache_bytes(config, 3, 10 ** 9, 2) == 2 * 2 * 64 * 16 * 2
+    assert runtime.kv_cache_bytes(config, 3, 5, 4, compile=True) == 2 * 2 * 64 * 16 * 4  # static: the context
+
+
+def test_compiled_batches_are_planned_for_a_static_cache_of_the_whole_context(monkeypatch, capsys):
+    """GPT-2 124M, 100 samples of 1 + 20 tokens, 2 GB available: eager caches of 21 positions fit at once;
+    compiled, each sample's cache holds 1024 positions, so the samples run in batches that fit."""
+    monkeypatch.setattr(runtime, "available_memory", lambda dev: 2 * 10 ** 9)
+    config = GPTConfig(vocab_size=50257)
+    assert runtime.batch_sizes(config, 2, 1, 20, 100, torch.device("cuda")) == [100]
+    sizes = runtime.batch_sizes(config, 2, 1, 20, 100, torch.device("cuda"), compile=True)
+    per_sample = 2 * 12 * 1024 * 768 * 2 + 6 * 50257 * 4
+    assert sum(sizes) == 100 and max(sizes) <= int(0.8 * 2e9 // per_sample) < 100
+    assert "batches of up to" in capsys.readouterr().err
+    monkeypatch.setattr(runtime, "available_memory", lambda dev: 10 ** 6)
+    with pytest.raises(UsageError, match=r"use --compile=False \(a compiled cache holds all 1024 positions\)"):
+        runtime.batch_sizes(config, 2, 1, 20, 100, torch.device("cuda"), compile=True)
 
 
 def test_batch_sizes_for_a_hundred_thousand_samples(monkeypatch, capsys):
