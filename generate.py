@@ -36,6 +36,18 @@ def padded(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.nn.utils.rnn.pad_sequence(list(rows), batch_first=True), lengths
 
 
+def by_length(prompts: Sequence[torch.Tensor], rows: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Tensor]],
+                                                                             torch.Tensor]:
+    """Prompts of one length stacked as one rectangle [n, T], with the cache rows they go to (rows[i] are prompt
+    i's: one, or its samples'), for a packed pass that pads none; and where each prompt's logits come in the
+    rectangles' order, for putting them back in the prompts' order."""
+    groups = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(prompt.numel(), []).append(i)
+    parts = [(torch.stack([prompts[i] for i in members]), rows[members].reshape(-1)) for members in groups.values()]
+    return parts, torch.tensor([i for members in groups.values() for i in members]).argsort()
+
+
 class TokenHistory:
     """Each row's tokens so far, for the windows that are recomputed from scratch (the no-cache reference, and a
     row past block_size). Written in place, one column a step, into at most twice block_size columns a row: when a
@@ -109,10 +121,14 @@ class Decoder:
         self.input_pos = self.cache.positions(1)  # [B, 1], advanced on the device: no host copy per step
 
     def start(self, prompts: Sequence[torch.Tensor], samples: int) -> torch.Tensor:
-        """Prefill every prompt once into the rows of its `samples` samples; logits [B, V]."""
-        idx, lengths = padded(prompts)
-        logits = self.prefill(idx, lengths, self.cache, self.cache.all_rows)
-        self.cache.lengths[:] = lengths.cpu().repeat_interleave(samples)
+        """Prefill every prompt once into the rows of its `samples` samples; logits [B, V]. Eager, the prompts are
+        packed, none padded; compiled, padded to the longest (one shape for the captured prefill)."""
+        if self.decode_and_prefill is not None:
+            _, logits = self.packed(None, prompts, torch.arange(len(prompts) * samples).view(len(prompts), samples))
+        else:
+            idx, lengths = padded(prompts)
+            logits = self.prefill(idx, lengths, self.cache, self.cache.all_rows)
+        self.cache.lengths[:] = torch.tensor([p.numel() for p in prompts]).repeat_interleave(samples)
         self.input_pos = self.cache.positions(1)
         return logits.repeat_interleave(samples, dim=0)
 
@@ -129,8 +145,7 @@ class Decoder:
         sliding = sliding[~torch.isin(sliding, rows)]  # a row that starts over does not slide
         first = None  # the new prompts' logits
         if prompts and self.decode_and_prefill is not None:
-            logits, first = self.decode_and_prefill(token[:, None], self.input_pos, cache, list(prompts),
-                                                    rows.to(self.input_pos.device, non_blocking=True))
+            logits, first = self.packed(token, prompts, rows)
         else:
             logits = self.decode_step(token[:, None], self.input_pos, cache)
         logits = logits[:, -1]
@@ -149,17 +164,29 @@ class Decoder:
         (continuous batching); logits [R, V] for each prompt's first new token (given as logits when a step has
         prefilled them already). Eager, the prompts are packed side by side, none padded; compiled, padded to the
         longest. What a row held before is stale from then on and seen by no query."""
-        device = self.input_pos.device
         if logits is None and self.decode_and_prefill is not None:
-            _, logits = self.model.decode_and_prefill(None, None, self.cache, list(prompts),
-                                                       rows.to(device, non_blocking=True))
+            _, logits = self.packed(None, prompts, rows)
         elif logits is None:
             idx, lengths = padded(prompts)
-            logits = self.prefill(idx, lengths, self.cache, rows.to(device, non_blocking=True))
+            logits = self.prefill(idx, lengths, self.cache, rows.to(self.input_pos.device, non_blocking=True))
         self.cache.lengths[rows] = torch.tensor([p.numel() for p in prompts])
         self.input_pos = self.cache.positions(1)
         history.admit(rows, prompts)
         return logits
+
+    def packed(self, token: Optional[torch.Tensor], prompts: Sequence[torch.Tensor],
+               rows: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """One pass (model.decode_and_prefill): the step feeding each row `token` [B] (None for no step) and the
+        prompts prefilled into their cache rows (host indices, rows[i] prompt i's); logits [B, 1, V] of the step
+        and [P, V] after each prompt, in the prompts' order."""
+        device = self.input_pos.device
+        parts, order = by_length(prompts, rows)
+        parts = [(ids, part_rows.to(device, non_blocking=True)) for ids, part_rows in parts]
+        if token is None:  # no step: its pass is not timed as one
+            step, firsts = self.model.decode_and_prefill(None, None, self.cache, parts)
+        else:
+            step, firsts = self.decode_and_prefill(token[:, None], self.input_pos, self.cache, parts)
+        return step, torch.cat(firsts)[order.to(device, non_blocking=True)]
 
     def park(self, rows: torch.Tensor, history: TokenHistory) -> None:
         """Rows (host indices) with nothing to do, as a run's last prompts finish elsewhere in the batch, go back to

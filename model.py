@@ -362,32 +362,37 @@ class GPT(nn.Module):
         return CacheStep(kv_cache, kv_cache.all_rows, input_pos, mask)
 
     def decode_and_prefill(self, idx: Optional[torch.Tensor], input_pos: Optional[torch.Tensor],
-                           kv_cache: KVCache, prompts: list[torch.Tensor],
-                           rows: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
-        """A decode step (as decode_step; idx None for none) and the prefill of new prompts into
-        the cache rows `rows`, in one pass (Packed): every product reads its weights once for all
-        of their tokens, and no prompt is padded. Continuous batching starts prompts this way, at no
-        cost of a pass of their own. Logits [B, S, V] of the step (None without one) and [R, V]
-        after each prompt."""
-        # idx, input_pos: [B, S]; prompts: R 1-D id tensors; rows: [R] on the cache's device
+                           kv_cache: KVCache, prompts: list[tuple[torch.Tensor, torch.Tensor]]
+                           ) -> tuple[Optional[torch.Tensor], list[torch.Tensor]]:
+        """A decode step (as decode_step; idx None for none) and the prefill of new prompts, in one
+        pass (Packed): every product reads its weights once for all of their tokens. prompts holds
+        rectangles of prompts of one length and the cache rows each goes to (its samples' rows
+        after each other), so that none is padded; continuous batching starts prompts this way, at
+        no cost of a pass of their own. Logits [B, S, V] of the step (None without one) and [n, V]
+        after each rectangle's prompts."""
+        # idx, input_pos: [B, S]; prompts: ([n, T] ids, [n or n * samples] rows on the cache's device)
         shapes, steps, ids, positions = [], [], [], []
         if idx is not None:
             shapes.append((idx.size(0), idx.size(1)))
             steps.append(self._decoding(idx, input_pos, kv_cache))
             ids.append(idx.reshape(-1))
             positions.append(input_pos.reshape(-1))
-        for r, prompt in enumerate(prompts):
-            pos = torch.arange(prompt.numel(), device=prompt.device)
-            shapes.append((1, prompt.numel()))
-            steps.append(CacheStep(kv_cache, rows[r:r + 1], pos[None], None))
-            ids.append(prompt)
-            positions.append(pos)
+        for part, rows in prompts:
+            pos = torch.arange(part.size(1), device=part.device)
+            shapes.append((part.size(0), part.size(1)))
+            steps.append(CacheStep(kv_cache, rows, pos[None], None))
+            ids.append(part.reshape(-1))
+            positions.append(pos.repeat(part.size(0)))
         x = self._hidden(torch.cat(ids)[None], torch.cat(positions)[None], Packed(shapes, steps))[0]
         decoded = 0 if idx is None else idx.numel()
-        ends = decoded - 1 + torch.tensor([p.numel() for p in prompts]).cumsum(0)  # last tokens
-        logits = self.lm_head(torch.cat([x[:decoded], x[ends.to(x.device, non_blocking=True)]]))
+        ends, start = [], decoded
+        for n, T in shapes[len(shapes) - len(prompts):]:  # each prompt's last token
+            ends.append(start + T - 1 + T * torch.arange(n))
+            start += n * T
+        ends = torch.cat(ends).to(x.device, non_blocking=True)
+        logits = self.lm_head(torch.cat([x[:decoded], x[ends]]))  # [B * S + prompts, V]
         step_logits = None if idx is None else logits[:decoded].view(idx.size(0), idx.size(1), -1)
-        return step_logits, logits[decoded:]
+        return step_logits, list(logits[decoded:].split([part.size(0) for part, _ in prompts]))
 
     @torch.no_grad()
     def generate_stream(self, idx: Union[torch.Tensor, list[torch.Tensor]], max_new_tokens: int,

@@ -328,23 +328,23 @@ def test_decode_step_logits_equal_the_plain_forward(trained, batch):
 
 
 def test_decode_and_prefill_in_one_pass_equal_each_apart(trained):
-    """Packed: a decode step of rows at their own lengths and new prompts of different lengths written into other
-    rows, in one pass, give the logits and the cache each gives apart (within 1e-5)."""
+    """Packed: a decode step of rows at their own lengths and new prompts (rectangles of one length each) written
+    into other rows, in one pass, give the logits and the cache each gives apart (within 1e-5)."""
     from generate import padded
     g = torch.Generator().manual_seed(5)
     rows = [torch.randint(0, 50257, (n,), generator=g) for n in (3, 17, 9, 30)]
     new = torch.randint(0, 50257, (4, 1), generator=g)
-    prompts = [torch.randint(0, 50257, (n,), generator=g) for n in (12, 1, 25)]
+    prompts = [torch.randint(0, 50257, (n,), generator=g) for n in (12, 12, 25)]  # two of one length: a rectangle
     caches = [KVCache(trained.config, 4, 64, torch.float32, torch.device("cpu")) for _ in range(2)]
     with torch.no_grad():
         for cache in caches:
             trained.prefill(*padded(rows), cache)
             cache.lengths[:] = torch.tensor([r.numel() for r in rows])
-        step, first = trained.decode_and_prefill(new, caches[0].positions(1), caches[0], prompts,
-                                                 torch.tensor([3, 0, 2]))
+        parts = [(torch.stack(prompts[:2]), torch.tensor([3, 0])), (prompts[2][None], torch.tensor([2]))]
+        step, first = trained.decode_and_prefill(new, caches[0].positions(1), caches[0], parts)
         alone = trained.decode_step(new, caches[1].positions(1), caches[1])
         torch.testing.assert_close(step[1], alone[1], atol=1e-5, rtol=1e-5)  # row 1 goes on: the only one kept
-        for prompt, row, logits in zip(prompts, (3, 0, 2), first):
+        for prompt, row, logits in zip(prompts, (3, 0, 2), torch.cat(first)):
             expected = trained.prefill(prompt[None], torch.tensor([prompt.numel()]), caches[1], torch.tensor([row]))
             torch.testing.assert_close(logits, expected[0], atol=1e-5, rtol=1e-5)
             for layer in range(trained.config.n_layer):
