@@ -8,13 +8,14 @@ PER_PROMPT, which override the run's for that prompt; "id" (a string or an int) 
 other file is text, one prompt a line, with `\\n` for a newline inside a prompt and `\\\\` for a backslash; its ids
 are line numbers, and empty lines are skipped (`<|endoftext|>` alone is a prompt that starts from nothing).
 
-Batches: length bucketing. Samples whose prompts have the same number of tokens and the same settings run as one
-batch, so no row is padded and no attention mask is needed: a row's numbers are those of a batch of one up to the
-float rounding of a product over a different number of rows (measured on the trained model: logits within 6e-6).
-Left padding would also batch prompts of different lengths, at the price of masks and per-row positions in
-model.py's every path; bucketing needs no change there, and with many prompts most buckets fill a batch. A
-bucket's batches hold at most batch_size rows, and fewer where a row's KV cache (its prompt plus its new tokens,
-every layer's keys and values) would take the batch past kv_cache_mb.
+Batches: continuous batching. A rank runs its samples in a fixed number of slots, the rows of one KV cache
+(batch_size of them, fewer where the cache, every row as long as the longest prompt plus its new tokens, would pass
+kv_cache_mb). Every step each busy row takes a token at its own position, with its own settings and generator; a
+row whose sample has finished (its max_new_tokens, or <|endoftext|> with stop_at_eot) takes the next sample at the
+next step, its prompt prefilled in that step's own pass (generate.Decoder.step), while the others go on. The order
+in which samples take slots is planned so that the slots' work ends together (admission_order). A row's numbers
+are those of a batch of one up to the float rounding of a product over a different number of tokens (measured on
+the trained model: logits within 6e-6).
 
 Seeds. Sample k of prompt id draws its noise from its own torch.Generator, seeded from a hash of (the seed, id,
 k), where the seed is the prompt's own or the run's. So a sample's text depends on the model, the prompt, its
@@ -31,12 +32,12 @@ parts (through torch.distributed, so no shared file system is needed), writes OU
 (prompt, then sample), and the parts are removed. An OUT that already holds every sample is not redone. A rank
 that finishes early waits for the others as long as they take (Ranks.wait_for_all), not a collective's timeout.
 
-Ranks. Under torchrun (WORLD_SIZE > 1) the samples, sorted by bucket, are cut into one contiguous share per rank of
-about equal work, so buckets stay whole; the share depends only on the file, the settings and the world size. A
-rank on a GPU takes cuda:LOCAL_RANK (--device=cuda:N is refused: every rank would take GPU N); on a CPU each rank
-takes cores / LOCAL_WORLD_SIZE threads (torchrun's own default is one). The collectives here move Python objects
-(part files, figures) over gloo, from host memory, also beside NCCL on GPUs. A rank that fails exits, and
-torchrun stops the others and reports it: the run never hangs.
+Ranks. Under torchrun (WORLD_SIZE > 1) the samples, in the file's order, are cut into one contiguous share per rank
+of about equal work; the share depends only on the file, the settings and the world size. A rank on a GPU takes
+cuda:LOCAL_RANK (--device=cuda:N is refused: every rank would take GPU N); on a CPU each rank takes cores /
+LOCAL_WORLD_SIZE threads (torchrun's own default is one). The collectives here move Python objects (part files,
+figures) over gloo, from host memory, also beside NCCL on GPUs. A rank that fails exits, and torchrun stops the
+others and reports it: the run never hangs.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
 
 from configurator import Setting, convert
 from errors import UsageError
-from runtime import check_sampling, kv_cache_bytes, prompt_ids, sample_steps, token_bytes
+from runtime import check_sampling, kv_cache_bytes, prompt_ids, token_bytes
 from tokenizer import EOT_ID
 
 if TYPE_CHECKING:
@@ -407,34 +408,47 @@ class Progress:
         self.ranks, self.unit = ranks, unit
         self.start = time.perf_counter()
         self.prompts = self.tokens = self.batches = self.rows = 0
+        self.busy = 0  # with slots (continuous batching): busy rows summed over the steps, which `batches` counts
+        self.slots: Optional[int] = None
         label = f"rank 0 of {ranks.world}" if ranks.world > 1 else None
         self.bar = tqdm(total=total, initial=done, unit=unit, desc=label, file=sys.stderr, dynamic_ncols=True,
                         mininterval=0.5, disable=ranks.rank != 0, smoothing=0)
 
-    def update(self, rows: int, finished_prompts: int, tokens: int) -> None:
+    def update(self, rows: int, finished_prompts: int, tokens: int, busy: Optional[int] = None) -> None:
+        """rows finished: a batch's, or a step's of the slots (busy of them busy during it), or none of those."""
         self.prompts += finished_prompts
         self.tokens += tokens
-        self.batches += 1
+        self.batches += busy is not None or self.slots is None
         self.rows += rows
         elapsed = time.perf_counter() - self.start
-        self.bar.set_postfix_str(f"{self.prompts / elapsed:.2f} prompts/s, {self.tokens / elapsed:.0f} tokens/s",
-                                 refresh=False)
+        occupancy = ""
+        if busy is not None:
+            self.busy += busy
+            occupancy = f", slots {busy}/{self.slots} busy"
+        self.bar.set_postfix_str(f"{self.prompts / elapsed:.2f} prompts/s, {self.tokens / elapsed:.0f} tokens/s"
+                                 f"{occupancy}", refresh=False)
         self.bar.update(rows)
 
     def summary(self, what: str, out: str) -> None:
         """Every rank's figures, added up, as one line on rank 0's stderr."""
         self.bar.close()
-        mine = (self.prompts, self.rows, self.tokens, self.batches, time.perf_counter() - self.start)
+        mine = (self.prompts, self.rows, self.tokens, self.batches, self.busy, (self.slots or 0) * self.batches,
+                time.perf_counter() - self.start)
         figures = self.ranks.gather(mine)
         if figures is None:
             return
-        prompts, rows, tokens, batches = (sum(f[i] for f in figures) for i in range(4))
-        elapsed = max(f[4] for f in figures)
+        prompts, rows, tokens, batches, busy, slot_steps = (sum(f[i] for f in figures) for i in range(6))
+        elapsed = max(f[6] for f in figures)
         processes = f" on {self.ranks.world} processes" if self.ranks.world > 1 else ""
         rate = f"{prompts / elapsed:.2f} {what}/s, {tokens / elapsed:.1f} tokens/s" if elapsed > 0 else "no time"
-        mean_rows = f"{rows / batches:.1f}" if batches else "0"
+        if self.slots is None:
+            mean_rows = f"{rows / batches:.1f}" if batches else "0"
+            work = f"{batches} batches, {mean_rows} rows on average"
+        else:
+            steps = max(1, batches)
+            work = f"{batches} steps, {busy / steps:.1f} of {slot_steps / steps:.0f} slots busy on average"
         print(f"{rows} {self.unit}s of {prompts} {what} ({tokens} tokens) in {elapsed:.2f} s{processes}: {rate}; "
-              f"{batches} batches, {mean_rows} rows on average; wrote {out}", file=sys.stderr)
+              f"{work}; wrote {out}", file=sys.stderr)
 
 
 def run_job(output: Output, progress: Progress, steps: Iterator[None], what: str) -> int:
@@ -462,7 +476,6 @@ def run_job(output: Output, progress: Progress, steps: Iterator[None], what: str
 @dataclass
 class Sample:
     prompt: Prompt
-    order: int  # the prompt's place in the file
     index: int  # which of the prompt's samples
     seed: int
     ids: list[int]
@@ -472,10 +485,9 @@ class Sample:
         return (json.dumps(self.prompt.id), self.index)
 
     @property
-    def bucket(self) -> tuple:
-        """What a batch's rows share: the prompt's length and the settings that generate_stream takes once."""
-        shared = {k: v for k, v in self.prompt.settings.items() if k not in ("seed", "num_samples")}
-        return len(self.ids), json.dumps(shared, sort_keys=True)
+    def steps(self) -> int:
+        """The decode steps it holds a slot for, at most."""
+        return self.prompt.settings["max_new_tokens"]
 
 
 @dataclass
@@ -519,11 +531,11 @@ def make_samples(job: SampleJob, enc: tiktoken.Encoding, model: GPT) -> list[Sam
     from <|endoftext|>; a prompt longer than the context keeps its end, as sample.py does)."""
     samples, cropped = [], 0
     block_size = model.config.block_size
-    for order, prompt in enumerate(job.prompts):
+    for prompt in job.prompts:
         ids, length = prompt_ids(enc, prompt.text, model.config, f"{job.path} line {prompt.line}: the prompt")
         cropped += length > block_size
         seed = prompt.settings["seed"]
-        samples += [Sample(prompt, order, k, sample_seed(seed, prompt.id, k), ids)
+        samples += [Sample(prompt, k, sample_seed(seed, prompt.id, k), ids)
                     for k in range(prompt.settings["num_samples"])]
     if cropped:
         print(f"warning: {cropped} prompts are longer than the model's context of {block_size}: each keeps its "
@@ -531,40 +543,111 @@ def make_samples(job: SampleJob, enc: tiktoken.Encoding, model: GPT) -> list[Sam
     return samples
 
 
-def batches(samples: list[Sample], job: SampleJob, model: GPT, compile: bool = False) -> list[list[Sample]]:
-    """Samples grouped by bucket, each bucket cut into batches of at most batch_size rows whose KV cache fits in
-    kv_cache_mb (compile: a static cache of the whole context per row)."""
-    buckets = {}
-    for s in samples:
-        buckets.setdefault(s.bucket, []).append(s)
+def slot_count(samples: list[Sample], job: SampleJob, model: GPT, compile: bool) -> int:
+    """The rows of the KV cache: batch_size, fewer where the cache would pass kv_cache_mb (each row holds the
+    positions of the longest prompt plus its new tokens, up to the context; compile: a static cache of the whole
+    context per row), and no more than there are samples."""
     config, itemsize = model.config, model.transformer.wte.weight.element_size()
-    out = []
-    for bucket in buckets.values():
-        row_bytes = kv_cache_bytes(config, len(bucket[0].ids), bucket[0].prompt.settings["max_new_tokens"], itemsize,
-                                   compile)
-        rows = max(1, min(job.batch_size, job.kv_cache_mb * 2 ** 20 // row_bytes))
-        out += [bucket[i:i + rows] for i in range(0, len(bucket), rows)]
-    return out
+    row_bytes = kv_cache_bytes(config, max(len(s.ids) + s.steps for s in samples), 0, itemsize, compile)
+    return max(1, min(job.batch_size, job.kv_cache_mb * 2 ** 20 // row_bytes, len(samples)))
 
 
-def sample_batch(model: GPT, batch: list[Sample], compile: bool) -> list[tuple[list[int], str]]:
-    """Each row's new tokens (up to its stop token, which is left out) and why it ended: "stop" or "length"."""
+def admission_order(samples: list[Sample], slots: int) -> list[Sample]:
+    """The order in which samples take free slots, planned so that the slots' work ends at about the same step.
+
+    Taking the longest first (LPT) leaves a tail of steps with few busy rows: on bench.py's spread file (96
+    samples of 8 to 88 new tokens, 32 slots) 156 steps where 144 would do. MULTIFIT does better: the samples'
+    steps packed first-fit-decreasing into `slots` bins of the least capacity (by bisection, to within 1%) that
+    holds them all (145 steps there), then ordered by the step at which each starts in its bin. A free slot takes
+    the next sample, so with every sample running its max_new_tokens the run follows the plan; one that stops
+    early only brings the rest forward.
+    """
+    import numpy as np
+
+    by_size = sorted(samples, key=lambda s: -s.steps)
+    steps = np.array([s.steps for s in by_size], dtype=np.int64)
+
+    def starts(capacity: int) -> Optional[np.ndarray]:
+        """Each sample's start step in its bin, first-fit decreasing; None if the bins cannot hold them."""
+        loads, start = np.zeros(slots, dtype=np.int64), np.empty(len(steps), dtype=np.int64)
+        for i, n in enumerate(steps):
+            fits = np.flatnonzero(loads <= capacity - n)
+            if not fits.size:
+                return None
+            start[i], loads[fits[0]] = loads[fits[0]], loads[fits[0]] + n
+        return start
+
+    low = max(-(-int(steps.sum()) // slots), int(steps[0]))  # no plan ends sooner
+    high = 2 * low  # always holds them: a sample that fits in no bin would need every bin fuller than low
+    plan = starts(high)
+    while high - low > max(1, high // 100):
+        middle = (low + high) // 2
+        attempt = starts(middle)
+        low, high, plan = (low, middle, attempt) if attempt is not None else (middle, high, plan)
+    return [by_size[i] for i in np.argsort(plan, kind="stable")]
+
+
+def run_slots(model: GPT, samples: list[Sample], slots: int,
+              compile: bool) -> Iterator[tuple[list[tuple[Sample, list[int], str]], int]]:
+    """Continuous batching over `slots` rows of one generate.Decoder, the samples taking free rows in their order.
+    Each step yields the samples that finished (their new tokens, without the stop token, and "stop" or "length")
+    and how many rows were busy. A free row with no sample left is parked and draws greedily, touching no
+    generator."""
+    from collections import deque
+    from contextlib import nullcontext
+
     import torch
 
+    from generate import COMPILED_TURN, Decoder, TokenHistory
+    from sampling import sample_next_token
+
     device = model.transformer.wte.weight.device
-    idx = torch.tensor([s.ids for s in batch], device=device)
-    generators = [torch.Generator(device=device).manual_seed(s.seed) for s in batch]
-    s = batch[0].prompt.settings
-    steps = list(sample_steps(model, idx, s["max_new_tokens"], s["temperature"], s["top_k"], s["top_p"],
-                              s["stop_at_eot"], compile, generators=generators))
-    rows = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in batch]
-    ends = []
-    for tokens in rows:
-        if s["stop_at_eot"] and EOT_ID in tokens:
-            ends.append((tokens[:tokens.index(EOT_ID)], "stop"))
-        else:
-            ends.append((tokens, "length"))
-    return ends
+    block_size = model.config.block_size
+    longest = max(len(s.ids) + s.steps for s in samples)
+    queue, idle = deque(samples), (0.0, None, None)
+    running: list[Optional[Sample]] = [None] * slots
+    made: list[list[int]] = [[] for _ in range(slots)]  # each row's new tokens so far
+    settings = [idle] * slots  # each row's (temperature, top_k, top_p)
+    generators = [torch.Generator(device=device) for _ in range(slots)]
+    with COMPILED_TURN if compile else nullcontext():
+        decoder = Decoder(model, slots, min(longest, block_size), device, compile)
+        history = TokenHistory.for_slots(slots, longest, block_size, device)
+        token = None
+        while queue or any(s is not None for s in running):
+            free = [row for row, s in enumerate(running) if s is None][:len(queue)]
+            new = [queue.popleft() for _ in free]
+            rows = torch.tensor(free, dtype=torch.long)
+            prompts = [torch.tensor(s.ids, device=device) for s in new]
+            if token is None:  # the first step: every row starts
+                logits = decoder.admit(rows, prompts, history)
+            else:
+                logits = decoder.step(token, history, (rows, prompts) if new else None)
+            for row, s in zip(free, new):
+                running[row], made[row] = s, []
+                settings[row] = tuple(s.prompt.settings[k] for k in ("temperature", "top_k", "top_p"))
+                generators[row].manual_seed(s.seed)
+            parked = [row for row, s in enumerate(running) if s is None]
+            if parked:
+                decoder.park(torch.tensor(parked), history)
+                for row in parked:
+                    settings[row] = idle
+            temperature, top_k, top_p = (list(column) for column in zip(*settings))
+            token = sample_next_token(logits, temperature, top_k, top_p, generators=generators)
+            history.append(token[:, None])
+            finished = []
+            for row, t in enumerate(token.tolist()):  # the one wait for the device a step
+                s = running[row]
+                if s is None:
+                    continue
+                if s.prompt.settings["stop_at_eot"] and t == EOT_ID:
+                    finished.append((s, made[row], "stop"))
+                else:
+                    made[row].append(t)
+                    if len(made[row]) < s.steps:
+                        continue
+                    finished.append((s, made[row], "length"))
+                running[row] = None
+            yield finished, slots - len(parked)
 
 
 def sample_prompts(job: SampleJob, model: GPT, enc: tiktoken.Encoding, ranks: Ranks, compile: bool = False) -> int:
@@ -572,8 +655,7 @@ def sample_prompts(job: SampleJob, model: GPT, enc: tiktoken.Encoding, ranks: Ra
     generate_stream's. Returns the exit status (130 when interrupted: what was finished is kept for the next
     run)."""
     samples = make_samples(job, enc, model)
-    by_bucket = sorted(samples, key=lambda s: (s.bucket, s.order, s.index))
-    mine = share(by_bucket, lambda s: s.prompt.settings["max_new_tokens"] + 1, ranks)
+    mine = share(samples, lambda s: s.steps + 1, ranks)
     output = Output(job.out, ranks, [s.key for s in samples], [s.key for s in mine],
                     lambda record: (json.dumps(record["id"]), record["sample"]))
     if output.finished():
@@ -585,15 +667,27 @@ def sample_prompts(job: SampleJob, model: GPT, enc: tiktoken.Encoding, ranks: Ra
     todo = [s for s in mine if s.key not in done]
     progress = Progress(ranks, len(mine), len(mine) - len(todo), "sample")
 
+    def write(finished: list[tuple[Sample, list[int], str]]) -> None:
+        for s, tokens, finish in finished:
+            text = token_bytes(enc, tokens).decode("utf-8", errors="replace")
+            output.write(json.dumps(dict(id=s.prompt.id, sample=s.index, text=text, tokens=len(tokens),
+                                         finish=finish, seed=s.seed), ensure_ascii=False))
+
+    def counted(finished: list[tuple[Sample, list[int], str]], busy: Optional[int] = None) -> None:
+        last = sum(s.index == s.prompt.settings["num_samples"] - 1 for s, _, _ in finished)  # a prompt counts once
+        progress.update(len(finished), last, sum(len(tokens) for _, tokens, _ in finished), busy)
+
     def steps() -> Iterator[None]:
-        for batch in batches(todo, job, model, compile):
-            ends = sample_batch(model, batch, compile)
-            for s, (tokens, finish) in zip(batch, ends):
-                text = token_bytes(enc, tokens).decode("utf-8", errors="replace")
-                output.write(json.dumps(dict(id=s.prompt.id, sample=s.index, text=text, tokens=len(tokens),
-                                             finish=finish, seed=s.seed), ensure_ascii=False))
-            last = sum(s.index == s.prompt.settings["num_samples"] - 1 for s in batch)  # a prompt counts once
-            progress.update(len(batch), last, sum(len(tokens) for tokens, _ in ends))
+        work = [s for s in todo if s.steps > 0]
+        progress.slots = slot_count(work, job, model, compile) if work else 0
+        nothing = [(s, [], "length") for s in todo if s.steps == 0]  # max_new_tokens 0: no slot needed
+        write(nothing)
+        counted(nothing)
+        if not work:
+            return
+        for finished, busy in run_slots(model, admission_order(work, progress.slots), progress.slots, compile):
+            write(finished)
+            counted(finished, busy)
             yield
 
     status = run_job(output, progress, steps(), "prompts")

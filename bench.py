@@ -13,9 +13,10 @@ Systems: (a) ours, model.generate_stream with the KV cache; (b) transformers' GP
 KV cache on; (c) ours without the cache (use_kv_cache=False, nanoGPT's method); (d) sample.py's default workload;
 (s) ours float32 with speculative decoding (generate's draft=), an int8 and an fp16 draft; (f) with --busy_core, (a) in float32 at torch's default thread count and at one thread, quiet and while another
 process spins on one core; (p) with --peers, CTranslate2 and llama.cpp on the same weights (peers.py).
---prompts_file_bench runs only (e): a prompts file of 200 prompts of mixed lengths through batch.py against
-model.generate looped prompt by prompt, and sample.py --prompts as 2 processes x 1 thread (torchrun) against
-1 process x 2 threads (and 1 x 1), pinned to the same two cores.
+--prompts_file_bench runs only (e): prompts files through batch.py's continuous batching at GPT-2 124M's shape, 96
+prompts of lengths and max_new_tokens spread wide against 96 of the same totals evenly (40 tokens, 48 new), and
+the spread file by bucketing (the job before) and by model.generate looped; then sample.py --prompts as 2
+processes x 1 thread (torchrun) against 1 process x 2 threads (and 1 x 1), pinned to the same two cores.
 Each measurement is the median of `repeats` runs after one warm-up run. Time to first token is the time until
 the first step is yielded (prefill plus the first sampling); decode tokens/s counts the remaining steps. The
 roofline is the weight bytes a decode step reads over the read bandwidth measured in this run: the most decode
@@ -83,7 +84,7 @@ workload_samples: int = 10  # (d)'s samples
 workload_tokens: int = 500  # (d)'s new tokens per sample
 fidelity: bool = False  # measure int8, fp16 and bfloat16 against float32 on the trained model over assets/heldout.txt
 fidelity_model: str = '../shared/tiny-gpt2-en'  # the trained model for --fidelity and --prompts_file_bench
-prompts_file_bench: bool = False  # only (e): sample.py --prompts on 200 prompts against generate looped, and processes
+prompts_file_bench: bool = False  # only (e): prompts files, continuous batching against bucketing, generate looped
 bandwidth_mb: int = 2048  # size of the buffer read to measure memory bandwidth (far larger than the caches)
 threads: int | None = None  # torch's thread count; None keeps its default (one per core)
 device: str = 'cpu'  # cpu or cuda (int8 and fp16 run on the CPU only)
@@ -537,62 +538,111 @@ def fidelity_figures(folder: Path) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # (e): a prompts file, batched, against generate looped prompt by prompt; processes against threads
 
-PROMPTS_FILE_SIZE = 200
-PROMPT_LENGTHS = {"narrow": (8, 24), "wide": (4, 64)}  # prompt tokens, uniform between the two
+SPREAD = dict(prompts=96, lengths=(2, 78), new_tokens=(8, 88))  # and its even counterpart: 40 and 48 each
+FILE_SETTINGS = dict(temperature=0.8, top_k=200, top_p=None, num_samples=1, stop_at_eot=False)
 
 
-def prompts_file_figures(folder: Path, new_tokens: int, seed: int, device: str) -> dict:
-    """Samples per second of batch.py's prompts-file path (length buckets, batch size 32) and of model.generate
-    called prompt by prompt, in this process on the same prompts (slices of assets/heldout.txt) and settings
-    (new_tokens each, temperature 0.8, top-k 200, seeded from seed); then sample.py --prompts on the wide file as
-    processes. device: only named in the figures (the machine's description), as the rest runs on the CPU."""
+def spread_file(enc, seed: int, even: bool = False) -> list:
+    """The prompts of (e): SPREAD's 96 prompts, lengths evenly spread over 2..78 tokens and max_new_tokens over
+    8..88, each order shuffled on its own; even=True, the same totals as 40 and 48 each. The texts are slices of
+    assets/heldout.txt holding exactly their number of tokens. A list of batch.Prompt."""
     import random
+
+    import batch
+
+    n, (low, high), (new_low, new_high) = SPREAD["prompts"], SPREAD["lengths"], SPREAD["new_tokens"]
+    rng = random.Random(seed)
+    lengths = [round(low + (high - low) * i / (n - 1)) for i in range(n)]
+    news = [round(new_low + (new_high - new_low) * i / (n - 1)) for i in range(n)]
+    rng.shuffle(lengths)
+    rng.shuffle(news)
+    if even:
+        lengths, news = [sum(lengths) // n] * n, [sum(news) // n] * n
+    text = enc.encode_ordinary((ROOT / "assets" / "heldout.txt").read_text(encoding="utf-8"))
+    prompts = []
+    for i, (length, new) in enumerate(zip(lengths, news), 1):
+        while True:  # a slice whose text encodes to the same number of tokens (merges across its ends can differ)
+            start = rng.randrange(len(text) - length)
+            piece = enc.decode(text[start:start + length])
+            if len(enc.encode_ordinary(piece)) == length:
+                break
+        prompts.append(batch.Prompt(i, i, piece, dict(FILE_SETTINGS, max_new_tokens=new, seed=seed)))
+    return prompts
+
+
+def bucketed(model: GPT, samples: list) -> None:
+    """How prompts files ran before continuous batching: samples of the same prompt length and settings in
+    batches of up to 32, each batch running until its every row is done."""
+    buckets = {}
+    for s in samples:
+        buckets.setdefault((len(s.ids), s.steps), []).append(s)
+    for bucket in buckets.values():
+        for i in range(0, len(bucket), 32):
+            rows = bucket[i:i + 32]
+            generators = [torch.Generator().manual_seed(s.seed) for s in rows]
+            list(model.generate_stream(torch.tensor([s.ids for s in rows]), rows[0].steps,
+                                       FILE_SETTINGS["temperature"], FILE_SETTINGS["top_k"], generators=generators))
+
+
+def prompts_file_figures(folder: Path, seed: int, repeats: int, device: str) -> dict:
+    """New tokens per second of batch.py's prompts-file job (continuous batching, batch size 32) on SPREAD's
+    file and on its even counterpart, GPT-2 124M's shape with random weights (GPT-2's tokenizer, from the trained
+    model's folder); on the spread file also bucketing (the job before continuous batching) and model.generate
+    called prompt by prompt; then sample.py --prompts on the spread file with the trained model, as processes.
+    The job's runs are the median of repeats, interleaved; the slower two run once. Each run's CPU time (this
+    process's) is kept beside its wall time: with one thread, the work done, whatever else shares the machine.
+    device: only named in the figures (the machine's description), as the rest runs on the CPU."""
     import tempfile
 
     import batch
     from tokenizer import load_tokenizer
 
-    model, enc = GPT.from_pretrained(str(folder)), load_tokenizer(folder)
-    text = enc.encode_ordinary((ROOT / "assets" / "heldout.txt").read_text(encoding="utf-8"))
-    rng = random.Random(seed)
-    settings = dict(max_new_tokens=new_tokens, temperature=0.8, top_k=200, top_p=None, num_samples=1,
-                    stop_at_eot=False, seed=seed)
-    figures = {"model": str(folder), "prompts": PROMPTS_FILE_SIZE, "new_tokens": new_tokens,
-               "threads": torch.get_num_threads(), "machine": cpu_description(device)}
+    enc = load_tokenizer(folder)
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=50257)).eval()
     scratch = Path(tempfile.mkdtemp())
-    for name, (lo, hi) in PROMPT_LENGTHS.items():
-        texts = []
-        for _ in range(PROMPTS_FILE_SIZE):
-            n = rng.randint(lo, hi)
-            start = rng.randrange(len(text) - n)
-            texts.append(enc.decode(text[start:start + n]))
-        ids = [prompt_ids(enc, t, model.config, f"bench.py's prompt {i}")[0] for i, t in enumerate(texts, 1)]
-        print(f"bench.py: (e) {name} prompts, generate looped", file=sys.stderr, flush=True)
-        began = time.perf_counter()
-        for i, prompt in enumerate(ids):
-            model.generate(torch.tensor([prompt]), new_tokens, 0.8, 200, seed=i)
-        looped = time.perf_counter() - began
-        print(f"bench.py: (e) {name} prompts, prompts file", file=sys.stderr, flush=True)
-        job = batch.SampleJob([batch.Prompt(i, i, t, dict(settings)) for i, t in enumerate(texts, 1)], "bench",
-                              str(scratch / f"{name}.jsonl"), 32, 2048)
-        began = time.perf_counter()
-        batch.sample_prompts(job, model, enc, batch.Ranks())
-        batched = time.perf_counter() - began
-        figures[name] = dict(lengths=[lo, hi], distinct_lengths=len({len(i) for i in ids}), looped_s=looped,
-                             file_s=batched, speedup=looped / batched)
-        (scratch / f"{name}-prompts.jsonl").write_text(
-            "".join(jsonlib.dumps(dict(id=i, prompt=t)) + "\n" for i, t in enumerate(texts, 1)), encoding="utf-8")
-    figures["processes"] = process_figures(folder, scratch / "wide-prompts.jsonl", new_tokens, seed)
+    files = {name: spread_file(enc, seed, even=name == "even") for name in ("even", "spread")}
+    new_tokens = {name: sum(p.settings["max_new_tokens"] for p in prompts) for name, prompts in files.items()}
+    figures = {"model": "GPT-2 124M shape, random weights", "batch_size": 32, "threads": torch.get_num_threads(),
+               "machine": cpu_description(device), "prompts": SPREAD["prompts"], "new_tokens": new_tokens,
+               "prompt_tokens": {name: sum(len(enc.encode_ordinary(p.text)) for p in prompts)
+                                 for name, prompts in files.items()}}
+    def timed(run: Callable[[], object]) -> tuple[float, float]:
+        began, cpu = time.perf_counter(), time.process_time()
+        run()
+        return time.perf_counter() - began, time.process_time() - cpu
+
+    times = {"even": [], "spread": []}
+    for run in range(repeats):
+        for name, prompts in files.items():
+            print(f"bench.py: (e) {name} file, continuous batching, run {run + 1} of {repeats}", file=sys.stderr,
+                  flush=True)
+            job = batch.SampleJob(prompts, name, str(scratch / f"{name}-{run}.jsonl"), 32, 2048)
+            times[name].append(timed(lambda: batch.sample_prompts(job, model, enc, batch.Ranks())))
+    samples = batch.make_samples(batch.SampleJob(files["spread"], "spread", "", 32, 2048), enc, model)
+    print("bench.py: (e) spread file, bucketing", file=sys.stderr, flush=True)
+    times["bucketing"] = [timed(lambda: bucketed(model, samples))]
+    print("bench.py: (e) spread file, generate looped", file=sys.stderr, flush=True)
+    times["looped"] = [timed(lambda: [model.generate(torch.tensor([s.ids]), s.steps, FILE_SETTINGS["temperature"],
+                                                     FILE_SETTINGS["top_k"], seed=s.seed) for s in samples])]
+    for name, runs in times.items():
+        tokens = new_tokens["even" if name == "even" else "spread"]
+        figures[name] = dict(runs_s=[wall for wall, _ in runs], cpu_s=[cpu for _, cpu in runs],
+                             tok_s=tokens / statistics.median(wall for wall, _ in runs),
+                             cpu_tok_s=tokens / statistics.median(cpu for _, cpu in runs))
+    (scratch / "spread-prompts.jsonl").write_text(
+        "".join(jsonlib.dumps(dict(id=p.id, prompt=p.text, max_new_tokens=p.settings["max_new_tokens"])) + "\n"
+                for p in files["spread"]), encoding="utf-8")
+    figures["processes"] = process_figures(folder, scratch / "spread-prompts.jsonl", seed)
     return figures
 
 
-def process_figures(folder: Path, prompts: Path, new_tokens: int, seed: int) -> dict:
+def process_figures(folder: Path, prompts: Path, seed: int) -> dict:
     """sample.py --prompts as 1 process x 1 thread, 1 x 2 and 2 x 1 (torchrun), each pinned to the same two
     cores: the generation's own time and rate, from its summary line, and the wall time with start-up."""
     import re
     cores = sorted(os.sched_getaffinity(0))[:2] if hasattr(os, "sched_getaffinity") else None
-    common = [f"--init_from={folder}", f"--prompts={prompts}", "--num_samples=1", f"--max_new_tokens={new_tokens}",
-              "--device=cpu", f"--seed={seed}"]
+    common = [f"--init_from={folder}", f"--prompts={prompts}", "--num_samples=1", "--device=cpu", f"--seed={seed}"]
     runs = {"1 process x 1 thread": ([sys.executable, "sample.py"], "1"),
             "1 process x 2 threads": ([sys.executable, "sample.py"], "2"),
             "2 processes x 1 thread": ([sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -618,17 +668,34 @@ def process_figures(folder: Path, prompts: Path, new_tokens: int, seed: int) -> 
 
 def prompts_file_table(f: dict) -> str:
     m = f["machine"]
+
+    def row(label: str, name: str) -> str:
+        e = f[name]
+        runs = ", ".join(f"{wall:.1f}" for wall in e["runs_s"])
+        return f"  {label:<46} {e['tok_s']:7.1f} {e['cpu_tok_s']:9.1f}   ({runs} s)"
+
+    def target(label: str, num: str, den: str, goal: float) -> str:
+        ratios = [f[num][key] / f[den][key] for key in ("tok_s", "cpu_tok_s")]
+        met = "met" if ratios[0] >= goal else "NOT met"
+        return f"  {label:<46} {ratios[0]:6.2f}x {ratios[1]:8.2f}x   (target >= {goal}x: {met})"
+
     lines = [f"machine: {m['model']}, {m['cores']} cores; load average at start "
              f"{' '.join(f'{x:.2f}' for x in m['load_average'] or [])}",
-             f"(e) prompts file: {f['prompts']} prompts, {f['new_tokens']} new tokens each (temperature 0.8, top-k "
-             f"200), model {f['model']}, batch size 32, {f['threads']} torch threads in this process:"]
-    for name in PROMPT_LENGTHS:
-        e = f[name]
-        lines.append(f"  {name} lengths ({e['lengths'][0]}-{e['lengths'][1]} tokens, {e['distinct_lengths']} "
-                     f"distinct): generate looped {e['looped_s']:.1f} s, prompts file {e['file_s']:.1f} s: "
-                     f"{e['speedup']:.2f}x (target >= 4x: {'met' if e['speedup'] >= 4 else 'NOT met'})")
-    lines.append("  sample.py --prompts on the wide file, pinned to two cores (generation time from its summary; "
-                 "wall time with start-up):")
+             f"(e) prompts files of {f['prompts']} prompts, {f['model']}, batch size {f['batch_size']}, temperature "
+             f"0.8, top-k 200, {f['threads']} torch threads",
+             f"  even file: {f['prompt_tokens']['even']} prompt tokens (40 each), {f['new_tokens']['even']} new (48 "
+             f"each); spread file: {f['prompt_tokens']['spread']} prompt tokens (2-78), {f['new_tokens']['spread']} "
+             "new (8-88)",
+             f"  {'new tokens/s (median; by CPU time in the next column)':<46} {'wall':>7} {'CPU time':>9}   (runs)",
+             row("even file, continuous batching", "even"),
+             row("spread file, continuous batching", "spread"),
+             row("spread file, bucketing (the job before)", "bucketing"),
+             row("spread file, generate looped", "looped"),
+             target("spread / even", "spread", "even", 0.9),
+             target("spread: continuous batching / bucketing", "spread", "bucketing", 3),
+             target("spread: continuous batching / generate looped", "spread", "looped", 5),
+             "  sample.py --prompts on the spread file with the trained model, pinned to two cores (generation time "
+             "from its summary; wall time with start-up):"]
     for name, p in f["processes"].items():
         if isinstance(p, dict):
             lines.append(f"    {name:<24} {p['generation_s']:6.1f} s, {p['prompts_s']:6.2f} prompts/s, "
@@ -937,7 +1004,7 @@ def main() -> int:
     if s.threads is not None:
         torch.set_num_threads(s.threads)
     if s.prompts_file_bench:
-        figures = prompts_file_figures(trained_folder(s.init_from or s.fidelity_model), s.new_tokens, s.seed,
+        figures = prompts_file_figures(trained_folder(s.init_from or s.fidelity_model), s.seed, s.repeats,
                                        s.device)
         print(jsonlib.dumps(figures, indent=1) if s.json else prompts_file_table(figures))
         return 0 if figures["processes"]["identical_outputs"] else 1

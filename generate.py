@@ -5,8 +5,11 @@ A generation reads top to bottom: each prompt becomes a row (prompts of differen
 `padded`), each row's tokens are kept in a bounded history (`TokenHistory`), and a `Decoder` runs the phases over
 one KV cache: `prefill` writes each prompt into its rows of the cache, `decode_step` feeds every row its newest token
 at the row's own position, and a row that has filled the context slides its window (`slide`: its last block_size
-tokens prefilled again, nanoGPT's meaning past the context). `generate_stream` is the loop over those phases; `generate` collects what it yields. Also here: the
-thread count each CPU step runs at (ThreadChooser) and the rule of one compiled generation at a time.
+tokens prefilled again, nanoGPT's meaning past the context). `generate_stream` is the loop over those phases;
+`generate` collects what it yields. The prompts-file job (batch.py) drives the same Decoder as a fixed number of
+slots: a row that has finished takes a new prompt (`admit`) while the others go on, and a row left with nothing
+to do is parked. Also here: the thread count each CPU step runs at (ThreadChooser) and the rule of one compiled
+generation at a time.
 """
 
 import copy
@@ -35,6 +38,18 @@ def padded(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.nn.utils.rnn.pad_sequence(list(rows), batch_first=True), lengths
 
 
+def by_length(prompts: Sequence[torch.Tensor], rows: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Tensor]],
+                                                                             torch.Tensor]:
+    """Prompts of one length stacked as one rectangle [n, T], with the cache rows they go to (rows[i] are prompt
+    i's: one, or its samples'), for a packed pass that pads none; and where each prompt's logits come in the
+    rectangles' order, for putting them back in the prompts' order."""
+    groups = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(prompt.numel(), []).append(i)
+    parts = [(torch.stack([prompts[i] for i in members]), rows[members].reshape(-1)) for members in groups.values()]
+    return parts, torch.tensor([i for members in groups.values() for i in members]).argsort()
+
+
 class TokenHistory:
     """Each row's tokens so far, for the windows that are recomputed from scratch (the no-cache reference, and a
     row past block_size) and for what generation yields. Written in place into at most twice block_size columns a
@@ -51,6 +66,12 @@ class TokenHistory:
             self.seq[i, :r.numel()] = r
         self.kept = torch.tensor(lengths)  # [B] columns in use, on the host
         self.all_rows = torch.arange(len(rows), device=self.seq.device)
+
+    @classmethod
+    def for_slots(cls, slots: int, longest: int, block_size: int, device: torch.device) -> "TokenHistory":
+        """A history of `slots` rows that take their prompts later (admit), with room for `longest` tokens a row
+        (a prompt and its new tokens) or 2 * block_size, whichever is less."""
+        return cls([torch.zeros(1, dtype=torch.long, device=device)] * slots, longest - 1, block_size)
 
     def append(self, tokens: torch.Tensor, counts: Optional[torch.Tensor] = None) -> None:
         """Add the first counts[i] of tokens [B, S] to row i (all S if counts is None; counts on the host)."""
@@ -70,6 +91,13 @@ class TokenHistory:
     def back(self, steps: Union[int, torch.Tensor]) -> torch.Tensor:
         """Each row's token `steps` places from its end (1: its newest), [B]; steps an int or [B] on the host."""
         return self.seq[self.all_rows, (self.kept - steps).to(self.seq.device, non_blocking=True)]
+
+    def admit(self, rows: torch.Tensor, prompts: Sequence[torch.Tensor]) -> None:
+        """Rows `rows` (host indices) start over from these prompts, one a row (each at most as long as the
+        columns, as the one whose history is built for the longest prompt and its new tokens)."""
+        for row, prompt in zip(rows.tolist(), prompts):
+            self.seq[row, :prompt.numel()] = prompt
+            self.kept[row] = prompt.numel()
 
     def windows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The last block_size tokens (or all, if fewer) of each row in `rows` (host indices), padded on the
@@ -94,34 +122,92 @@ class Decoder:
         if not compile:
             self.cache = KVCache(model.config, batch, max_len, dtype, device)
             self.prefill, self.decode_step = model.prefill, model.decode_step
+            self.decode_and_prefill = model.decode_and_prefill
             if device.type == "cpu" and torch.get_num_threads() > 1:
                 # Every core, or one where that is faster now (another program keeps a core busy).
-                self.decode_step = functools.partial(ThreadChooser().run, model.decode_step)
+                chooser = ThreadChooser()
+                self.decode_step = functools.partial(chooser.run, model.decode_step)
+                self.decode_and_prefill = functools.partial(chooser.run_chosen, model.decode_and_prefill)
         else:
             self.cache, self.prefill, self.decode_step = compiled_phases(model, batch, dtype, device)
+            self.decode_and_prefill = None  # a captured step has one shape: new prompts get a prefill apart
         self.input_pos = self.cache.positions(1)  # [B, 1], advanced on the device: no host copy per step
 
     def start(self, prompts: Sequence[torch.Tensor], samples: int) -> torch.Tensor:
-        """Prefill every prompt once into the rows of its `samples` samples; logits [B, V]."""
-        idx, lengths = padded(prompts)
-        logits = self.prefill(idx, lengths, self.cache, self.cache.all_rows)
-        self.cache.lengths[:] = lengths.cpu().repeat_interleave(samples)
+        """Prefill every prompt once into the rows of its `samples` samples; logits [B, V]. Eager, the prompts are
+        packed, none padded; compiled, padded to the longest (one shape for the captured prefill)."""
+        if self.decode_and_prefill is not None:
+            _, logits = self.packed(None, prompts, torch.arange(len(prompts) * samples).view(len(prompts), samples))
+        else:
+            idx, lengths = padded(prompts)
+            logits = self.prefill(idx, lengths, self.cache, self.cache.all_rows)
+        self.cache.lengths[:] = torch.tensor([p.numel() for p in prompts]).repeat_interleave(samples)
         self.input_pos = self.cache.positions(1)
         return logits.repeat_interleave(samples, dim=0)
 
-    def step(self, token: torch.Tensor, history: TokenHistory) -> torch.Tensor:
-        """Feed each row its newest token [B]; logits [B, V] for the next. A row that has filled the context slides
-        its window instead: GPT-2's positions are absolute, so a slide shifts every position and no cached key stays
+    def step(self, token: torch.Tensor, history: TokenHistory,
+             admit: Optional[tuple[torch.Tensor, Sequence[torch.Tensor]]] = None) -> torch.Tensor:
+        """Feed each row its newest token [B]; logits [B, V] for the next. admit, (rows as host indices, prompts):
+        those rows start new prompts instead (continuous batching), prefilled in the same pass as the step where
+        it is eager (Packed: one read of the weights for both). A row that has filled the context slides its
+        window instead: GPT-2's positions are absolute, so a slide shifts every position and no cached key stays
         valid; that row costs a prefill of block_size tokens per step from then on."""
         cache = self.cache
+        rows, prompts = admit or (torch.zeros(0, dtype=torch.long), [])
         sliding = (cache.lengths == cache.max_len).nonzero()[:, 0]
-        logits = self.decode_step(token[:, None], self.input_pos, cache)[:, -1]
+        sliding = sliding[~torch.isin(sliding, rows)]  # a row that starts over does not slide
+        first = None  # the new prompts' logits
+        if prompts and self.decode_and_prefill is not None:
+            logits, first = self.packed(token, prompts, rows)
+        else:
+            logits = self.decode_step(token[:, None], self.input_pos, cache)
+        logits = logits[:, -1]
         cache.lengths = (cache.lengths + 1).clamp(max=cache.max_len)
         self.input_pos.add_(1).clamp_(max=cache.max_len - 1)  # as cache.positions(1) would give
+        if prompts:
+            logits[rows.to(logits.device, non_blocking=True)] = self.admit(rows, prompts, history, first)
         if sliding.numel():
             logits[sliding.to(logits.device, non_blocking=True)] = self.slide(sliding, history)
             self.input_pos = cache.positions(1)
         return logits
+
+    def admit(self, rows: torch.Tensor, prompts: Sequence[torch.Tensor], history: TokenHistory,
+              logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Start new prompts, one a row, in the rows `rows` (host indices) while the other rows stay where they are
+        (continuous batching); logits [R, V] for each prompt's first new token (given as logits when a step has
+        prefilled them already). Eager, the prompts are packed side by side, none padded; compiled, padded to the
+        longest. What a row held before is stale from then on and seen by no query."""
+        if logits is None and self.decode_and_prefill is not None:
+            _, logits = self.packed(None, prompts, rows)
+        elif logits is None:
+            idx, lengths = padded(prompts)
+            logits = self.prefill(idx, lengths, self.cache, rows.to(self.input_pos.device, non_blocking=True))
+        self.cache.lengths[rows] = torch.tensor([p.numel() for p in prompts])
+        self.input_pos = self.cache.positions(1)
+        history.admit(rows, prompts)
+        return logits
+
+    def packed(self, token: Optional[torch.Tensor], prompts: Sequence[torch.Tensor],
+               rows: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """One pass (model.decode_and_prefill): the step feeding each row `token` [B] (None for no step) and the
+        prompts prefilled into their cache rows (host indices, rows[i] prompt i's); logits [B, 1, V] of the step
+        and [P, V] after each prompt, in the prompts' order."""
+        device = self.input_pos.device
+        parts, order = by_length(prompts, rows)
+        parts = [(ids, part_rows.to(device, non_blocking=True)) for ids, part_rows in parts]
+        if token is None:  # no step: its pass is not timed as one
+            step, firsts = self.model.decode_and_prefill(None, None, self.cache, parts)
+        else:
+            step, firsts = self.decode_and_prefill(token[:, None], self.input_pos, self.cache, parts)
+        return step, torch.cat(firsts)[order.to(device, non_blocking=True)]
+
+    def park(self, rows: torch.Tensor, history: TokenHistory) -> None:
+        """Rows (host indices) with nothing to do, as a run's last prompts finish elsewhere in the batch, go back to
+        length 0, in the cache and in the history: they still take part in each step (their tokens are read by no
+        one) but never grow into a window slide or past the history's columns."""
+        self.cache.lengths[rows] = 0
+        history.kept[rows] = 0
+        self.input_pos = self.cache.positions(1)
 
     def slide(self, rows: torch.Tensor, history: TokenHistory) -> torch.Tensor:
         idx, lengths = history.windows(rows)
@@ -423,6 +509,16 @@ class ThreadChooser:
             torch.set_num_threads(previous)
         self.record(count, seconds)
         return out
+
+    def run_chosen(self, step: Callable[..., T], *args) -> T:
+        """step(*args) at the count chosen so far, untimed: a pass of another size (a decode step that also
+        prefills new prompts) says nothing about how fast the plain steps are."""
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.chosen)
+        try:
+            return step(*args)
+        finally:
+            torch.set_num_threads(previous)
 
     def record(self, count: int, seconds: float) -> None:
         self.steps += 1

@@ -97,6 +97,14 @@ class CacheStep(NamedTuple):
     mask: Optional[torch.Tensor]  # [B, 1, S, visible], or None for a prompt
 
 
+class Packed(NamedTuple):
+    """Several passes as one (a decode step and new prompts): their tokens side by side in one row
+    [1, N], so that every product reads its weights once for all of them, and attention for each
+    pass apart, as it would run alone."""
+    shapes: list[tuple[int, int]]  # each pass's [b, s], in the order of its tokens
+    steps: list[CacheStep]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -112,8 +120,20 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = RoutedLinear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, step: Optional["CacheStep"] = None) -> torch.Tensor:
-        q, k, v = self._heads(x)  # [B, H, S, D]
+    def forward(self, x: torch.Tensor, step: Union[CacheStep, Packed, None] = None) -> torch.Tensor:
+        qkv = self.c_attn(x)  # [B, S, 3C]: every token's query, key and value in one product
+        if isinstance(step, Packed):  # x: [1, N, C], the passes' tokens side by side
+            parts = zip(qkv[0].split([b * s for b, s in step.shapes]), step.shapes, step.steps)
+            y = torch.cat([self._attend(part.view(b, s, -1), part_step).view(b * s, -1)
+                           for part, (b, s), part_step in parts])[None]
+        else:
+            y = self._attend(qkv, step)
+        return self.resid_dropout(self.c_proj(y))
+
+    def _attend(self, qkv: torch.Tensor, step: Optional[CacheStep]) -> torch.Tensor:
+        """[B, S, 3C] queries, keys and values to attention's output [B, S, C] (before the
+        projection), writing the keys and values into the cache if there is one."""
+        q, k, v = self._heads(qkv)  # [B, H, S, D]
         mask = None
         if step is not None:
             step.cache.write(self.layer_idx, step.rows, step.input_pos, k, v)
@@ -134,21 +154,21 @@ class CausalSelfAttention(nn.Module):
     def forward_with_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The output and the attention probabilities [B, H, T, T], written out (for attention
         pictures)."""
-        q, k, v = self._heads(x)
+        q, k, v = self._heads(self.c_attn(x))
         T = q.size(2)
         scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
         future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(diagonal=1)
         probs = F.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
-        return self._merge_heads(probs @ v), probs
+        return self.resid_dropout(self.c_proj(self._merge_heads(probs @ v))), probs
 
-    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        return tuple(t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+    def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, _ = qkv.size()
+        q, k, v = qkv.split(self.n_embd, dim=2)
+        return tuple(t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
 
     def _merge_heads(self, y: torch.Tensor) -> torch.Tensor:
         B, H, T, D = y.size()
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, H * D)))
+        return y.transpose(1, 2).contiguous().view(B, T, H * D)
 
 
 class MLP(nn.Module):
@@ -172,7 +192,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, step: Optional["CacheStep"] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Union[CacheStep, Packed, None] = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), step)
         return x + self.mlp(self.ln_2(x))
 
@@ -247,7 +267,7 @@ class GPT(nn.Module):
         return quantize_fp16(self)
 
     def _hidden(self, idx: torch.Tensor, input_pos: torch.Tensor,
-                step: Optional[CacheStep] = None) -> torch.Tensor:
+                step: Union[CacheStep, Packed, None] = None) -> torch.Tensor:
         # idx: [B, S], input_pos: [B or 1, S] -> [B, S, C]
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(input_pos))
         for block in self.transformer.h:
@@ -334,10 +354,45 @@ class GPT(nn.Module):
         """Feed every row of the cache S new tokens at its own positions; logits [B, S, V] after
         each of them."""
         # idx, input_pos: [B, S]
+        return self.lm_head(self._hidden(idx, input_pos, self._decoding(idx, input_pos, kv_cache)))
+
+    def _decoding(self, idx: torch.Tensor, input_pos: torch.Tensor, kv_cache: KVCache) -> CacheStep:
         keys = torch.arange(kv_cache.visible(idx.size(1)), device=idx.device)
         mask = (keys <= input_pos[..., None])[:, None]  # [B, 1, S, visible]: its row, up to itself
-        x = self._hidden(idx, input_pos, CacheStep(kv_cache, kv_cache.all_rows, input_pos, mask))
-        return self.lm_head(x)
+        return CacheStep(kv_cache, kv_cache.all_rows, input_pos, mask)
+
+    def decode_and_prefill(self, idx: Optional[torch.Tensor], input_pos: Optional[torch.Tensor],
+                           kv_cache: KVCache, prompts: list[tuple[torch.Tensor, torch.Tensor]]
+                           ) -> tuple[Optional[torch.Tensor], list[torch.Tensor]]:
+        """A decode step (as decode_step; idx None for none) and the prefill of new prompts, in one
+        pass (Packed): every product reads its weights once for all of their tokens. prompts holds
+        rectangles of prompts of one length and the cache rows each goes to (its samples' rows
+        after each other), so that none is padded; continuous batching starts prompts this way, at
+        no cost of a pass of their own. Logits [B, S, V] of the step (None without one) and [n, V]
+        after each rectangle's prompts."""
+        # idx, input_pos: [B, S]; prompts: ([n, T] ids, [n or n * samples] rows on the cache's device)
+        shapes, steps, ids, positions = [], [], [], []
+        if idx is not None:
+            shapes.append((idx.size(0), idx.size(1)))
+            steps.append(self._decoding(idx, input_pos, kv_cache))
+            ids.append(idx.reshape(-1))
+            positions.append(input_pos.reshape(-1))
+        for part, rows in prompts:
+            pos = torch.arange(part.size(1), device=part.device)
+            shapes.append((part.size(0), part.size(1)))
+            steps.append(CacheStep(kv_cache, rows, pos[None], None))
+            ids.append(part.reshape(-1))
+            positions.append(pos.repeat(part.size(0)))
+        x = self._hidden(torch.cat(ids)[None], torch.cat(positions)[None], Packed(shapes, steps))[0]
+        decoded = 0 if idx is None else idx.numel()
+        ends, start = [], decoded
+        for n, T in shapes[len(shapes) - len(prompts):]:  # each prompt's last token
+            ends.append(start + T - 1 + T * torch.arange(n))
+            start += n * T
+        ends = torch.cat(ends).to(x.device, non_blocking=True)
+        logits = self.lm_head(torch.cat([x[:decoded], x[ends]]))  # [B * S + prompts, V]
+        step_logits = None if idx is None else logits[:decoded].view(idx.size(0), idx.size(1), -1)
+        return step_logits, list(logits[decoded:].split([part.size(0) for part, _ in prompts]))
 
     @torch.no_grad()
     def generate_stream(self, idx: Union[torch.Tensor, list[torch.Tensor]], max_new_tokens: int,

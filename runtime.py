@@ -229,9 +229,9 @@ def token_bytes(enc: tiktoken.Encoding, tokens: list[int]) -> bytes:
 def sample_steps(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float, top_k: Optional[int],
                  top_p: Optional[float], stop_at_eot: bool, compile: bool = False,
                  **options) -> Iterator[torch.Tensor]:
-    """Each step's new tokens from model.generate_stream, ending a row at <|endoftext|> when stop_at_eot: the one
-    call behind sample.py's samples and a prompts file's. options: how the rows draw their noise (num_samples,
-    generator, generators) and speculative decoding's (draft, draft_tokens, stats)."""
+    """Each step's new tokens from model.generate_stream, ending a row at <|endoftext|> when stop_at_eot: the call
+    behind sample.py's samples (a prompts file's run in batch.py's slots). options: how the rows draw their noise
+    (num_samples, generator, generators) and speculative decoding's (draft, draft_tokens, stats)."""
     return model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p=top_p,
                                  stop_tokens=[EOT_ID] if stop_at_eot else None, compile=compile, **options)
 

@@ -8,20 +8,29 @@ the scripts, which run them before any model loads.
 
 import math
 import numbers
-from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, TypeVar, Union
 
 import torch
 from torch.nn import functional as F
 
 
-def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
-                      top_p: Optional[float] = None, generator: Optional[torch.Generator] = None, *,
+
+Setting = TypeVar("Setting")
+PerRow = Union[Setting, Sequence[Setting]]  # one value for every row, or a list of one value per row
+
+
+def sample_next_token(logits: torch.Tensor, temperature: PerRow[float] = 1.0, top_k: PerRow[Optional[int]] = None,
+                      top_p: PerRow[Optional[float]] = None, generator: Optional[torch.Generator] = None, *,
                       generators: Optional[Sequence[torch.Generator]] = None) -> torch.Tensor:
     """[B, V] logits to [B] token ids. Temperature, then top-k, then top-p (nucleus); temperature 0 is argmax.
     generators (one per row) draw each row's noise on its own, in place of the one generator for the batch.
+    temperature, top_k and top_p may each be a list of B values, one per row (a batch of prompts with their own
+    settings): see sample_rows.
 
     Everything stays on the logits' device, so a GPU never waits on the host here.
     """
+    if isinstance(temperature, (list, tuple)) or isinstance(top_k, (list, tuple)) or isinstance(top_p, (list, tuple)):
+        return sample_rows(logits, temperature, top_k, top_p, generator, generators)
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs, candidates = narrowed_probs(logits, temperature, top_k, top_p)
@@ -104,6 +113,29 @@ def exponential_noise(like: torch.Tensor, generator: Optional[torch.Generator] =
     if generators is None:
         return torch.empty_like(like).exponential_(1.0, generator=generator)
     return torch.stack([torch.empty_like(row).exponential_(1.0, generator=g) for row, g in zip(like, generators)])
+
+
+def sample_rows(logits: torch.Tensor, temperature: PerRow[float], top_k: PerRow[Optional[int]],
+                top_p: PerRow[Optional[float]], generator: Optional[torch.Generator],
+                generators: Optional[Sequence[torch.Generator]]) -> torch.Tensor:
+    """sample_next_token with settings per row: the rows that share settings are drawn as one batch, so that a row
+    draws exactly what it would in a batch of its own settings alone (with generators, the same token; the same
+    noise over the same columns), and a batch whose rows all share settings costs what it always did."""
+    B = logits.size(0)
+    settings = [s if isinstance(s, (list, tuple)) else [s] * B for s in (temperature, top_k, top_p)]
+    if any(len(s) != B for s in settings):
+        raise ValueError(f"per-row temperature, top_k and top_p must hold one value per row ({B})")
+    groups = {}
+    for row, key in enumerate(zip(*settings)):
+        groups.setdefault(key, []).append(row)
+    if len(groups) == 1:
+        return sample_next_token(logits, *next(iter(groups)), generator, generators=generators)
+    tokens = torch.empty(B, dtype=torch.long, device=logits.device)
+    for (t, k, p), rows in groups.items():
+        index = torch.tensor(rows, device=logits.device)
+        mine = None if generators is None else [generators[r] for r in rows]
+        tokens[index] = sample_next_token(logits[index], t, k, p, generator, generators=mine)
+    return tokens
 
 
 def check_generation_args(idx: Union[torch.Tensor, Sequence[torch.Tensor]], max_new_tokens: int,

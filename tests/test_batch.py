@@ -4,6 +4,7 @@ torn line; bad files and a failing rank."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -101,18 +102,19 @@ def test_share_is_contiguous_balanced_and_complete():
     assert max(costs) - min(costs) <= 5
 
 
-def test_compiled_batches_are_cut_for_a_static_cache_of_the_whole_context():
-    """kv_cache_mb bounds a batch's KV cache: 21 positions a row eager, the whole context (1024) compiled."""
-    from batch import Prompt, Sample, SampleJob, batches
+def test_slots_are_cut_for_the_cache_budget_and_a_compiled_static_cache_of_the_whole_context():
+    """kv_cache_mb bounds the slots' KV cache: 21 positions a row eager, the whole context (1024) compiled."""
+    from batch import Prompt, Sample, SampleJob, slot_count
     from model import GPT, GPTConfig
 
     model = GPT(GPTConfig(block_size=1024, vocab_size=100, n_layer=2, n_head=2, n_embd=64))
     prompt = Prompt(1, 1, "A", dict(max_new_tokens=20, temperature=1.0, top_k=None, top_p=None, num_samples=40,
                                     stop_at_eot=False, seed=0))
-    samples = [Sample(prompt, 0, k, k, [7]) for k in range(40)]
+    samples = [Sample(prompt, k, k, [7]) for k in range(40)]
     job = SampleJob([prompt], "p.jsonl", "out.jsonl", batch_size=32, kv_cache_mb=8)
-    assert [len(b) for b in batches(samples, job, model)] == [32, 8]  # 2 x 2 x 21 x 64 x 4 bytes a row
-    assert [len(b) for b in batches(samples, job, model, compile=True)] == [8] * 5  # 2 x 2 x 1024 x 64 x 4: 1 MiB
+    assert slot_count(samples, job, model, compile=False) == 32  # 2 x 2 x 21 x 64 x 4 bytes a row: 1,024 fit
+    assert slot_count(samples, job, model, compile=True) == 8  # 2 x 2 x 1024 x 64 x 4: 1 MiB a row
+    assert slot_count(samples[:5], job, model, compile=False) == 5  # no more slots than samples
 
 
 @pytest.mark.parametrize("content, message", [
@@ -178,22 +180,29 @@ def check_against_generate(model, folder, records: list[dict]) -> None:
         assert (r["text"], r["tokens"], r["finish"]) == (enc.decode(new), len(new), finish), r
 
 
-def test_same_output_for_batch_sizes_1_and_7_and_two_processes(run_script, torchrun, trained, trained_dir,
-                                                                prompts_file, tmp_path):
-    outputs = {}
-    for batch_size in (1, 7):
+def test_same_output_for_batch_sizes_1_7_and_32_and_two_processes(run_script, torchrun, trained, trained_dir,
+                                                                  prompts_file, tmp_path):
+    """Prompts of different lengths and settings (greedy, top-p, stop_at_eot) share the slots."""
+    outputs, summaries = {}, {}
+    for batch_size in (1, 7, 32):
         out = tmp_path / f"bs{batch_size}.jsonl"
         code, _, err = run_script("sample.py", *sample_args(trained_dir, prompts_file, out,
                                                             f"--batch_size={batch_size}"))
         assert code == 0, err
-        outputs[batch_size] = out.read_bytes()
+        outputs[batch_size], summaries[batch_size] = out.read_bytes(), err
     assert "17 samples of 16 prompts" in err
-    assert "9 batches, 1.9 rows on average" in err  # batch size 7 did batch: 17 rows of 9 lengths and settings
+    busy = {b: re.search(r"(\d+) steps, ([\d.]+) of (\d+) slots busy on average", summaries[b]).groups()
+            for b in (1, 7, 32)}
+    records = lines(tmp_path / "bs1.jsonl")
+    draws = sum(r["tokens"] + (r["finish"] == "stop") for r in records)  # one a step a slot, <|endoftext|> too
+    assert busy[1] == (str(draws), "1.0", "1")  # one slot: the samples one after another
+    assert busy[7][2] == "7" and int(busy[7][0]) <= draws / 4  # 17 samples shared 7 slots
+    assert busy[32][2] == "17" and int(busy[32][0]) == max(r["tokens"] + (r["finish"] == "stop") for r in records)
     two = tmp_path / "two.jsonl"
     run = torchrun("sample.py", *sample_args(trained_dir, prompts_file, two, "--batch_size=7"))
     assert run.returncode == 0, run.stderr[-3000:]
     assert "17 samples of 16 prompts" in run.stderr and "on 2 processes" in run.stderr
-    assert outputs[1] == outputs[7] == two.read_bytes()
+    assert outputs[1] == outputs[7] == outputs[32] == two.read_bytes()
     assert list(tmp_path.glob("*.part")) == []
     records = lines(two)
     check_against_generate(trained, trained_dir, records)
@@ -351,3 +360,29 @@ def test_an_indexed_gpu_is_refused_under_torchrun(run_script, trained_dir, promp
                               f"--device={device}")
     assert code == 2 and f"--device={device} under torchrun: every process would take that one GPU" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("every", [8, pytest.param(1, marks=pytest.mark.slow)])
+def test_spread_file_greedy_is_the_same_at_batch_sizes_32_and_1_and_as_each_prompt_alone(trained, trained_dir,
+                                                                                        tmp_path, every):
+    """bench.py's spread file (96 prompts of 2 to 78 tokens, 8 to 88 new tokens each), greedy on the trained
+    model: each prompt's text at 32 slots equals its own model.generate; in full (slow: a minute of one-row steps),
+    every prompt's, and the text at one slot too. Most prompts start in a row while the others are part way."""
+    from batch import SampleJob, make_samples, sample_prompts
+    from bench import spread_file
+
+    enc = load_tokenizer(trained_dir)
+    prompts = spread_file(enc, seed=1337)
+    for p in prompts:
+        p.settings["temperature"] = 0.0
+    texts = {}
+    for batch_size in (32, 1)[:1 if every > 1 else 2]:
+        job = SampleJob(prompts, "spread", str(tmp_path / f"bs{batch_size}.jsonl"), batch_size, 2048)
+        assert sample_prompts(job, trained, enc, Ranks()) == 0
+        texts[batch_size] = [r["text"] for r in lines(tmp_path / f"bs{batch_size}.jsonl")]
+    assert texts.get(1, texts[32]) == texts[32]
+    samples = make_samples(SampleJob(prompts, "spread", "", 32, 2048), enc, trained)
+    assert sorted(len(s.ids) for s in samples) == sorted(round(2 + 76 * i / 95) for i in range(96))
+    for s, text in list(zip(samples, texts[32]))[::every]:
+        alone = trained.generate(torch.tensor([s.ids]), s.steps, temperature=0)[0, len(s.ids):]
+        assert text == enc.decode(alone.tolist()), s.prompt.id

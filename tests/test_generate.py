@@ -239,6 +239,26 @@ def test_temperature_zero_is_argmax():
     assert torch.equal(sample_next_token(logits, 0.0, 5, 0.5), logits.argmax(-1))
 
 
+def test_settings_per_row_draw_what_each_row_draws_alone():
+    """Rows with their own temperature, top-k and top-p in one call: each row's token is the one its settings
+    draw for it alone, from its own generator (which is left where drawing alone leaves it)."""
+    logits = torch.randn(6, 500, generator=torch.Generator().manual_seed(0)) * 3
+    settings = [(0.8, 200, None), (0.0, None, None), (1.0, None, 0.9), (0.8, 200, None), (1.3, 5, 0.5),
+                (1.0, None, None)]
+    temperature, top_k, top_p = (list(s) for s in zip(*settings))
+    together = [torch.Generator().manual_seed(i) for i in range(6)]
+    alone = [torch.Generator().manual_seed(i) for i in range(6)]
+    for _ in range(3):
+        drawn = sample_next_token(logits, temperature, top_k, top_p, generators=together)
+        for i, (t, k, p) in enumerate(settings):
+            assert drawn[i] == sample_next_token(logits[i:i + 1], t, k, p, generators=alone[i:i + 1])[0]
+    # One setting for every row, given per row: the batch is drawn as with scalars.
+    same = sample_next_token(logits, [0.8] * 6, 200, [None] * 6, torch.Generator().manual_seed(1))
+    assert torch.equal(same, sample_next_token(logits, 0.8, 200, None, torch.Generator().manual_seed(1)))
+    with pytest.raises(ValueError, match="one value per row"):
+        sample_next_token(logits, [0.8] * 5)
+
+
 def test_compiled_decode_equals_eager(cache_copies):
     """compile=True: the decode step compiled over the static cache, prefill compiled for any length. Both write
     every layer's cache in place: Inductor's code for them (on the CPU here; test_gpu.py on a GPU) allocates no
@@ -307,6 +327,32 @@ def test_decode_step_logits_equal_the_plain_forward(trained, batch):
             torch.testing.assert_close(got[b], expected, atol=1e-5, rtol=1e-5)
 
 
+def test_decode_and_prefill_in_one_pass_equal_each_apart(trained):
+    """Packed: a decode step of rows at their own lengths and new prompts (rectangles of one length each) written
+    into other rows, in one pass, give the logits and the cache each gives apart (within 1e-5)."""
+    from generate import padded
+    g = torch.Generator().manual_seed(5)
+    rows = [torch.randint(0, 50257, (n,), generator=g) for n in (3, 17, 9, 30)]
+    new = torch.randint(0, 50257, (4, 1), generator=g)
+    prompts = [torch.randint(0, 50257, (n,), generator=g) for n in (12, 12, 25)]  # two of one length: a rectangle
+    caches = [KVCache(trained.config, 4, 64, torch.float32, torch.device("cpu")) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            trained.prefill(*padded(rows), cache)
+            cache.lengths[:] = torch.tensor([r.numel() for r in rows])
+        parts = [(torch.stack(prompts[:2]), torch.tensor([3, 0])), (prompts[2][None], torch.tensor([2]))]
+        step, first = trained.decode_and_prefill(new, caches[0].positions(1), caches[0], parts)
+        alone = trained.decode_step(new, caches[1].positions(1), caches[1])
+        torch.testing.assert_close(step[1], alone[1], atol=1e-5, rtol=1e-5)  # row 1 goes on: the only one kept
+        for prompt, row, logits in zip(prompts, (3, 0, 2), torch.cat(first)):
+            expected = trained.prefill(prompt[None], torch.tensor([prompt.numel()]), caches[1], torch.tensor([row]))
+            torch.testing.assert_close(logits, expected[0], atol=1e-5, rtol=1e-5)
+            for layer in range(trained.config.n_layer):
+                for a, b in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):
+                    torch.testing.assert_close(a[layer][row, :, :prompt.numel()], b[layer][row, :, :prompt.numel()],
+                                               atol=1e-5, rtol=1e-5)
+
+
 def test_lowered_lengths_take_positions_back(trained):
     """Positions past a row's length are unseen: after a step of 4, lowering the length by 3 and feeding other
     tokens gives the logits of the sequence without the dropped ones (a draft's rejected tokens)."""
@@ -359,6 +405,61 @@ def test_prompt_list_with_stop_tokens_and_samples(trained):
         if new[-1].item() in (13, 50256):
             assert not torch.isin(new[:-1], torch.tensor([13, 50256])).any()
         assert torch.equal(new, alone[prompt.numel():][:new.numel()])
+
+
+def run_slots(model: GPT, slots: int, queue: list, packed: bool = True, **settings) -> list[torch.Tensor]:
+    """Continuous batching as the prompts-file job does it, over Decoder: queue holds (prompt, new tokens, seed);
+    a row that has its new tokens takes the next prompt at the next step (prefilled in that step's pass, or apart
+    where packed=False, the compiled route), while the others go on; an idle row is parked. Each prompt's new
+    tokens, in the queue's order."""
+    from generate import Decoder, TokenHistory
+    longest = max(p.numel() + n for p, n, _ in queue)
+    block = model.config.block_size
+    decoder = Decoder(model, slots, min(longest, block), torch.device("cpu"), compile=False)
+    if not packed:
+        decoder.decode_and_prefill = None
+    history = TokenHistory.for_slots(slots, longest, block, torch.device("cpu"))
+    running, made, todo = [None] * slots, [[] for _ in queue], list(range(len(queue)))
+    generators = [torch.Generator() for _ in range(slots)]
+    token = None
+    with torch.no_grad():
+        while todo or any(r is not None for r in running):
+            take = [(row, todo.pop(0)) for row in [i for i, r in enumerate(running) if r is None][:len(todo)]]
+            rows, prompts = torch.tensor([row for row, _ in take], dtype=torch.long), [queue[q][0] for _, q in take]
+            if token is None:
+                logits = decoder.admit(rows, prompts, history)
+            else:
+                logits = decoder.step(token, history, (rows, prompts) if take else None)
+            for row, q in take:
+                running[row] = q
+                generators[row].manual_seed(queue[q][2])
+            idle = torch.tensor([i for i, r in enumerate(running) if r is None], dtype=torch.long)
+            if idle.numel():
+                decoder.park(idle, history)
+            token = sample_next_token(logits, generators=generators, **settings)
+            history.append(token)
+            for row, q in enumerate(running):
+                if q is not None:
+                    made[q].append(int(token[row]))
+                    if len(made[q]) == queue[q][1]:
+                        running[row] = None
+    return [torch.tensor(m) for m in made]
+
+
+@pytest.mark.parametrize("packed, settings", [(True, dict(temperature=0)), (True, dict(temperature=0.9, top_k=20)),
+                                              (False, dict(temperature=0.9, top_k=20))])
+def test_rows_admitted_mid_run_generate_as_each_prompt_alone(short_context_model, packed, settings):
+    """Decoder.step(admit=...): a prompt started in a row while the other rows are part way (some past block_size,
+    sliding their windows) makes the tokens it makes alone, and the rows that go on are not disturbed; parked rows
+    at the end take no part. Packed into the step's pass, and prefilled apart (the compiled route)."""
+    g = torch.Generator().manual_seed(2)
+    queue = [(torch.randint(0, 97, (length,), generator=g), new, 50 + i)
+             for i, (length, new) in enumerate([(5, 10), (40, 60), (12, 25), (44, 30), (2, 20), (30, 3), (7, 90)])]
+    made = run_slots(short_context_model, 3, queue, packed, **settings)
+    for (prompt, new, seed), tokens in zip(queue, made):
+        alone = short_context_model.generate(prompt[None], new, generators=[torch.Generator().manual_seed(seed)],
+                                             **settings)[0]
+        assert torch.equal(tokens, alone[prompt.numel():]), (prompt.numel(), new)
 
 
 # ---------------------------------------------------------------------------------------------------------------
