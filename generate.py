@@ -74,7 +74,7 @@ class Decoder:
 
     def __init__(self, model: GPT, batch: int, max_len: int, device: torch.device, compile: bool):
         self.model = model
-        dtype = model.transformer.wte.weight.dtype
+        dtype = model.transformer.wpe.weight.dtype  # the activations' (int8 or fp16 weights: float32)
         if not compile:
             self.cache = KVCache(model.config, batch, max_len, dtype, device)
             self.prefill, self.decode_step = model.prefill, model.decode_step
