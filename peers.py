@@ -171,14 +171,6 @@ def write_gguf(state_dict: dict[str, torch.Tensor], config, path: Path, kind: st
     return path
 
 
-def amx_int8() -> bool:
-    """Whether this CPU has AMX's int8 tiles (Linux's /proc/cpuinfo flag amx_int8)."""
-    try:
-        return "amx_int8" in Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-
-
 _silence = None  # llama.cpp's log callback, kept alive while llama.cpp may call it
 
 
@@ -195,12 +187,8 @@ class LlamaEngine:
         if _silence is None:  # without it llama.cpp describes the whole model on stderr
             _silence = llama_cpp.llama_log_callback(lambda level, text, user: None)
             llama_cpp.llama_log_set(_silence, None)
-        params = llama_cpp.llama_model_default_params()
-        if amx_int8():
-            # llama.cpp's AMX buffer (where its quantized weights go on a CPU with AMX) crashes its first decode
-            # here (ggml-org/llama.cpp#20824, open): keep the weights in its plain CPU buffers, as on any other CPU.
-            params.use_extra_bufts = False
-        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(),
+                                                          llama_cpp.llama_model_default_params())
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {path}")
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
