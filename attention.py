@@ -24,7 +24,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Callable, Optional, Sequence
 
-from configurator import UsageError, configure, quiet_startup, run_main
+from cli import quiet_startup, run_main
+from configurator import configure
+from errors import UsageError
 
 if __name__ == "__main__":
     quiet_startup()  # before the slow imports below: Ctrl-C during them ends without a traceback
@@ -38,9 +40,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MultipleLocator
 from PIL import Image
 
-from load import resolve_checkpoint
 from model import GPT
-from sampling import check_sampling_args
+from runtime import check_sampling, model_from, open_checkpoint
 from tokenizer import EOT, EOT_ID, load_tokenizer
 
 if TYPE_CHECKING:
@@ -106,8 +107,9 @@ def text_ids(enc: tiktoken.Encoding, text: str, length: int) -> torch.Tensor:
     return torch.tensor([ids[:length]])
 
 
-def describe_source() -> str:
-    """Where the sequence came from, for the figure's title: enough to make the same picture again."""
+def describe_source(text: Optional[str], temperature: float, top_k: Optional[int], seed: int) -> str:
+    """Where the sequence came from (text, else sampled with these settings), for the figure's title: enough to
+    make the same picture again."""
     if text is not None:
         one_line = " ".join(text.split())  # whatever the text's own line breaks
         return f"{EOT} + '{one_line[:40]}{'…' if len(one_line) > 40 else ''}'"
@@ -213,12 +215,9 @@ def main() -> None:
     if frame is not None and png is None:
         raise UsageError("--frame chooses the head that --png shows: give --png=path.png as well")
     layer_list, head_list = parse_indices("layers", layers), parse_indices("heads", heads)
-    try:  # generate's own checks of --temperature, --top_k and --seed
-        check_sampling_args(0, temperature, top_k, None, 1, seed)
-    except (TypeError, ValueError) as e:
-        raise UsageError(e) from None
-    checkpoint = resolve_checkpoint(init_from)  # once: the model and the tokenizer both come from it
-    model = GPT.from_pretrained(str(checkpoint))
+    check_sampling(0, temperature, top_k, None, 1, seed)  # generate's own checks of --temperature, --top_k, --seed
+    checkpoint = open_checkpoint(init_from)  # once: the model and the tokenizer both come from it
+    model = model_from(checkpoint, torch.device("cpu"), torch.float32)  # drawn from float32 probabilities
     config = model.config
     if config.vocab_size <= EOT_ID:
         raise UsageError(f"{init_from}'s vocabulary has {config.vocab_size} tokens: attention.py starts every "
@@ -232,27 +231,32 @@ def main() -> None:
     if frame is not None and not 1 <= frame <= config.n_head:
         raise UsageError(f"--frame={frame} is not a head of this model: it has {config.n_head} heads, numbered 1 "
                          f"to {config.n_head}")
-    png_head = frame if frame is not None else head_list[0]
     if text is None:
         ids = model.generate(torch.tensor([[EOT_ID]]), length - 1, temperature=temperature, top_k=top_k, seed=seed)
     else:
-        enc = load_tokenizer(checkpoint, tiktoken_file)
-        ids = text_ids(enc, text, length)
-    probs = attention_probs(model, ids)
-    T = ids.size(1)
-    title = f"{Path(init_from).name}: attention over {T} tokens, {describe_source()}"
-    figure = AttentionFigure(probs, layer_list, title)
-    outputs = [(Path(out), None)] + ([(Path(png), png_head)] if png else [])
+        ids = text_ids(load_tokenizer(checkpoint, tiktoken_file), text, length)
+    title = f"{Path(init_from).name}: attention over {ids.size(1)} tokens, " \
+            f"{describe_source(text, temperature, top_k, seed)}"
+    figure = AttentionFigure(attention_probs(model, ids), layer_list, title)
+    write_pictures(figure, head_list, out, duration, png, frame if frame is not None else head_list[0])
+
+
+def write_pictures(figure: AttentionFigure, heads: list[int], gif: str, duration: int, png: Optional[str],
+                   png_head: int) -> None:
+    """The GIF of every head's frame at gif, and head png_head's frame at png if given; each said on stdout.
+    UsageError for a path that cannot be written."""
+    outputs = [(Path(gif), None)] + ([(Path(png), png_head)] if png else [])
     try:
         for path, head in outputs:
             path.parent.mkdir(parents=True, exist_ok=True)
             if head is None:
-                save_gif([figure.render(h) for h in head_list], path, duration)
+                save_gif([figure.render(h) for h in heads], path, duration)
             else:
                 save_whole(path, lambda f: figure.render(head).save(f, format="PNG"))
     except OSError as e:
         raise UsageError(f"cannot write {path}: {e}") from None
-    print(f"wrote {out}: heads {','.join(map(str, head_list))} of layers {','.join(map(str, layer_list))} "
+    T = figure.probs.shape[-1]
+    print(f"wrote {gif}: heads {','.join(map(str, heads))} of layers {','.join(map(str, figure.layers))} "
           f"over {T} tokens, one frame per head")
     if png:
         print(f"wrote {png}: head {png_head}")

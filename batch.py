@@ -45,8 +45,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
 
-from configurator import Setting, UsageError, convert, read_settings
-from tokenizer import EOT, EOT_ID
+from configurator import Setting, convert
+from errors import UsageError
+from runtime import check_sampling, kv_cache_bytes, prompt_ids, sample_steps, token_bytes
+from tokenizer import EOT_ID
 
 if TYPE_CHECKING:
     import tiktoken
@@ -54,7 +56,16 @@ if TYPE_CHECKING:
 
     from model import GPT
 
-PER_PROMPT = ("max_new_tokens", "temperature", "top_k", "top_p", "num_samples", "stop_at_eot", "seed")
+# What a .jsonl line may set for its prompt, typed as sample.py's settings of those names (a test holds them equal)
+PER_PROMPT = {s.name: s for s in (
+    Setting("max_new_tokens", int, False, "tokens generated in each sample"),
+    Setting("temperature", float, False, "0 is greedy"),
+    Setting("top_k", int, True, "keep only the top_k most likely tokens"),
+    Setting("top_p", float, True, "nucleus sampling"),
+    Setting("num_samples", int, False, "samples of the prompt"),
+    Setting("stop_at_eot", bool, False, "end a sample at <|endoftext|>"),
+    Setting("seed", int, True, "the seed of the prompt's samples (null is refused)"),
+)}
 FSYNC_SECONDS = 10.0  # flushed lines survive a killed process at once; fsync guards them against a machine crash
 
 Key = tuple  # what identifies a line: (id as JSON, sample index) for samples, (id as JSON,) for scores
@@ -433,51 +444,43 @@ class SampleJob:
     out: str
     batch_size: int
     kv_cache_mb: int
-    compile: bool
 
     @classmethod
-    def from_settings(cls, config: dict) -> "SampleJob":
-        """sample.py's settings (its globals) as a job; the prompts file is read and checked here."""
-        from sampling import check_sampling_args
-
-        if config["prompts"] is None or config["out"] is None:
+    def read(cls, path: Optional[str], out: Optional[str], batch_size: int, kv_cache_mb: int,
+             defaults: dict) -> "SampleJob":
+        """The job of sampling every prompt of the file at path to out, with the run's settings `defaults` (one
+        value for each name in PER_PROMPT) under each line's own; the file is read and checked here."""
+        if path is None or out is None:
             raise UsageError("--prompts and --out go together: --prompts=prompts.jsonl --out=samples.jsonl")
-        if config["seed"] is None:
+        if defaults["seed"] is None:
             raise UsageError("--prompts needs a seed (an int), so that a resumed run draws the samples it would "
                              "have drawn")
-        if config["batch_size"] < 1 or config["kv_cache_mb"] < 1:
-            raise UsageError(f"batch_size and kv_cache_mb must be >= 1, got {config['batch_size']} and "
-                             f"{config['kv_cache_mb']}")
-        types = read_settings(config["__file__"])
-        defaults = {name: config[name] for name in PER_PROMPT}
+        if batch_size < 1 or kv_cache_mb < 1:
+            raise UsageError(f"batch_size and kv_cache_mb must be >= 1, got {batch_size} and {kv_cache_mb}")
+        d = defaults  # the run's settings are checked as a line's are, but named as the settings they are
+        check_sampling(d["max_new_tokens"], d["temperature"], d["top_k"], d["top_p"], d["num_samples"])
+        prompts = read_prompts(path, "prompt", PER_PROMPT, defaults, check_line)
+        return cls(prompts, path, out, batch_size, kv_cache_mb)
 
-        def check(s: dict) -> None:
-            if s["seed"] is None:
-                raise ValueError("seed must be an int here, not null")
-            check_sampling_args(s["max_new_tokens"], s["temperature"], s["top_k"], s["top_p"], s["num_samples"])
 
-        try:
-            check(defaults)
-        except ValueError as e:
-            raise UsageError(e) from None
-        prompts = read_prompts(config["prompts"], "prompt", {name: types[name] for name in PER_PROMPT}, defaults,
-                               check)
-        return cls(prompts, config["prompts"], config["out"], config["batch_size"], config["kv_cache_mb"],
-                   config["compile"])
+def check_line(settings: dict) -> None:
+    """A prompt's settings, its line's over the run's, as generate_stream checks them: ValueError if wrong."""
+    from sampling import check_sampling_args
+
+    if settings["seed"] is None:
+        raise ValueError("seed must be an int here, not null")
+    check_sampling_args(settings["max_new_tokens"], settings["temperature"], settings["top_k"], settings["top_p"],
+                        settings["num_samples"])
 
 
 def make_samples(job: SampleJob, enc: tiktoken.Encoding, model: GPT) -> list[Sample]:
     """Every sample of every prompt, in the file's order, each with its prompt's token ids (an empty prompt starts
     from <|endoftext|>; a prompt longer than the context keeps its end, as sample.py does)."""
     samples, cropped = [], 0
-    block_size, vocab_size = model.config.block_size, model.config.vocab_size
+    block_size = model.config.block_size
     for order, prompt in enumerate(job.prompts):
-        ids = enc.encode(prompt.text, allowed_special={EOT}) or [EOT_ID]
-        if max(ids) >= vocab_size:
-            raise UsageError(f"{job.path} line {prompt.line}: the prompt holds token {max(ids)}, outside the "
-                             f"model's vocabulary of {vocab_size}: this tokenizer does not fit the model")
-        if len(ids) > block_size:
-            ids, cropped = ids[-block_size:], cropped + 1
+        ids, length = prompt_ids(enc, prompt.text, model.config, f"{job.path} line {prompt.line}: the prompt")
+        cropped += length > block_size
         seed = prompt.settings["seed"]
         samples += [Sample(prompt, order, k, sample_seed(seed, prompt.id, k), ids)
                     for k in range(prompt.settings["num_samples"])]
@@ -496,9 +499,7 @@ def batches(samples: list[Sample], job: SampleJob, model: GPT) -> list[list[Samp
     config, itemsize = model.config, model.transformer.wte.weight.element_size()
     out = []
     for bucket in buckets.values():
-        settings = bucket[0].prompt.settings
-        positions = min(config.block_size, len(bucket[0].ids) + settings["max_new_tokens"])
-        row_bytes = 2 * config.n_layer * config.n_embd * positions * itemsize  # keys and values, every layer
+        row_bytes = kv_cache_bytes(config, len(bucket[0].ids), bucket[0].prompt.settings["max_new_tokens"], itemsize)
         rows = max(1, min(job.batch_size, job.kv_cache_mb * 2 ** 20 // row_bytes))
         out += [bucket[i:i + rows] for i in range(0, len(bucket), rows)]
     return out
@@ -512,9 +513,8 @@ def sample_batch(model: GPT, batch: list[Sample], compile: bool) -> list[tuple[l
     idx = torch.tensor([s.ids for s in batch], device=device)
     generators = [torch.Generator(device=device).manual_seed(s.seed) for s in batch]
     s = batch[0].prompt.settings
-    steps = list(model.generate_stream(idx, s["max_new_tokens"], s["temperature"], s["top_k"], top_p=s["top_p"],
-                                       stop_tokens=[EOT_ID] if s["stop_at_eot"] else None, generators=generators,
-                                       compile=compile))
+    steps = list(sample_steps(model, idx, s["max_new_tokens"], s["temperature"], s["top_k"], s["top_p"],
+                              s["stop_at_eot"], compile, generators=generators))
     rows = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in batch]
     ends = []
     for tokens in rows:
@@ -525,10 +525,10 @@ def sample_batch(model: GPT, batch: list[Sample], compile: bool) -> list[tuple[l
     return ends
 
 
-def sample_prompts(job: SampleJob, model: GPT, enc: tiktoken.Encoding, ranks: Ranks,
-                   token_bytes: Callable[[list[int]], bytes]) -> int:
-    """Run the job on this rank: its share of the samples, appended to its part, then merged into job.out.
-    Returns the exit status (130 when interrupted: what was finished is kept for the next run)."""
+def sample_prompts(job: SampleJob, model: GPT, enc: tiktoken.Encoding, ranks: Ranks, compile: bool = False) -> int:
+    """Run the job on this rank: its share of the samples, appended to its part, then merged into job.out; compile:
+    generate_stream's. Returns the exit status (130 when interrupted: what was finished is kept for the next
+    run)."""
     samples = make_samples(job, enc, model)
     by_bucket = sorted(samples, key=lambda s: (s.bucket, s.order, s.index))
     mine = share(by_bucket, lambda s: s.prompt.settings["max_new_tokens"] + 1, ranks)
@@ -545,9 +545,9 @@ def sample_prompts(job: SampleJob, model: GPT, enc: tiktoken.Encoding, ranks: Ra
 
     def steps() -> Iterator[None]:
         for batch in batches(todo, job, model):
-            ends = sample_batch(model, batch, job.compile)
+            ends = sample_batch(model, batch, compile)
             for s, (tokens, finish) in zip(batch, ends):
-                text = token_bytes(tokens).decode("utf-8", errors="replace")
+                text = token_bytes(enc, tokens).decode("utf-8", errors="replace")
                 output.write(json.dumps(dict(id=s.prompt.id, sample=s.index, text=text, tokens=len(tokens),
                                              finish=finish, seed=s.seed), ensure_ascii=False))
             last = sum(s.index == s.prompt.settings["num_samples"] - 1 for s in batch)  # a prompt counts once

@@ -36,11 +36,14 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Optional
 
-from configurator import UsageError, configure, quiet_startup, run_main
+from cli import quiet_startup, run_main
+from configurator import configure, read_settings
+from errors import UsageError
 
 if __name__ == "__main__":
     quiet_startup()  # before torch's import below: Ctrl-C during it ends without a traceback
@@ -52,6 +55,7 @@ import torch.nn as nn
 from linear import Fp16Linear, Int8Linear
 from load import CONV1D_WEIGHTS
 from model import GPT, GPTConfig
+from runtime import pick_device, prompt_ids
 
 # -----------------------------------------------------------------------------
 init_from: str | None = None  # a checkpoint (hub name, folder, nanoGPT ckpt.pt); None: random weights shaped below
@@ -89,6 +93,7 @@ seed: int = 1337  # seed of the random weights and prompts
 MISMATCH = 3  # exit status when the greedy tokens differ
 QUICK = dict(n_layer=2, n_head=2, n_embd=64, vocab_size=512, block_size=128, prompt_len=8, new_tokens=8,
              repeats=1, workload_samples=2, workload_tokens=16, bandwidth_mb=256, slow_batches='1,10')
+QUICK_DEFAULTS = {name: globals()[name] for name in QUICK}  # read at import, before configure sets any
 ROOT = Path(__file__).resolve().parent
 
 
@@ -110,7 +115,7 @@ class Result:
 # Machine
 
 
-def cpu_description() -> dict:
+def cpu_description(device: str) -> dict:
     """CPU model and the instruction-set flags that decide which kernels are fast."""
     model, flags = platform.processor() or platform.machine(), set()
     try:
@@ -130,23 +135,23 @@ def cpu_description() -> dict:
                 load_average=os.getloadavg() if hasattr(os, "getloadavg") else None)
 
 
-def sync() -> None:
+def sync(device: str | torch.device) -> None:
     """Wait for the device, so that a clock read after it counts the work queued before it."""
-    if device.startswith("cuda"):
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 
-def read_bandwidth(nbytes: int, repeats: int = 7) -> list[float]:
+def read_bandwidth(nbytes: int, device: str, repeats: int = 7) -> list[float]:
     """Bytes/s of a streaming read (a sum) of a buffer far larger than the caches, on all of torch's threads
     (or the GPU's memory)."""
     buffer = torch.ones(nbytes // 4, device=device)
     buffer.sum()  # fault the pages in before timing
     rates = []
     for _ in range(repeats):
-        sync()
+        sync(device)
         start = time.perf_counter()
         buffer.sum()
-        sync()
+        sync(device)
         rates.append(buffer.nbytes / (time.perf_counter() - start))
     return rates
 
@@ -230,7 +235,7 @@ def run_ours(model: GPT, idx: torch.Tensor, steps: int, use_kv_cache: bool = Tru
     times, tokens = [time.perf_counter()], []
     for token in model.generate_stream(idx, steps, temperature=0, use_kv_cache=use_kv_cache, compile=compiled):
         if not tokens or len(tokens) == steps - 1:
-            sync()
+            sync(idx.device)
         times.append(time.perf_counter())
         tokens.append(token)
     return times, torch.stack(tokens, dim=1)
@@ -254,21 +259,31 @@ def run_transformers(hf, idx: torch.Tensor, steps: int) -> tuple[list[float], to
     start = time.perf_counter()
     out = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=steps, min_new_tokens=steps,
                       do_sample=False, use_cache=True, streamer=clock)
-    sync()
+    sync(idx.device)
     return [start] + clock.times[1:-1] + [time.perf_counter()], out[:, idx.size(1):]
 
 
-def measure(system: str, run: Callable[[], tuple[list[float], torch.Tensor]], batch: int, prompt: int,
-            repeats: int, weight_bytes: int) -> Result:
-    """Warm-up (memory sampled), then `repeats` timed runs; medians."""
+@dataclass(frozen=True)
+class Timing:
+    """How every system is timed: new_tokens greedy steps a run, the median of `repeats` runs after a warm-up run,
+    fewer (at least one) once they have taken max_seconds."""
+    new_tokens: int
+    repeats: int
+    max_seconds: float
+
+
+def measure(system: str, run: Callable[[], tuple[list[float], torch.Tensor]], idx: torch.Tensor, timing: Timing,
+            weight_bytes: int) -> Result:
+    """Warm-up (memory sampled), then the timed runs of `run` on the prompts idx; medians."""
+    batch, prompt = idx.shape
     print(f"bench.py: {system}, batch {batch}", file=sys.stderr, flush=True)  # progress: a full run takes minutes
     with torch.no_grad(), PeakRSS() as rss:
         run()
     ttfts, rates = [], []
     tokens = None
     start = time.perf_counter()
-    for _ in range(repeats):
-        if ttfts and time.perf_counter() - start > max_seconds:
+    for _ in range(timing.repeats):
+        if ttfts and time.perf_counter() - start > timing.max_seconds:
             break
         with torch.no_grad():
             times, tokens = run()
@@ -279,6 +294,29 @@ def measure(system: str, run: Callable[[], tuple[list[float], torch.Tensor]], ba
     return Result(system, batch, prefill_tok_s=batch * prompt / ttft,
                   decode_tok_s=statistics.median(rates) if rates else math.nan, ttft_ms=ttft * 1e3,
                   rss_growth_mb=rss.growth_mb, weight_mb=weight_bytes / 1e6, runs=len(ttfts), tokens=tokens.tolist())
+
+
+def measure_ours(model: GPT, variant: str, idx: torch.Tensor, timing: Timing, compiled: bool = False) -> Result:
+    """(a): ours with the KV cache, weights of `variant` (a dtype, int8 or fp16), compiled or eager."""
+    return measure(f"(a) ours {variant}{' compiled' if compiled else ''}",
+                   lambda: run_ours(model, idx, timing.new_tokens, compiled=compiled), idx, timing, decode_bytes(model))
+
+
+def measure_transformers(hf, dtype: str, idx: torch.Tensor, timing: Timing, weight_bytes: int) -> Result:
+    """(b): transformers' generate with its KV cache, in dtype; weight_bytes: ours in that dtype."""
+    return measure(f"(b) transformers {dtype}", lambda: run_transformers(hf, idx, timing.new_tokens), idx, timing,
+                   weight_bytes)
+
+
+def measure_no_cache(model: GPT, idx: torch.Tensor, timing: Timing) -> Result:
+    """(c): ours without the cache, nanoGPT's method, timed once (it is slow)."""
+    return measure("(c) ours no cache float32", lambda: run_ours(model, idx, timing.new_tokens, False), idx,
+                   replace(timing, repeats=1), decode_bytes(model))
+
+
+def measure_peer(peer, idx: torch.Tensor, timing: Timing) -> Result:
+    """(p): a peer engine (peers.py) on the same weights and prompts."""
+    return measure(f"(p) {peer.name}", lambda: peer.generate(idx, timing.new_tokens), idx, timing, peer.weight_bytes)
 
 
 class BusyCore:
@@ -296,7 +334,7 @@ class BusyCore:
         self.spinner.wait()
 
 
-def under_load(model: GPT, idx: torch.Tensor, batch: int) -> list[Result]:
+def measure_under_load(model: GPT, idx: torch.Tensor, timing: Timing) -> tuple[Result, Result, Result]:
     """(f): ours float32 at one thread quiet (the default quiet is (a)), then at the default and at one thread with
     one core busy. The default picks its thread count step by step (linear.ThreadChooser); one thread is fixed."""
     default, results = torch.get_num_threads(), []
@@ -305,18 +343,60 @@ def under_load(model: GPT, idx: torch.Tensor, batch: int) -> list[Result]:
         torch.set_num_threads(threads)
         try:
             with BusyCore() if busy else contextlib.nullcontext():
-                results.append(measure(system, lambda: run_ours(model, idx, new_tokens), batch, idx.size(1), repeats,
+                results.append(measure(system, lambda: run_ours(model, idx, timing.new_tokens), idx, timing,
                                        decode_bytes(model)))
         finally:
             torch.set_num_threads(default)
-    return results
+    return tuple(results)
+
+
+@dataclass
+class Rows:
+    """One batch size's results, each kept under what it measured: the checks and ratios are read from here."""
+    batch: int
+    ours: dict[str, Result] = field(default_factory=dict)  # (a) by variant: float32, bfloat16, ..., int8, fp16
+    compiled: dict[str, Result] = field(default_factory=dict)  # (a) compiled, by variant
+    transformers: dict[str, Result] = field(default_factory=dict)  # (b) by dtype
+    under_load: Optional[tuple[Result, Result, Result]] = None  # (f) quiet 1 thread, busy default, busy 1 thread
+    peers: dict[str, Result] = field(default_factory=dict)  # (p) by engine name
+    no_cache: Optional[Result] = None  # (c)
+
+    def results(self) -> list[Result]:
+        """Every row, in the order they were measured."""
+        rows = []
+        for variant, result in self.ours.items():
+            rows += [result] + [r[variant] for r in (self.compiled, self.transformers) if variant in r]
+        rows += list(self.under_load or ()) + list(self.peers.values())
+        return rows + ([self.no_cache] if self.no_cache else [])
+
+
+def measure_batch(idx: torch.Tensor, ours: dict[str, nn.Module], theirs: dict[str, nn.Module], slow: list[int],
+                  compile: bool, busy_core: bool, engines: list, reference: bool, timing: Timing) -> Rows:
+    """Every system on the prompts idx, one measurement a row: (a) each of our variants (and compiled, unless
+    quantized), (b) transformers' in each dtype (other than float32 only at the slow batch sizes), (f) under load,
+    (p) each peer, and (c) at batch 1."""
+    rows = Rows(idx.size(0))
+    for variant, model in ours.items():
+        rows.ours[variant] = measure_ours(model, variant, idx, timing)
+        if compile and variant in theirs:
+            rows.compiled[variant] = measure_ours(model, variant, idx, timing, compiled=True)
+        if variant in theirs and (variant == "float32" or rows.batch in slow):
+            rows.transformers[variant] = measure_transformers(theirs[variant], variant, idx, timing,
+                                                              decode_bytes(model))
+    if busy_core:
+        rows.under_load = measure_under_load(ours["float32"], idx, timing)
+    for peer in engines:
+        rows.peers[peer.name] = measure_peer(peer, idx, timing)
+    if reference and rows.batch == 1:
+        rows.no_cache = measure_no_cache(ours["float32"], idx, timing)
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # (d): sample.py's default workload
 
 
-def workload_times(model: GPT, samples: int, steps: int, repeats: int) -> dict:
+def workload_times(model: GPT, samples: int, steps: int, repeats: int, device: str) -> dict:
     """sample.py's default call (one '\\n' token, temperature 0.8, top-k 200, all samples in one batch, KV cache)
     timed whole; and nanoGPT's way (no cache, sample after sample) estimated from its step times.
 
@@ -331,7 +411,7 @@ def workload_times(model: GPT, samples: int, steps: int, repeats: int) -> dict:
     for _ in range(repeats):
         start = time.perf_counter()
         model.generate(newline, steps, num_samples=samples, seed=1337, **options)
-        sync()
+        sync(device)
         ours.append(time.perf_counter() - start)
     span = min(steps, model.config.block_size)
     contexts = sorted({max(1, round(span * f)) for f in (0, 0.25, 0.5, 0.75, 1.0)})
@@ -343,7 +423,7 @@ def workload_times(model: GPT, samples: int, steps: int, repeats: int) -> dict:
             start = time.perf_counter()
             for _ in model.generate_stream(prompt, 1, use_kv_cache=False, seed=0, **options):
                 pass
-            sync()
+            sync(device)
             step_s[i] = min(step_s[i], time.perf_counter() - start)
     per_sample = 0.0
     for n in range(1, steps + 1):  # the context of step n holds n tokens (the prompt's one, then n - 1 new)
@@ -399,15 +479,16 @@ PROMPTS_FILE_SIZE = 200
 PROMPT_LENGTHS = {"narrow": (8, 24), "wide": (4, 64)}  # prompt tokens, uniform between the two
 
 
-def prompts_file_figures(folder: Path) -> dict:
+def prompts_file_figures(folder: Path, new_tokens: int, seed: int, device: str) -> dict:
     """Samples per second of batch.py's prompts-file path (length buckets, batch size 32) and of model.generate
     called prompt by prompt, in this process on the same prompts (slices of assets/heldout.txt) and settings
-    (new_tokens each, temperature 0.8, top-k 200); then sample.py --prompts on the wide file as processes."""
+    (new_tokens each, temperature 0.8, top-k 200, seeded from seed); then sample.py --prompts on the wide file as
+    processes. device: only named in the figures (the machine's description), as the rest runs on the CPU."""
     import random
     import tempfile
 
     import batch
-    from tokenizer import EOT, EOT_ID, load_tokenizer
+    from tokenizer import load_tokenizer
 
     model, enc = GPT.from_pretrained(str(folder)), load_tokenizer(folder)
     text = enc.encode_ordinary((ROOT / "assets" / "heldout.txt").read_text(encoding="utf-8"))
@@ -415,7 +496,7 @@ def prompts_file_figures(folder: Path) -> dict:
     settings = dict(max_new_tokens=new_tokens, temperature=0.8, top_k=200, top_p=None, num_samples=1,
                     stop_at_eot=False, seed=seed)
     figures = {"model": str(folder), "prompts": PROMPTS_FILE_SIZE, "new_tokens": new_tokens,
-               "threads": torch.get_num_threads(), "machine": cpu_description()}
+               "threads": torch.get_num_threads(), "machine": cpu_description(device)}
     scratch = Path(tempfile.mkdtemp())
     for name, (lo, hi) in PROMPT_LENGTHS.items():
         texts = []
@@ -423,7 +504,7 @@ def prompts_file_figures(folder: Path) -> dict:
             n = rng.randint(lo, hi)
             start = rng.randrange(len(text) - n)
             texts.append(enc.decode(text[start:start + n]))
-        ids = [enc.encode(t, allowed_special={EOT}) or [EOT_ID] for t in texts]
+        ids = [prompt_ids(enc, t, model.config, f"bench.py's prompt {i}")[0] for i, t in enumerate(texts, 1)]
         print(f"bench.py: (e) {name} prompts, generate looped", file=sys.stderr, flush=True)
         began = time.perf_counter()
         for i, prompt in enumerate(ids):
@@ -431,19 +512,19 @@ def prompts_file_figures(folder: Path) -> dict:
         looped = time.perf_counter() - began
         print(f"bench.py: (e) {name} prompts, prompts file", file=sys.stderr, flush=True)
         job = batch.SampleJob([batch.Prompt(i, i, t, dict(settings)) for i, t in enumerate(texts, 1)], "bench",
-                              str(scratch / f"{name}.jsonl"), 32, 2048, False)
+                              str(scratch / f"{name}.jsonl"), 32, 2048)
         began = time.perf_counter()
-        batch.sample_prompts(job, model, enc, batch.Ranks(), enc.decode_bytes)
+        batch.sample_prompts(job, model, enc, batch.Ranks())
         batched = time.perf_counter() - began
         figures[name] = dict(lengths=[lo, hi], distinct_lengths=len({len(i) for i in ids}), looped_s=looped,
                              file_s=batched, speedup=looped / batched)
         (scratch / f"{name}-prompts.jsonl").write_text(
             "".join(jsonlib.dumps(dict(id=i, prompt=t)) + "\n" for i, t in enumerate(texts, 1)), encoding="utf-8")
-    figures["processes"] = process_figures(folder, scratch / "wide-prompts.jsonl")
+    figures["processes"] = process_figures(folder, scratch / "wide-prompts.jsonl", new_tokens, seed)
     return figures
 
 
-def process_figures(folder: Path, prompts: Path) -> dict:
+def process_figures(folder: Path, prompts: Path, new_tokens: int, seed: int) -> dict:
     """sample.py --prompts as 1 process x 1 thread, 1 x 2 and 2 x 1 (torchrun), each pinned to the same two
     cores: the generation's own time and rate, from its summary line, and the wall time with start-up."""
     import re
@@ -562,198 +643,208 @@ def parse_sizes(name: str, text: str) -> list[int]:
     return sizes
 
 
-def quantize_kinds() -> list[str]:
-    """--quantize's variants: int8, fp16, both or none."""
-    return [q for q in (quantize or "").split(",") if q]
-
-
-def check_settings() -> tuple[list[int], list[int], list[str]]:
-    """Every setting checked before anything slow runs, as sample.py does; the batch sizes, the slow ones, and the
-    dtypes."""
-    from sample import pick_device
-
+def check_settings(s: SimpleNamespace) -> tuple[list[int], list[int], list[str], list[str]]:
+    """Every setting in s checked before anything slow runs, as sample.py does; the batch sizes, the slow ones, the
+    dtypes and the quantized variants."""
     at_least = dict(prompt_len=1, new_tokens=2, repeats=1, bandwidth_mb=1, workload_samples=1, workload_tokens=1,
                     n_layer=1, n_head=1, n_embd=1, vocab_size=1, block_size=1)
     for name, low in at_least.items():
-        if globals()[name] < low:
+        if getattr(s, name) < low:
             why = " (decode speed is timed from the second token on)" if name == "new_tokens" else ""
-            raise UsageError(f"--{name}={globals()[name]}: it must be at least {low}{why}")
-    if threads is not None and threads < 1:
-        raise UsageError(f"--threads={threads}: give at least 1 thread, or None for torch's default")
-    if max_seconds <= 0:
-        raise UsageError(f"--max_seconds={max_seconds}: give a time limit above 0 seconds")
-    if n_embd % n_head:
-        raise UsageError(f"--n_embd={n_embd} is not a multiple of --n_head={n_head}")
-    if not init_from and prompt_len + new_tokens > block_size:
-        raise UsageError(f"--prompt_len={prompt_len} plus --new_tokens={new_tokens} is more than --block_size="
-                         f"{block_size}: transformers' GPT-2 (b) cannot generate past its context")
-    if not 0 <= seed < 2 ** 64:
-        raise UsageError(f"--seed={seed}: give a seed from 0 to 2**64-1")
-    if pick_device(device).type not in ("cpu", "cuda"):
-        raise UsageError(f"--device={device}: bench.py runs on cpu or cuda")
-    batches = parse_sizes("batch_sizes", batch_sizes)
+            raise UsageError(f"--{name}={getattr(s, name)}: it must be at least {low}{why}")
+    if s.threads is not None and s.threads < 1:
+        raise UsageError(f"--threads={s.threads}: give at least 1 thread, or None for torch's default")
+    if s.max_seconds <= 0:
+        raise UsageError(f"--max_seconds={s.max_seconds}: give a time limit above 0 seconds")
+    if s.n_embd % s.n_head:
+        raise UsageError(f"--n_embd={s.n_embd} is not a multiple of --n_head={s.n_head}")
+    if not s.init_from and s.prompt_len + s.new_tokens > s.block_size:
+        raise UsageError(f"--prompt_len={s.prompt_len} plus --new_tokens={s.new_tokens} is more than --block_size="
+                         f"{s.block_size}: transformers' GPT-2 (b) cannot generate past its context")
+    if not 0 <= s.seed < 2 ** 64:
+        raise UsageError(f"--seed={s.seed}: give a seed from 0 to 2**64-1")
+    if pick_device(s.device).type not in ("cpu", "cuda"):
+        raise UsageError(f"--device={s.device}: bench.py runs on cpu or cuda")
+    batches = parse_sizes("batch_sizes", s.batch_sizes)
     if not batches:
         raise UsageError("--batch_sizes is empty: give at least one batch size, such as 1")
-    slow = parse_sizes("slow_batches", slow_batches)
-    dtypes = ["float32"] + [d for d in dtype.split(",") if d and d != "float32"]
+    slow = parse_sizes("slow_batches", s.slow_batches)
+    dtypes = ["float32"] + [d for d in s.dtype.split(",") if d and d != "float32"]
     for d in dtypes:
         if d not in ("float32", "bfloat16", "float16"):
             raise UsageError(f"unknown dtype '{d}': use float32, bfloat16 or float16")
-    if not set(quantize_kinds()) <= {"int8", "fp16"}:
-        raise UsageError(f"quantize must be int8, fp16, int8,fp16 or None, got '{quantize}'")
-    return batches, slow, dtypes
+    quantized = [q for q in (s.quantize or "").split(",") if q]  # int8, fp16, both or none
+    if not set(quantized) <= {"int8", "fp16"}:
+        raise UsageError(f"quantize must be int8, fp16, int8,fp16 or None, got '{s.quantize}'")
+    return batches, slow, dtypes, quantized
 
 
-def main() -> int:
-    batches, slow, dtypes = check_settings()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    if prompts_file_bench:
-        folder = Path(init_from or fidelity_model)
-        figures = prompts_file_figures((folder if folder.is_absolute() else ROOT / folder).resolve())
-        print(jsonlib.dumps(figures, indent=1) if json else prompts_file_table(figures))
-        return 0 if figures["processes"]["identical_outputs"] else 1
-    torch.manual_seed(seed)
-    import transformers
-    transformers.logging.set_verbosity_error()
+def trained_folder(name: str) -> Path:
+    """A model folder named on the command line, relative to this project's folder unless absolute."""
+    folder = Path(name)
+    return (folder if folder.is_absolute() else ROOT / folder).resolve()
 
-    machine = cpu_description()  # the load average before this run adds its own
-    bandwidth = read_bandwidth(bandwidth_mb * 2 ** 20)
+
+def bench_model(init_from: Optional[str], shape: GPTConfig, prompt_len: int,
+                new_tokens: int) -> tuple[GPT, str]:
+    """The model every system runs: init_from's, or random weights of shape; and its description."""
     if init_from:
         model = GPT.from_pretrained(init_from)
         name = init_from
     else:
-        model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
-                              n_embd=n_embd)).eval()
-        name = f"random weights, {n_layer} layers, {n_head} heads, {n_embd} wide, vocabulary {vocab_size}"
+        model = GPT(shape).eval()
+        name = (f"random weights, {shape.n_layer} layers, {shape.n_head} heads, {shape.n_embd} wide, vocabulary "
+                f"{shape.vocab_size}")
     name += f" ({model.get_num_params(non_embedding=False) / 1e6:.1f}M parameters)"
-    vocab = model.config.vocab_size
     if prompt_len + new_tokens > model.config.block_size:
         raise UsageError(f"--prompt_len={prompt_len} plus --new_tokens={new_tokens} is more than {init_from}'s "
                          f"context of {model.config.block_size}: transformers' GPT-2 (b) cannot generate past it")
-    model = model.to(device)
+    return model, name
 
+
+def variants(model: GPT, dtypes: list[str], quantized: list[str],
+             device: str) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+    """Ours in each dtype and quantized variant (int8 and fp16 on the CPU only), and transformers' in each dtype,
+    all holding model's weights (model itself is ours in float32)."""
     ours = {d: model if d == "float32" else copy.deepcopy(model).to(getattr(torch, d)) for d in dtypes}
-    theirs = {}
-    for d in dtypes:
-        theirs[d] = transformers_model(model).to(device=device, dtype=getattr(torch, d))
-    quantized = quantize_kinds()
+    theirs = {d: transformers_model(model).to(device=device, dtype=getattr(torch, d)) for d in dtypes}
     if device == "cpu":
         for q in quantized:
             ours[q] = getattr(copy.deepcopy(model), f"quantize_{q}")()
+    return ours, theirs
 
-    results, checks, ok = [], [], True
-    peer_engines = contextlib.ExitStack()
-    engines = []
-    if peers and device == "cpu":
-        from peers import missing, open_peers
 
-        for engine, install in missing().items():
-            checks.append(f"peers: {engine} skipped, not installed ({install})")
-        print("bench.py: (p) converting the weights for the peer engines", file=sys.stderr, flush=True)
-        engines = peer_engines.enter_context(open_peers(theirs["float32"], model.state_dict(),
-                                                        torch.get_num_threads()))
-    generator = torch.Generator().manual_seed(seed)
-    for batch in batches:
-        idx = torch.randint(0, vocab, (batch, prompt_len), generator=generator).to(device)
-        for variant, m in ours.items():
-            nbytes = decode_bytes(m)
-            results.append(measure(f"(a) ours {variant}", lambda: run_ours(m, idx, new_tokens), batch, prompt_len,
-                                   repeats, nbytes))
-            if compile and variant not in quantized:
-                results.append(measure(f"(a) ours {variant} compiled", lambda: run_ours(m, idx, new_tokens,
-                                                                                          compiled=True),
-                                       batch, prompt_len, repeats, nbytes))
-            if variant in theirs and (variant == "float32" or batch in slow):
-                hf = theirs[variant]
-                results.append(measure(f"(b) transformers {variant}", lambda: run_transformers(hf, idx, new_tokens),
-                                       batch, prompt_len, repeats, nbytes))
-        if busy_core and device == "cpu":
-            results += under_load(model, idx, batch)
+def token_checks(rows: Rows, engines: list) -> tuple[list[str], bool]:
+    """One batch's greedy tokens compared: the lines that say so, and whether the float32 tokens of (a), (b) and
+    (c) are identical."""
+    a = rows.ours["float32"].tokens
+    same = a == rows.transformers["float32"].tokens
+    line = (f"batch {rows.batch}: float32 greedy tokens, (a) ours vs (b) transformers: "
+            f"{'identical' if same else 'DIFFER'}")
+    if rows.no_cache is not None:
+        same_c = a == rows.no_cache.tokens
+        line += f"; (a) vs (c) no cache: {'identical' if same_c else 'DIFFER'}"
+        same = same and same_c
+    lines = [line]
+    for variant, result in rows.ours.items():
+        if variant != "float32":
+            text = (f"batch {rows.batch}: {variant} greedy tokens equal to float32's at "
+                    f"{100 * agreement(result.tokens, a):.0f}% of steps")
+            if variant in rows.transformers:
+                text += (f"; equal to transformers {variant}'s at "
+                         f"{100 * agreement(result.tokens, rows.transformers[variant].tokens):.0f}%")
+            lines.append(text)
+    for peer in engines:
+        if peer.like in rows.ours:
+            agree = agreement(rows.peers[peer.name].tokens, rows.ours[peer.like].tokens)
+            lines.append(f"batch {rows.batch}: {peer.name} greedy tokens equal to ours {peer.like}'s at "
+                         f"{100 * agree:.0f}% of steps")
+    return lines, same
+
+
+def ratio_lines(rows: dict[int, Rows], engines: list) -> list[str]:
+    """Decode speed, one row of this run over another (where both ran), each with the target it is held to."""
+    lines = []
+
+    def ratio(text: str, num: Optional[Result], den: Optional[Result], target: Optional[float] = None) -> None:
+        if num is not None and den is not None:
+            x = num.decode_tok_s / den.decode_tok_s
+            goal = f" (target >= {target}x: {'met' if x >= target else 'NOT met'})" if target else ""
+            lines.append(f"{text}: {x:.2f}x{goal}")
+
+    one, ten = rows.get(1, Rows(1)), rows.get(10, Rows(10))  # batch sizes 1 and 10, empty where they did not run
+    ratio("batch 1 decode, ours float32 / transformers float32", one.ours.get("float32"),
+          one.transformers.get("float32"), 2.0)
+    ratio("batch 10 decode, ours float32 / transformers float32", ten.ours.get("float32"),
+          ten.transformers.get("float32"), 1.5)
+    ratio("ours float32 decode, batch 10 / batch 1 (aggregate tokens/s)", ten.ours.get("float32"),
+          one.ours.get("float32"), 3.0)
+    ratio("batch 1 decode, ours int8 / transformers float32", one.ours.get("int8"), one.transformers.get("float32"),
+          3.5)
+    ratio("batch 10 decode, ours int8 / transformers float32", ten.ours.get("int8"), ten.transformers.get("float32"))
+    for b, r in rows.items():
+        quiet_one, busy_default, busy_one = r.under_load or (None, None, None)
+        ratio(f"batch {b} decode, ours bfloat16 / transformers bfloat16", r.ours.get("bfloat16"),
+              r.transformers.get("bfloat16"), 1.0)
+        ratio(f"batch {b} decode, ours fp16 / ours float32", r.ours.get("fp16"), r.ours.get("float32"))
+        ratio(f"batch {b} decode, quiet, ours float32 default threads / one thread", r.ours.get("float32"), quiet_one,
+              0.9)
+        ratio(f"batch {b} decode, one core busy, ours float32 default threads / one thread", busy_default, busy_one,
+              0.9)
         for peer in engines:
-            results.append(measure(f"(p) {peer.name}", lambda: peer.generate(idx, new_tokens), batch, prompt_len,
-                                   repeats, peer.weight_bytes))
-        if reference and batch == 1:
-            results.append(measure("(c) ours no cache float32", lambda: run_ours(model, idx, new_tokens, False),
-                                   batch, prompt_len, 1, decode_bytes(model)))
-        by = {r.system: r for r in results if r.batch == batch}
-        a, b = by["(a) ours float32"].tokens, by["(b) transformers float32"].tokens
-        same = a == b
-        line = (f"batch {batch}: float32 greedy tokens, (a) ours vs (b) transformers: "
-                f"{'identical' if same else 'DIFFER'}")
-        if "(c) ours no cache float32" in by:
-            same_c = a == by["(c) ours no cache float32"].tokens
-            line += f"; (a) vs (c) no cache: {'identical' if same_c else 'DIFFER'}"
-            same = same and same_c
-        ok = ok and same
-        checks.append(line)
-        for variant in ours:
-            if variant != "float32":
-                ours_v = by[f"(a) ours {variant}"].tokens
-                text = (f"batch {batch}: {variant} greedy tokens equal to float32's at "
-                        f"{100 * agreement(ours_v, a):.0f}% of steps")
-                if f"(b) transformers {variant}" in by:
-                    text += (f"; equal to transformers {variant}'s at "
-                             f"{100 * agreement(ours_v, by[f'(b) transformers {variant}'].tokens):.0f}%")
-                checks.append(text)
-        for peer in engines:
-            if f"(a) ours {peer.like}" in by:
-                same = agreement(by[f"(p) {peer.name}"].tokens, by[f"(a) ours {peer.like}"].tokens)
-                checks.append(f"batch {batch}: {peer.name} greedy tokens equal to ours {peer.like}'s at "
-                              f"{100 * same:.0f}% of steps")
-    peer_engines.close()
-    bandwidth += read_bandwidth(bandwidth_mb * 2 ** 20)
+            ratio(f"batch {b} decode, ours {peer.like} / {peer.name}", r.ours.get(peer.like), r.peers.get(peer.name),
+                  1.0)
+    return lines
+
+
+def main() -> int:
+    s = SimpleNamespace(**{name: globals()[name] for name in read_settings(__file__)})
+    if s.quick:  # a tiny model and short runs, except for the settings given another value
+        for name, value in QUICK.items():
+            if getattr(s, name) == QUICK_DEFAULTS[name]:
+                setattr(s, name, value)
+    batches, slow, dtypes, quantized = check_settings(s)
+    if s.threads is not None:
+        torch.set_num_threads(s.threads)
+    if s.prompts_file_bench:
+        figures = prompts_file_figures(trained_folder(s.init_from or s.fidelity_model), s.new_tokens, s.seed,
+                                       s.device)
+        print(jsonlib.dumps(figures, indent=1) if s.json else prompts_file_table(figures))
+        return 0 if figures["processes"]["identical_outputs"] else 1
+    torch.manual_seed(s.seed)
+    import transformers
+    transformers.logging.set_verbosity_error()
+
+    machine = cpu_description(s.device)  # the load average before this run adds its own
+    bandwidth = read_bandwidth(s.bandwidth_mb * 2 ** 20, s.device)
+    shape = GPTConfig(block_size=s.block_size, vocab_size=s.vocab_size, n_layer=s.n_layer, n_head=s.n_head,
+                      n_embd=s.n_embd)
+    model, name = bench_model(s.init_from, shape, s.prompt_len, s.new_tokens)
+    vocab = model.config.vocab_size
+    model = model.to(s.device)
+    ours, theirs = variants(model, dtypes, quantized, s.device)
+    timing = Timing(s.new_tokens, s.repeats, s.max_seconds)
+
+    rows, checks, ok = {}, [], True
+    with contextlib.ExitStack() as peer_engines:
+        engines = []
+        if s.peers and s.device == "cpu":
+            from peers import missing, open_peers
+
+            checks += [f"peers: {engine} skipped, not installed ({install})" for engine, install in missing().items()]
+            print("bench.py: (p) converting the weights for the peer engines", file=sys.stderr, flush=True)
+            engines = peer_engines.enter_context(open_peers(theirs["float32"], model.state_dict(),
+                                                            torch.get_num_threads()))
+        generator = torch.Generator().manual_seed(s.seed)
+        for batch in batches:
+            idx = torch.randint(0, vocab, (batch, s.prompt_len), generator=generator).to(s.device)
+            rows[batch] = measure_batch(idx, ours, theirs, slow, s.compile, s.busy_core and s.device == "cpu",
+                                        engines, s.reference, timing)
+            lines, same = token_checks(rows[batch], engines)
+            checks += lines
+            ok = ok and same
+    bandwidth += read_bandwidth(s.bandwidth_mb * 2 ** 20, s.device)
     bw = statistics.median(bandwidth)
+    results = [r for batch_rows in rows.values() for r in batch_rows.results()]
     for r in results:
         if not math.isnan(r.decode_tok_s):
             r.roofline = (r.decode_tok_s / r.batch) * (r.weight_mb * 1e6) / bw
-
-    ratios = []
-    by = {(r.system, r.batch): r for r in results}
-
-    def ratio(text: str, num: tuple, den: tuple, target: Optional[float] = None) -> None:
-        if num in by and den in by:
-            x = by[num].decode_tok_s / by[den].decode_tok_s
-            goal = f" (target >= {target}x: {'met' if x >= target else 'NOT met'})" if target else ""
-            ratios.append(f"{text}: {x:.2f}x{goal}")
-
-    ratio("batch 1 decode, ours float32 / transformers float32", ("(a) ours float32", 1),
-          ("(b) transformers float32", 1), 2.0)
-    ratio("batch 10 decode, ours float32 / transformers float32", ("(a) ours float32", 10),
-          ("(b) transformers float32", 10), 1.5)
-    ratio("ours float32 decode, batch 10 / batch 1 (aggregate tokens/s)", ("(a) ours float32", 10),
-          ("(a) ours float32", 1), 3.0)
-    ratio("batch 1 decode, ours int8 / transformers float32", ("(a) ours int8", 1), ("(b) transformers float32", 1),
-          3.5)
-    ratio("batch 10 decode, ours int8 / transformers float32", ("(a) ours int8", 10),
-          ("(b) transformers float32", 10))
-    for b in batches:
-        ratio(f"batch {b} decode, ours bfloat16 / transformers bfloat16", ("(a) ours bfloat16", b),
-              ("(b) transformers bfloat16", b), 1.0)
-        ratio(f"batch {b} decode, ours fp16 / ours float32", ("(a) ours fp16", b), ("(a) ours float32", b))
-        ratio(f"batch {b} decode, quiet, ours float32 default threads / one thread", ("(a) ours float32", b),
-              ("(f) quiet, 1 thread", b), 0.9)
-        ratio(f"batch {b} decode, one core busy, ours float32 default threads / one thread",
-              ("(f) busy core, default threads", b), ("(f) busy core, 1 thread", b), 0.9)
-        for peer in engines:
-            ratio(f"batch {b} decode, ours {peer.like} / {peer.name}", (f"(a) ours {peer.like}", b),
-                  (f"(p) {peer.name}", b), 1.0)
+    ratios = ratio_lines(rows, engines)
 
     report = dict(machine=machine, transformers=transformers.__version__, model=name,
-                  prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats, bandwidth_mb=bandwidth_mb,
+                  prompt_len=s.prompt_len, new_tokens=s.new_tokens, repeats=s.repeats, bandwidth_mb=s.bandwidth_mb,
                   bandwidth_gb_s=dict(median=bw / 1e9, min=min(bandwidth) / 1e9, max=max(bandwidth) / 1e9,
                                       samples=len(bandwidth)),
                   results=[asdict(r) for r in results], ratios=ratios, checks=checks, identical=ok)
-    if workload:
+    if s.workload:
         print("bench.py: (d) sample.py's workload", file=sys.stderr, flush=True)
-        report["workload"] = workload_times(model, workload_samples, workload_tokens, 1)
+        report["workload"] = workload_times(model, s.workload_samples, s.workload_tokens, 1, s.device)
         ratios.append(f"(d) sample.py's workload, ours / no cache sample after sample: "
                       f"{report['workload']['speedup']:.1f}x (target >= 30x: "
                       f"{'met' if report['workload']['speedup'] >= 30 else 'NOT met'})")
-    if fidelity:
-        folder = Path(fidelity_model)
-        report["fidelity"] = fidelity_figures((folder if folder.is_absolute() else ROOT / folder).resolve())
-    if json:
+    if s.fidelity:
+        report["fidelity"] = fidelity_figures(trained_folder(s.fidelity_model))
+    if s.json:
         for r in report["results"]:
             del r["tokens"]
         print(jsonlib.dumps(report, indent=1))
@@ -763,8 +854,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    defaults = {key: globals()[key] for key in QUICK}
     configure(globals(), sys.argv[1:])
-    if quick:
-        globals().update({k: v for k, v in QUICK.items() if globals()[k] == defaults[k]})
     run_main(main)

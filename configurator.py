@@ -20,27 +20,22 @@ The annotation is the contract: an int is accepted for a float, None only for Op
 True/False/true/false/1/0. An unknown key, a wrong type or a broken config file prints a one-line message naming
 the problem and exits with status 2 (no traceback); --help (or -h) lists every setting and exits with status 0.
 Settings are found by reading the calling script's source, so its annotations are never evaluated at run time.
-
-run_main(main) then runs the script and turns what ends it into one line and an exit status: a UsageError 2,
-Ctrl-C 130, SIGTERM 143 (both raised in the main thread, so a script can catch them and keep its work first), a
-reader leaving the pipe 141, a full disk 1.
+cli.run_main(main) then runs the script (cli.py: exit statuses and signals).
 """
 
 import ast
 import difflib
 import io
 import math
-import os
-import signal
 import sys
-import threading
-import time
 import tokenize
 from ast import literal_eval
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, NoReturn, Optional, Sequence
+from typing import Any, Optional, Sequence
+
+from cli import exit_with_usage_error
+from errors import UsageError
 
 BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False}
 
@@ -51,13 +46,6 @@ class Setting:
     kind: type  # int, float, bool or str
     optional: bool  # None is allowed
     comment: str
-
-
-class UsageError(Exception):
-    """A user's mistake (a setting, a file, the model asked for); the message says which and how to fix it.
-
-    Every script prints it the same way, through run_main: one paragraph on stderr, no traceback, exit status 2.
-    """
 
 
 def configure(config: dict, argv: Sequence[str]) -> None:
@@ -76,138 +64,6 @@ def configure(config: dict, argv: Sequence[str]) -> None:
             apply_argument(arg, config, settings)
     except UsageError as e:
         exit_with_usage_error(prog, e)
-
-
-def exit_with_usage_error(prog: str, error: Exception) -> NoReturn:
-    print(f"{prog}: error: {error}", file=sys.stderr)
-    sys.exit(2)
-
-
-class Terminated(BaseException):
-    """SIGTERM (`kill`, `timeout`), raised in the main thread as Ctrl-C raises KeyboardInterrupt, so that both take
-    one orderly path: the script keeps what it made, then run_main exits with 143 (130 for Ctrl-C), the statuses a
-    shell reports for those signals. A BaseException, as KeyboardInterrupt is, so that no `except Exception` eats it."""
-
-
-class OutputError(Exception):
-    """stdout does not take what is written to it (a full disk, say): run_main reports it and exits with status 1,
-    as `cat` does."""
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-SAME_STOP_SECONDS = 1.0  # a stop signal this soon after another is part of the same stop
-# signals_held's nesting, the stop it keeps back until its end, and when the last stop signal came
-_stops = {"depth": 0, "pending": None, "last": -math.inf}
-
-
-def _on_stop_signal(signum: int, frame: Any) -> None:
-    """Ctrl-C or SIGTERM: stop the work where it is. One that follows within a second belongs to the same stop (Ctrl-C
-    pressed twice, `kill` after Ctrl-C) and is ignored, so that it cannot cut short the writing of what was made; a
-    later one stops again (the first may have been lost: torch swallows one that lands while it imports numpy)."""
-    now = time.monotonic()
-    if now - _stops["last"] < SAME_STOP_SECONDS:
-        return
-    _stops["last"] = now
-    stop = KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
-    if _stops["depth"]:
-        _stops["pending"] = _stops["pending"] or stop
-        return
-    raise stop
-
-
-@contextmanager
-def signals_held() -> Iterator[None]:
-    """A stop signal that arrives inside the block is raised at its end: text written inside is never cut in half
-    or, with its bookkeeping cut short, written twice."""
-    _stops["depth"] += 1
-    try:
-        yield
-    finally:
-        _stops["depth"] -= 1
-        if not _stops["depth"] and _stops["pending"] is not None:
-            stop, _stops["pending"] = _stops["pending"], None
-            raise stop
-
-
-def quiet_startup() -> None:
-    """Ctrl-C while a script's imports load (torch takes seconds), before run_main runs, ends the process as run_main
-    would: a line on stderr and status 130, no traceback. Called first thing by each script run as a program."""
-    sys.excepthook = _startup_excepthook
-
-
-def _startup_excepthook(kind: type, value: BaseException, tb: Any) -> None:
-    if not issubclass(kind, KeyboardInterrupt):
-        sys.__excepthook__(kind, value, tb)
-        return
-    print(f"{Path(sys.argv[0]).name}: interrupted", file=sys.stderr, flush=True)
-    os._exit(130)  # at once: Python would otherwise end itself by SIGINT, a different status to a parent process
-
-
-def run_main(main: Callable[[], Optional[int]]) -> NoReturn:
-    """Run a script's main and exit with its status: a UsageError (LoadError and TokenizerError are ones) as a
-    message and status 2, Ctrl-C as 130 and SIGTERM as 143 (main may catch KeyboardInterrupt and Terminated to keep
-    its work first), a reader that left the pipe (`| head`) quietly as 141, and output that cannot be written (a full
-    disk) as a message and status 1."""
-    prog = Path(sys.argv[0]).name
-    if sys.stderr is None:  # started with stderr closed (2>&-): print(file=None) would write to stdout instead
-        sys.stderr = open(os.devnull, "w")
-    in_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
-    _stops.update(depth=0, pending=None, last=-math.inf)
-    previous = {s: signal.signal(s, _on_stop_signal) for s in STOP_SIGNALS} if in_main_thread else {}
-    try:
-        status = main()
-        if sys.stdout is not None:
-            flush_stdout()  # here, not at exit, where a failure could only be printed as a traceback
-    except UsageError as e:
-        exit_with_usage_error(prog, e)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except Terminated:
-        print(f"{prog}: terminated", file=sys.stderr)
-        sys.exit(143)
-    except BrokenPipeError:
-        discard_stdout()
-        sys.exit(141)  # what a shell reports for a process ended by SIGPIPE
-    except OutputError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        discard_stdout()
-        sys.exit(1)
-    finally:
-        # Restored for a caller that goes on (a test running the script in process), unless a stop signal came:
-        # then later ones are ignored to the very end (while Python shuts down it restores the default handlers,
-        # with which one would end the process with another status).
-        stopped = _stops["last"] > -math.inf
-        for s, handler in previous.items():
-            signal.signal(s, signal.SIG_IGN if stopped else handler)
-    sys.exit(status or 0)
-
-
-@contextmanager
-def writing_stdout(what: str = "") -> Iterator[None]:
-    """An OSError in the block (a full disk, say) becomes an OutputError naming what was being written; a closed
-    pipe (BrokenPipeError) passes on, for run_main to end quietly."""
-    try:
-        yield
-    except BrokenPipeError:
-        raise
-    except OSError as e:
-        raise OutputError(f"cannot write {what}to stdout: {e.strerror or e}") from None
-
-
-def flush_stdout() -> None:
-    with writing_stdout():
-        sys.stdout.flush()
-
-
-def discard_stdout() -> None:
-    """Point stdout at /dev/null, so that the interpreter's final flush of what could not be written does not fail
-    again as a traceback."""
-    try:
-        fd = sys.stdout.fileno()
-    except (AttributeError, OSError, ValueError):  # no stdout, or not a file (a test's capture)
-        return
-    os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
 
 
 def apply_argument(arg: str, config: dict, settings: dict[str, Setting]) -> None:

@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Optional
 
 import torch
 
-from configurator import UsageError
+from errors import UsageError
 
 
 HUB_NAMES = {
@@ -68,6 +68,15 @@ def read_pretrained(name_or_path: str, override_args: Optional[dict] = None) -> 
 
 def resolve_checkpoint(name_or_path: str) -> Path:
     """A local path as given, else a hub name or repo id fetched into (or found in) huggingface_hub's cache."""
+    if not name_or_path.strip():  # Path("") is the current folder: an empty setting would load whatever is here
+        raise LoadError(f"init_from is empty{' (only spaces)' if name_or_path else ''}: name the model to load: one "
+                        f"of {', '.join(HUB_NAMES)}, a Hugging Face hub repo id such as 'openai-community/gpt2', a "
+                        f"local model folder, or a nanoGPT ckpt.pt")
+    problem = home_problem(name_or_path)
+    if problem is not None:
+        fix = "give the model's path in full" if name_or_path[1:2].strip("/" + os.sep) else \
+            "set HOME, or give the model's path in full"
+        raise LoadError(f"cannot tell which folder '{name_or_path}' means: {problem}: {fix}")
     path = Path(name_or_path).expanduser()
     if path.is_symlink() and not path.exists():
         check_file(path)  # refuses the broken link, saying so
@@ -92,9 +101,14 @@ def resolve_checkpoint(name_or_path: str) -> Path:
 
 def download_from_hub(repo_id: str) -> Path:
     """Fetch config, tokenizer files and weights (safetensors, else the pickle) through huggingface_hub's cache."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    problem = home_problem(constants.HF_HUB_CACHE)
+    if problem is not None:  # huggingface_hub would stop in pathlib's RuntimeError
+        raise LoadError(f"'{repo_id}' is a Hugging Face hub model, and huggingface_hub keeps its downloads in "
+                        f"{constants.HF_HUB_CACHE}, in a home folder that cannot be found: {problem}. Set HF_HOME "
+                        f"(or HOME) to a folder for its cache, or give the model's folder as a full path")
     wanted = ["config.json", "generation_config.json", "vocab.json", "merges.txt"]
     try:
         folder = Path(snapshot_download(repo_id, allow_patterns=wanted + ["*.safetensors", "*.safetensors.index.json"]))
@@ -111,6 +125,17 @@ def download_from_hub(repo_id: str) -> Path:
             f"Connect once to download it (it is cached for later offline use), or pass a local folder that "
             f"holds config.json and model.safetensors, e.g. --init_from=path/to/gpt2") from None
     return folder
+
+
+def home_problem(path: str) -> Optional[str]:
+    """Why the home folder that path starts with (~ or ~user) cannot be found, or None where it can or there is none
+    (pathlib's expanduser raises a bare RuntimeError there; os.path's leaves the ~ as it is)."""
+    if not path.startswith("~") or not os.path.expanduser(path).startswith("~"):
+        return None
+    user = path[1:].split("/")[0].split(os.sep)[0]
+    if user:
+        return f"there is no user '{user}' on this machine"
+    return "HOME is not set, and the system's user database gives this user no home folder"
 
 
 def _has_weights(folder: Path) -> bool:

@@ -2,10 +2,10 @@
 Peer engines for `bench.py --peers`: CTranslate2 and llama.cpp (through llama-cpp-python), run on this project's
 weights converted on the fly, on the same prompts, lengths and thread count as ours, greedy.
 
-CTranslate2 converts a transformers folder with its own converter; llama.cpp reads a GGUF file that `write_gguf`
-writes with the gguf package (llama.cpp's `gpt2` architecture). Neither engine is a requirement of this project:
+CTranslate2 converts a transformers folder with its own converter; llama.cpp reads a GGUF file that save.py's
+`write_gguf` writes (export.py's writer, here without a vocabulary). Neither engine is a requirement of this project:
 `missing` names the ones whose packages are absent, with how to install them, and bench.py skips those. Token ids
-go in and come out directly: the converted models carry a placeholder vocabulary, which no step of a benchmark on
+go in and come out directly: the converted models carry no real vocabulary, which no step of a benchmark on
 ids reads.
 """
 
@@ -70,8 +70,14 @@ def open_peers(hf_model: nn.Module, state_dict: dict[str, torch.Tensor], threads
                 generator = ct2_generator(hf_folder, folder / f"ct2-{quantization}", quantization, threads)
                 peers.append(Peer(f"CTranslate2 {quantization}", like, weight_bytes(state_dict, size), generator))
         if "llama.cpp" not in absent:
+            from save import write_gguf
+
+            c = hf_model.config
+            config_args = dict(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
+                               n_head=c.n_head, n_embd=c.n_embd, bias=True)
             for kind, like, size in (("f32", "float32", 4), ("f16", "fp16", 2), ("q8_0", "int8", 34 / 32)):
-                path = write_gguf(state_dict, hf_model.config, folder / f"gpt2-{kind}.gguf", kind)
+                path = folder / f"gpt2-{kind}.gguf"
+                write_gguf(path, config_args, state_dict, kind)  # no vocabulary: the benchmark runs on token ids
                 llama = stack.enter_context(contextlib.closing(LlamaEngine(path, threads)))
                 peers.append(Peer(f"llama.cpp {kind}", like, weight_bytes(state_dict, size), llama.generate))
         yield peers
@@ -123,54 +129,6 @@ def ct2_generator(hf_folder: Path, out: Path, quantization: str,
 # llama.cpp
 
 
-def write_gguf(state_dict: dict[str, torch.Tensor], config, path: Path, kind: str) -> Path:
-    """Our weights as a GGUF file of llama.cpp's gpt2 architecture. kind: f32, f16 or q8_0 for the matrices (the
-    biases and norms stay float32, as llama.cpp's own converter keeps them); config: a transformers GPT2Config."""
-    import gguf
-
-    Q = gguf.GGMLQuantizationType
-    qtype = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0}[kind]
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind]
-    writer = gguf.GGUFWriter(str(path), "gpt2")
-    writer.add_context_length(config.n_positions)
-    writer.add_embedding_length(config.n_embd)
-    writer.add_feed_forward_length(4 * config.n_embd)
-    writer.add_block_count(config.n_layer)
-    writer.add_head_count(config.n_head)
-    writer.add_layer_norm_eps(config.layer_norm_epsilon)
-    writer.add_file_type(file_type)
-    if qtype == Q.Q8_0:
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_tokenizer_model("none")  # no vocabulary: llama.cpp then runs on token ids, all a benchmark needs
-    writer.add_vocab_size(config.vocab_size)
-
-    def add(name: str, t: torch.Tensor, matrix: bool = False) -> None:
-        a = t.detach().float().contiguous().numpy()  # [out, in], as ggml reads it: nn.Linear's own layout
-        if not matrix or qtype == Q.F32:
-            writer.add_tensor(name, a)
-        elif qtype == Q.F16:
-            writer.add_tensor(name, a.astype("float16"))
-        else:  # the writer takes the shape from the quantized rows' bytes
-            writer.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
-
-    sd = {k.removeprefix("transformer."): v for k, v in state_dict.items()}
-    add("token_embd.weight", sd["wte.weight"], matrix=True)  # also the output layer, as GPT-2 ties them
-    add("position_embd.weight", sd["wpe.weight"], matrix=qtype == Q.F16)  # a row lookup: f32 or f16 only
-    for i in range(config.n_layer):
-        for ours, theirs in (("ln_1", "attn_norm"), ("attn.c_attn", "attn_qkv"), ("attn.c_proj", "attn_output"),
-                             ("ln_2", "ffn_norm"), ("mlp.c_fc", "ffn_up"), ("mlp.c_proj", "ffn_down")):
-            add(f"blk.{i}.{theirs}.weight", sd[f"h.{i}.{ours}.weight"], matrix=not ours.startswith("ln"))
-            add(f"blk.{i}.{theirs}.bias", sd[f"h.{i}.{ours}.bias"])
-    add("output_norm.weight", sd["ln_f.weight"])
-    add("output_norm.bias", sd["ln_f.bias"])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 _silence = None  # llama.cpp's log callback, kept alive while llama.cpp may call it
 
 
@@ -187,8 +145,11 @@ class LlamaEngine:
         if _silence is None:  # without it llama.cpp describes the whole model on stderr
             _silence = llama_cpp.llama_log_callback(lambda level, text, user: None)
             llama_cpp.llama_log_set(_silence, None)
-        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(),
-                                                          llama_cpp.llama_model_default_params())
+        params = llama_cpp.llama_model_default_params()
+        # llama.cpp's extra weight layouts (AMX, repacked blocks) crashed llama_decode on q8_0 models on an AVX-512
+        # machine with AMX (llama-cpp-python 0.3.36, built with GGML_NATIVE): plain q8_0 kernels instead
+        params.use_extra_bufts = False
+        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {path}")
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))

@@ -25,21 +25,23 @@ import stat
 import sys
 import time
 from itertools import accumulate
-from typing import TYPE_CHECKING, Optional, TextIO
+from typing import TYPE_CHECKING, Iterator, Optional, TextIO
 
-from configurator import Terminated, UsageError, configure, flush_stdout, quiet_startup, run_main, signals_held, \
-    writing_stdout
+from cli import Terminated, flush_stdout, quiet_startup, run_main, signals_held, writing_stdout
+from configurator import configure
+from errors import UsageError
 
 if __name__ == "__main__":
     quiet_startup()  # before the imports below (and torch's, in main): Ctrl-C during them ends without a traceback
 
-from tokenizer import EOT, EOT_ID, check_fits, load_tokenizer
+from runtime import batch_sizes, check_sampling, load_model, pick_device, prompt_ids, sample_steps, token_bytes
+from tokenizer import EOT, EOT_ID
 
 if TYPE_CHECKING:
     import tiktoken
     import torch
 
-    from model import GPT, GPTConfig
+    from model import GPT
 
 # -----------------------------------------------------------------------------
 init_from: str = 'gpt2'  # gpt2, gpt2-medium, gpt2-large, gpt2-xl, a hub repo id, a model folder or a nanoGPT ckpt.pt
@@ -64,9 +66,7 @@ kv_cache_mb: int = 2048  # --prompts: the most memory one batch's KV cache may t
 # -----------------------------------------------------------------------------
 
 SEPARATOR = "---------------"
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
 MAX_PROMPT_MB = 16  # thousands of times any GPT-2's context; a file that never ends (/dev/zero) is cut off here
-MEMORY_SHARE = 0.8  # of the memory available, what a batch's KV caches and logits may take
 
 
 def read_prompt(start: str) -> str:
@@ -89,54 +89,6 @@ def read_prompt(start: str) -> str:
     except UnicodeDecodeError as e:
         raise UsageError(f"the prompt file '{path}' is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
                          f"{e.start}): convert it to UTF-8") from None
-
-
-def pick_device(name: str) -> torch.device:
-    import torch
-
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device={name} but CUDA is not available here: use --device=cpu (or auto)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UsageError(f"--device={name} but this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise UsageError(f"--device={name} but MPS is not available here: use --device=cpu (or auto)")
-    elif dev.type != "cpu":
-        raise UsageError(f"unsupported device '{name}': use auto, cpu, cuda, cuda:N or mps")
-    return dev
-
-
-def pick_dtype(name: str, dev: torch.device) -> torch.dtype:
-    import torch
-
-    if name == "auto":
-        if dev.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float16 if dev.type == "mps" else torch.float32
-    if name not in DTYPE_NAMES:
-        raise UsageError(f"unknown dtype '{name}': use auto, {', '.join(DTYPE_NAMES)}")
-    dt = getattr(torch, name)
-    # Older GPUs only emulate bfloat16, slowly: refuse rather than run many times slower than float16.
-    if dev.type == "cuda" and dt == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
-        raise UsageError(f"{torch.cuda.get_device_name(dev)} does not support bfloat16: use --dtype=float16")
-    try:  # what the model does, in miniature: the device either runs it or says why not
-        x = torch.ones(2, 2, dtype=dt, device=dev)
-        (x @ x).softmax(-1).sum().item()
-    except (RuntimeError, TypeError) as e:
-        raise UsageError(f"device {dev} cannot run {name} ({str(e).splitlines()[0]}): "
-                         f"use --dtype=float32") from None
-    return dt
 
 
 def prepare_stdout() -> TextIO:
@@ -164,56 +116,6 @@ def prepare_stdout() -> TextIO:
     return out
 
 
-def available_memory(dev: torch.device) -> Optional[int]:
-    """Bytes that dev can still allocate: CUDA's free memory plus what torch holds unused, or Linux's MemAvailable
-    for the CPU; None where it is not known."""
-    import torch
-
-    if dev.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(dev)
-        return free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
-    if dev.type == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024  # given in kB
-        except (OSError, ValueError, IndexError):
-            pass
-    return None
-
-
-def bytes_per_sample(config: GPTConfig, prompt_len: int, dtype_bytes: int) -> int:
-    """What one sample of a batch takes: its KV cache (keys and values of every layer at every position it will
-    hold), a step's logits with the sampling's float32 copies of them, and past the context a window step's
-    activations."""
-    context = min(config.block_size, prompt_len + max_new_tokens)
-    kv_cache = 2 * config.n_layer * context * config.n_embd * dtype_bytes
-    logits = 6 * config.vocab_size * 4
-    window = 12 * config.block_size * config.n_embd * dtype_bytes if prompt_len + max_new_tokens > context else 0
-    return kv_cache + logits + window
-
-
-def batch_sizes(config: GPTConfig, dtype_bytes: int, prompt_len: int, dev: torch.device) -> list[int]:
-    """num_samples in one batch if it fits in the memory available, else in as few even batches as fit, said on
-    stderr. UsageError if not even one sample fits."""
-    per_sample = bytes_per_sample(config, prompt_len, dtype_bytes)
-    available = available_memory(dev)
-    if available is None or num_samples * per_sample <= MEMORY_SHARE * available:
-        return [num_samples]
-    fit = int(MEMORY_SHARE * available // per_sample)
-    if fit < 1:
-        raise UsageError(f"one sample needs about {per_sample / 1e6:,.0f} MB (KV cache and logits) and {dev} has "
-                         f"{available / 1e6:,.0f} MB available: lower --max_new_tokens, or use a smaller model, "
-                         f"a smaller --dtype or a device with more memory")
-    n = -(-num_samples // fit)
-    sizes = [num_samples // n + (i < num_samples % n) for i in range(n)]
-    print(f"sample.py: {num_samples} samples need about {num_samples * per_sample / 1e6:,.0f} MB for their KV "
-          f"caches and logits, more than the {available / 1e6:,.0f} MB available on {dev} allow: drawing them in "
-          f"{n} batches of up to {sizes[0]} (one seed's samples then differ from one batch's)", file=sys.stderr)
-    return sizes
-
-
 def pipe_watch(out: TextIO) -> Optional[select.poll]:
     """A poller that answers, without waiting, once the reader of out (a pipe) has gone; None if out is no pipe.
     Piped, samples are written only once complete, so without asking, a run whose reader left (`| head`) would go
@@ -230,13 +132,6 @@ def pipe_watch(out: TextIO) -> Optional[select.poll]:
     return poller
 
 
-def token_bytes(enc: tiktoken.Encoding, token: int) -> bytes:
-    # nanoGPT checkpoints pad the vocabulary past the tokenizer's; such a token has no text.
-    # U+FFFD, the replacement character (spelled as a number: a \N{...} name makes Python load a module while
-    # compiling this file, where a Ctrl-C would become a SyntaxError)
-    return enc.decode_single_token_bytes(token) if token < enc.n_vocab else "\ufffd".encode()
-
-
 class SampleWriter:
     """Writes the samples to out in order, each one its text (prompt included) and a line of dashes.
 
@@ -250,7 +145,7 @@ class SampleWriter:
                  live: bool, out: TextIO):
         self.enc, self.stop_at_eot, self.live, self.out = enc, stop_at_eot, live, out
         self.decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(num_samples)]
-        prompt_bytes = b"".join(token_bytes(enc, t) for t in prompt)
+        prompt_bytes = token_bytes(enc, prompt)
         self.unwritten = [[d.decode(prompt_bytes)] for d in self.decoders]  # text per sample, not yet written
         self.ended = [False] * num_samples
         self.current = 0  # the first sample not completely written
@@ -264,7 +159,7 @@ class SampleWriter:
                 if self.stop_at_eot and token == EOT_ID:
                     self._end(i)
                 else:
-                    self.unwritten[i].append(self.decoders[i].decode(token_bytes(self.enc, token)))
+                    self.unwritten[i].append(self.decoders[i].decode(token_bytes(self.enc, [token])))
             self._write()
 
     def finish(self) -> None:
@@ -294,82 +189,76 @@ class SampleWriter:
                 self.out.flush()
 
 
-def keep_eager_on_a_cpu(dev: torch.device) -> None:
-    """--compile=True on a CPU turns itself off, in one line on stderr: compiled CPU decoding measured 0.6x eager's
-    speed on an AVX2 machine and 0.2x on an AVX-512 one (bench.py --compile=True shows both)."""
-    global compile
+def keep_eager_on_a_cpu(compile: bool, dev: torch.device) -> bool:
+    """Whether decoding compiles: --compile=True on a CPU turns itself off, in one line on stderr: compiled CPU
+    decoding measured 0.6x eager's speed on an AVX2 machine and 0.2x on an AVX-512 one (bench.py --compile=True
+    shows both)."""
     if compile and dev.type == "cpu":
         print("--compile=True: decoding stays eager on the CPU, where the compiled step measured 0.2-0.6x eager's "
               "speed (bench.py --compile shows both)", file=sys.stderr)
-        compile = False
-
-
-def load_model(name: str, dev: torch.device, dtype_name: str, quantize_mode: str | None,
-               tiktoken_path: str | None) -> tuple[GPT, tiktoken.Encoding]:
-    """The model `name` on dev, in dtype_name's dtype (and int8 or fp16 weights if asked), and its tokenizer; the
-    load is reported on stderr. score.py loads through here too."""
-    from load import check_checkpoint, resolve_checkpoint
-    from model import GPT
-
-    dt = pick_dtype(dtype_name, dev)
-    checkpoint = resolve_checkpoint(name)
-    check_checkpoint(checkpoint)  # a broken model folder is named as such, not as a tokenizer that cannot be found
-    enc = load_tokenizer(checkpoint, tiktoken_path)
-    t0 = time.perf_counter()
-    model = GPT.from_pretrained(str(checkpoint)).to(device=dev, dtype=dt)  # resolved once, above
-    if quantize_mode is not None:
-        if quantize_mode not in ("int8", "fp16") or dev.type != "cpu":
-            raise UsageError(f"--quantize takes int8 or fp16 on the CPU only, got {quantize_mode!r} on {dev}")
-        getattr(model, f"quantize_{quantize_mode}")()
-    dt_name = str(dt).removeprefix("torch.")
-    print(f"loaded {name} ({model.get_num_params(non_embedding=False):,} params) on {dev}/{dt_name} "
-          f"in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
-    check_fits(enc, model.config.vocab_size)
-    return model, enc
+        return False
+    return compile
 
 
 def main() -> int:
-    if prompts is not None or out is not None:
-        return sample_prompts_file()
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                      num_samples=num_samples, stop_at_eot=stop_at_eot, seed=seed)
+    if prompts is not None or out is not None:  # batch.py's job: every prompt of a file to JSONL
+        import batch
+
+        job = batch.SampleJob.read(prompts, out, batch_size, kv_cache_mb, sampling)  # before any model loads
+        ranks = batch.start_ranks(device)
+        dev = pick_device(ranks.device)
+        compiled = keep_eager_on_a_cpu(compile, dev)
+        model, enc = load_model(init_from, dev, dtype, quantize, tiktoken_file)
+        return batch.sample_prompts(job, model, enc, ranks, compiled)
+
     stdout = prepare_stdout()
     prompt = read_prompt(start)  # before the slow imports: a mistake here answers at once
-
     import numpy  # noqa: F401 (before torch, which imports it from C and swallows any error there, a Ctrl-C too)
-    import torch
-    from sampling import check_sampling_args
 
-    try:  # model.generate_stream's own checks, run now so that no model loads in vain
-        check_sampling_args(max_new_tokens, temperature, top_k, top_p, num_samples, seed)
-    except (TypeError, ValueError) as e:
-        raise UsageError(e) from None
+    check_sampling(max_new_tokens, temperature, top_k, top_p, num_samples, seed)  # now: no model loads in vain
     if compile and quantize is not None:
         raise UsageError("--compile=True does not take --quantize (torch.compile cannot trace the int8 or fp16 "
                          "products): choose one; their decoding is fast without compiling")
     dev = pick_device(device)
-    keep_eager_on_a_cpu(dev)
+    compiled = keep_eager_on_a_cpu(compile, dev)
     model, enc = load_model(init_from, dev, dtype, quantize, tiktoken_file)
     if enc.eot_token is None and (stop_at_eot or not prompt):
         raise UsageError(f"{init_from} is a character-level model, without {EOT}: " + (
             "--stop_at_eot has nothing to stop at" if stop_at_eot else "give it a prompt to start from (--start)"))
-    ids = enc.encode(prompt, allowed_special={EOT})
-    if not ids:
+    live = stdout.isatty() if stream is None else stream
+    return write_samples(model, enc, prompt, stdout, dev, live=live, compile=compiled, **sampling)
+
+
+def write_samples(model: GPT, enc: tiktoken.Encoding, prompt: str, out: TextIO, dev: torch.device, *,
+                  max_new_tokens: int, temperature: float, top_k: Optional[int], top_p: Optional[float],
+                  num_samples: int, stop_at_eot: bool, seed: Optional[int], compile: bool, live: bool) -> int:
+    """num_samples samples of the prompt written to out as they are made (live) or once each is complete, then
+    a line of speed on stderr; the exit status: 0, or 130 and 143 when Ctrl-C or SIGTERM stopped generation, after
+    every sample is written as far as it got."""
+    import torch
+
+    ids, length = prompt_ids(enc, prompt, model.config, "the prompt")
+    if not prompt:
         print(f"the prompt is empty: starting from {EOT}", file=sys.stderr)
     block_size = model.config.block_size
-    if len(ids) > block_size:
-        print(f"warning: the prompt is {len(ids)} tokens, longer than the model's context of {block_size}: "
+    if length > block_size:
+        print(f"warning: the prompt is {length} tokens, longer than the model's context of {block_size}: "
               f"keeping its last {block_size}", file=sys.stderr)
-        ids = ids[-block_size:]
 
-    idx = torch.tensor([ids or [EOT_ID]], dtype=torch.long, device=dev)
-    sizes = batch_sizes(model.config, model.transformer.wte.weight.element_size(), idx.size(1), dev)
-    live = stdout.isatty() if stream is None else stream
-    writer = SampleWriter(enc, ids, num_samples, stop_at_eot, live, stdout)  # an empty prompt prints as ""
+    idx = torch.tensor([ids], dtype=torch.long, device=dev)
+    sizes = batch_sizes(model.config, model.transformer.wte.weight.element_size(), idx.size(1), max_new_tokens,
+                        num_samples, dev)
+    writer = SampleWriter(enc, ids if prompt else [], num_samples, stop_at_eot, live, out)  # "" prints as ""
     generator = None if seed is None else torch.Generator(device=dev).manual_seed(seed)  # shared by the batches
     steps, first_step, status = [], 0.0, 0  # steps: how many each batch made
     t0 = time.perf_counter()
     try:
         for first, count in zip(accumulate([0] + sizes), sizes):
-            n_steps, step_time = generate_batch(model, idx, count, writer, first, generator, live)
+            stream = sample_steps(model, idx, max_new_tokens, temperature, top_k, top_p, stop_at_eot, compile,
+                                  num_samples=count, generator=generator)
+            n_steps, step_time = write_batch(stream, writer, first, live, dev)
             steps.append(n_steps)
             first_step = first_step or step_time
     except KeyboardInterrupt:
@@ -381,25 +270,23 @@ def main() -> int:
         writer.finish()
         flush_stdout()
         if any(steps):
-            report_speed(steps, sizes, elapsed, first_step)
+            report_speed(steps, sizes, elapsed, first_step, compile)
         if status:
             print(f"{'interrupted' if status == 130 else 'terminated'}: each sample above ends where generation "
                   f"stopped", file=sys.stderr)
     return status
 
 
-def generate_batch(model: GPT, idx: torch.Tensor, count: int, writer: SampleWriter, first: int,
-                   generator: Optional[torch.Generator], live: bool) -> tuple[int, float]:
-    """Draw `count` samples, the writer's from `first` on, handing it every step's tokens, even when stopped by
-    Ctrl-C or SIGTERM; the steps made and the first step's time (prompt and compilation)."""
+def write_batch(stream: Iterator[torch.Tensor], writer: SampleWriter, first: int, live: bool,
+                dev: torch.device) -> tuple[int, float]:
+    """Hand the writer every step of one batch's stream (its samples are the writer's from `first` on), even when
+    stopped by Ctrl-C or SIGTERM; the steps made and the first step's time (prompt and compilation)."""
     steps = []  # unless live, tokens stay on the device until the end, so a GPU never waits for the host
     in_flight = None  # live on a GPU: the last step's tokens, copying to the host while the next step runs
     watch = None if live else pipe_watch(writer.out)
     n_steps, first_step, t0 = 0, 0.0, time.perf_counter()
     try:
-        for tokens in model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p=top_p, num_samples=count,
-                                            stop_tokens=[EOT_ID] if stop_at_eot else None, generator=generator,
-                                            compile=compile):
+        for tokens in stream:
             n_steps += 1
             if n_steps == 1:
                 tokens.cpu()  # waits for the device, so the time is the first step's (prompt, compilation)
@@ -408,7 +295,7 @@ def generate_batch(model: GPT, idx: torch.Tensor, count: int, writer: SampleWrit
                 steps.append(tokens)
                 if watch is not None and watch.poll(0):
                     raise BrokenPipeError("the reader of stdout has gone")
-            elif idx.device.type != "cuda":
+            elif dev.type != "cuda":
                 writer.add(tokens.tolist(), first)
             else:
                 if in_flight is not None:  # written one step late: by now its copy has landed
@@ -421,19 +308,6 @@ def generate_batch(model: GPT, idx: torch.Tensor, count: int, writer: SampleWrit
             for tokens in steps:
                 writer.add(tokens.tolist(), first)
     return n_steps, first_step
-
-
-def sample_prompts_file() -> int:
-    """--prompts: every prompt's samples as JSONL lines in --out, batched, resumable, sharded under torchrun."""
-    import batch
-
-    job = batch.SampleJob.from_settings(globals())  # the file is read and checked before any model loads
-    ranks = batch.start_ranks(device)
-    dev = pick_device(ranks.device)
-    keep_eager_on_a_cpu(dev)
-    job.compile = compile
-    model, enc = load_model(init_from, dev, dtype, quantize, tiktoken_file)
-    return batch.sample_prompts(job, model, enc, ranks, lambda tokens: b"".join(token_bytes(enc, t) for t in tokens))
 
 
 def start_copy(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
@@ -452,11 +326,12 @@ def finish_copy(host: torch.Tensor, landed: torch.cuda.Event) -> list[int]:
     return host.tolist()
 
 
-def report_speed(steps: list[int], sizes: list[int], elapsed: float, first_step: float) -> None:
-    """One line: tokens, steps and speed, batch by batch's steps and sizes; the first step apart (the prompt)."""
+def report_speed(steps: list[int], sizes: list[int], elapsed: float, first_step: float, compile: bool) -> None:
+    """One line: tokens, steps and speed, batch by batch's steps and sizes; the first step apart (the prompt, and
+    the compilation when compile)."""
     n_tokens = sum(n * size for n, size in zip(steps, sizes))
-    shape = f"{steps[0]} steps x {num_samples} samples" if len(sizes) == 1 else \
-        f"{num_samples} samples in {len(sizes)} batches"
+    shape = f"{steps[0]} steps x {sizes[0]} samples" if len(sizes) == 1 else \
+        f"{sum(sizes)} samples in {len(sizes)} batches"
     line = (f"generated {n_tokens} tokens ({shape}) in {elapsed:.2f} s, {n_tokens / elapsed:.1f} tokens/s; "
             f"first step {first_step:.2f} s ({'prompt and compilation' if compile else 'prompt'})")
     if n_tokens > sizes[0] and elapsed > first_step:

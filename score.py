@@ -25,10 +25,17 @@ from __future__ import annotations
 import json
 import math
 import sys
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator, Optional
 
-from configurator import UsageError, configure, run_main
+from cli import run_main
+from configurator import configure
+from errors import UsageError
 from tokenizer import EOT
+
+if TYPE_CHECKING:
+    import tiktoken
+
+    import batch
 
 # -----------------------------------------------------------------------------
 init_from: str = 'gpt2'  # gpt2, gpt2-medium, gpt2-large, gpt2-xl, a hub repo id, a model folder or a nanoGPT ckpt.pt
@@ -77,7 +84,8 @@ def score_batch(model, rows: list[list[int]], firsts: list[int]) -> list[float]:
     return [logprobs[i, first - 1:].double().sum().item() for i, first in enumerate(firsts)]
 
 
-def score_texts(model, texts: list[list[int]], stride: int) -> list[tuple[float, int]]:
+def score_texts(model, texts: list[list[int]], stride: int, batch_size: int,
+                logits_mb: int) -> list[tuple[float, int]]:
     """(summed log-probability, tokens scored) of each text. Windows of one length, from any of the texts, share
     a batch: at most batch_size, and fewer where their logits (three copies: the logits, their log-softmax, a
     float32 copy) would pass logits_mb."""
@@ -98,25 +106,34 @@ def score_texts(model, texts: list[list[int]], stride: int) -> list[tuple[float,
 
 
 def main() -> int:
-    import batch
-    from sample import load_model, pick_device
-
     if texts is None or out is None:
         raise UsageError("--texts and --out go together: --texts=corpus.jsonl --out=scores.jsonl")
     if batch_size < 1 or logits_mb < 1 or (stride is not None and stride < 1):
         raise UsageError(f"batch_size, logits_mb and stride must be >= 1, got {batch_size}, {logits_mb}, {stride}")
+    import batch
+    from runtime import load_model, pick_device
+
     items = batch.read_prompts(texts, "text")  # before the model loads: a bad file answers at once
     ranks = batch.start_ranks(device)
     model, enc = load_model(init_from, pick_device(ranks.device), dtype, quantize, tiktoken_file)
+    return score_file(model, enc, items, texts, out, ranks, stride, batch_size, logits_mb)
+
+
+def score_file(model, enc: tiktoken.Encoding, items: list[batch.Prompt], texts: str, out: str, ranks: batch.Ranks,
+               stride: Optional[int], batch_size: int, logits_mb: int) -> int:
+    """Score this rank's share of the texts (items, read from the file `texts`) into out, resumably; rank 0 then
+    prints the corpus's figures, and the ranks close. The exit status: 0, or 130 when interrupted (what was
+    finished is kept for the next run)."""
+    import batch
+    from runtime import check_vocabulary
+
     step = model.config.block_size // 2 if stride is None else stride
     if step > model.config.block_size:
         raise UsageError(f"stride {step} is longer than the model's context of {model.config.block_size}: tokens "
                          f"between windows would go unscored")
     ids = [enc.encode(item.text, allowed_special={EOT}) for item in items]
     for item, tokens in zip(items, ids):
-        if tokens and max(tokens) >= model.config.vocab_size:
-            raise UsageError(f"{texts} line {item.line}: the text holds token {max(tokens)}, outside the model's "
-                             f"vocabulary of {model.config.vocab_size}: this tokenizer does not fit the model")
+        check_vocabulary(tokens, model.config.vocab_size, f"{texts} line {item.line}: the text")
 
     keys = [(json.dumps(item.id),) for item in items]
     order = sorted(range(len(items)), key=lambda i: (len(ids[i]), i))  # texts of a length together
@@ -131,7 +148,7 @@ def main() -> int:
 
         def steps() -> Iterator[None]:
             for group in text_groups(todo, ids, model.config.block_size, step, batch_size * 4):
-                scores = score_texts(model, [ids[i] for i in group], step)
+                scores = score_texts(model, [ids[i] for i in group], step, batch_size, logits_mb)
                 for i, (logprob, n) in zip(group, scores):
                     output.write(json.dumps(dict(id=items[i].id, tokens=n, logprob=logprob,
                                                  perplexity=math.exp(-logprob / n) if n else None)))

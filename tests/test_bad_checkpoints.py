@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save, save_file
 
-from configurator import UsageError
+from errors import UsageError
 from load import LoadError, expected_shapes, read_checkpoint
 from model import GPT, GPTConfig
 
@@ -467,3 +467,54 @@ def test_sample_py_names_the_broken_model(tmp_path, small_dir, build, message):
     assert "Traceback" not in result.stderr and result.stdout == ""
     assert result.stderr.startswith("sample.py: error: ")
     assert re.search(message, result.stderr), result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# init_from names nothing that can be found: empty, or in a home folder that cannot be found
+
+
+@pytest.mark.parametrize("name", ["", "  "])
+def test_an_empty_init_from_is_named_as_empty(run_script, tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)  # Path("") is the current folder: a model here must not be loaded in its place
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(LoadError, match="init_from is empty"):
+        GPT.from_pretrained(name)
+    status, out, err = run_script("sample.py", f"--init_from={name}")
+    assert (status, out) == (2, "") and "Traceback" not in err
+    assert err.startswith("sample.py: error: init_from is empty") and "a local model folder" in err
+
+
+@pytest.fixture
+def no_home(monkeypatch):
+    """A process whose home cannot be found: HOME unset and no entry in the user database, as in a container run
+    under a user id of its own. huggingface_hub, imported then, keeps '~' in its cache path."""
+    import pwd
+
+    from huggingface_hub import constants
+
+    def no_such_user(uid):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", no_such_user)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", "~/.cache/huggingface/hub")
+
+
+@pytest.mark.parametrize("name, message", [
+    ("~nosuchuser-of-this-test/model", "cannot tell which folder '~nosuchuser-of-this-test/model' means: there is no "
+                                       "user 'nosuchuser-of-this-test' on this machine: give the model's path in full"),
+    ("~/model", "cannot tell which folder '~/model' means: HOME is not set, and the system's user database gives "
+                "this user no home folder: set HOME, or give the model's path in full"),
+    ("gpt2", "'openai-community/gpt2' is a Hugging Face hub model, and huggingface_hub keeps its downloads in "
+             "~/.cache/huggingface/hub, in a home folder that cannot be found: HOME is not set"),
+    ("someone/their-gpt2", "'someone/their-gpt2' is a Hugging Face hub model"),
+])
+def test_a_home_that_cannot_be_found(run_script, no_home, tmp_path, monkeypatch, name, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LoadError, match=re.escape(message)):
+        GPT.from_pretrained(name)
+    status, out, err = run_script("sample.py", f"--init_from={name}")
+    assert (status, out) == (2, "") and "Traceback" not in err
+    assert err.startswith(f"sample.py: error: {message}")
+    if not name.startswith("~"):
+        assert "Set HF_HOME (or HOME) to a folder for its cache, or give the model's folder as a full path" in err

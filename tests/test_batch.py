@@ -4,7 +4,6 @@ torn line; bad files and a failing rank."""
 
 import json
 import os
-import runpy
 import signal
 import subprocess
 import sys
@@ -65,16 +64,26 @@ def test_text_file_lines_escapes_and_ids(tmp_path):
 
 def test_jsonl_settings_per_prompt(prompts_file):
     import batch
+    import sample
 
-    config = runpy.run_path(str(ROOT / "sample.py"))  # sample.py's settings, at their defaults
-    config.update(prompts=str(prompts_file), out="unused.jsonl", num_samples=1, max_new_tokens=8)
-    job = batch.SampleJob.from_settings(config)
+    defaults = {name: getattr(sample, name) for name in batch.PER_PROMPT}  # sample.py's settings, at their defaults
+    defaults.update(num_samples=1, max_new_tokens=8)
+    job = batch.SampleJob.read(str(prompts_file), "unused.jsonl", 32, 2048, defaults)
     by_id = {p.id: p for p in job.prompts}
     assert list(by_id) == ["a", "b", 3, 4, 5, "six", *range(10, 18), 99, "end"]
     assert by_id[3].settings["num_samples"] == 2 and by_id["a"].settings["num_samples"] == 1
     assert by_id["six"].settings == dict(max_new_tokens=8, temperature=0.8, top_k=None, top_p=0.9, num_samples=1,
                                          stop_at_eot=False, seed=7)
     assert by_id[4].settings["temperature"] == 0.0 and isinstance(by_id[4].settings["temperature"], float)
+
+
+def test_per_prompt_settings_are_typed_as_sample_py_declares_them(root_dir):
+    import batch
+    from configurator import read_settings
+
+    declared = read_settings(str(root_dir / "sample.py"))
+    for name, setting in batch.PER_PROMPT.items():
+        assert (setting.kind, setting.optional) == (declared[name].kind, declared[name].optional), name
 
 
 def test_seed_depends_on_seed_id_and_sample_only():

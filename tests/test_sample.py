@@ -318,18 +318,6 @@ def test_bad_prompt_files(sample, tmp_path):
     assert status == 2 and "Permission denied" in err
 
 
-def test_dtype_the_device_cannot_run(sample, monkeypatch):
-    import sample as sample_module
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Old GPU")
-    with pytest.raises(sample_module.UsageError, match="Old GPU does not support bfloat16"):
-        sample_module.pick_dtype("bfloat16", torch.device("cuda"))
-    with pytest.raises(sample_module.UsageError, match="cannot run float16"):
-        sample_module.pick_dtype("float16", torch.device("meta"))  # a device that cannot compute at all
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Writing: characters are never split, samples come out in order
 

@@ -5,6 +5,7 @@ run real processes; the rest runs in process (see conftest's run_script)."""
 
 import contextlib
 import io
+import json
 import os
 import pty
 import select
@@ -17,7 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from configurator import OutputError
+import runtime
+import sample as sample_module
+from cli import OutputError
+from errors import UsageError
 from model import GPT
 from tokenizer import load_tokenizer
 
@@ -90,21 +94,21 @@ def expected_in_batches(folder: Path, sizes: list[int], max_new_tokens: int, see
     return text
 
 
-def run_main(monkeypatch, **settings) -> int:
-    """sample.py's main on the imported module, with these settings and any of its functions patched before."""
-    import sample as sample_module
-
-    for name, value in settings.items():
-        monkeypatch.setattr(sample_module, name, value)
-    return sample_module.main()
+def write_samples(folder: Path, out, **settings) -> int:
+    """sample.py's write_samples called directly on the model in folder (on the CPU), writing to out, with sample.py's
+    defaults for the settings not given."""
+    cpu = torch.device("cpu")
+    model, enc = runtime.load_model(str(folder), cpu, "auto", None, None)
+    defaults = dict(max_new_tokens=sample_module.max_new_tokens, temperature=sample_module.temperature,
+                    top_k=sample_module.top_k, top_p=sample_module.top_p, num_samples=sample_module.num_samples,
+                    stop_at_eot=sample_module.stop_at_eot, seed=sample_module.seed, compile=False, live=False)
+    return sample_module.write_samples(model, enc, sample_module.start, out, cpu, **(defaults | settings))
 
 
 def test_samples_that_do_not_fit_run_in_batches(small_dir, monkeypatch, capsys):
-    import sample as sample_module
-
     per_sample = 2 * 2 * 9 * 64 * 4 + 6 * 50257 * 4  # KV cache of 2 layers x 9 positions x 64 wide, and logits
-    monkeypatch.setattr(sample_module, "available_memory", lambda dev: int(2.5 * per_sample / 0.8))
-    status = run_main(monkeypatch, init_from=str(small_dir), num_samples=5, max_new_tokens=8, device="cpu")
+    monkeypatch.setattr(runtime, "available_memory", lambda dev: int(2.5 * per_sample / 0.8))
+    status = write_samples(small_dir, sys.stdout, num_samples=5, max_new_tokens=8)
     out, err = capsys.readouterr()
     assert status == 0, err
     assert "sample.py: 5 samples need about 6 MB for their KV caches and logits, more than the 4 MB available on " \
@@ -113,43 +117,60 @@ def test_samples_that_do_not_fit_run_in_batches(small_dir, monkeypatch, capsys):
     assert "generated 40 tokens (5 samples in 3 batches)" in err
 
 
-def test_batch_sizes_for_a_hundred_thousand_samples(monkeypatch, capsys):
-    """--num_samples=100000 on GPT-2 124M with 8 GB free: even batches that each fit, said in one line."""
-    import sample as sample_module
-    from model import GPTConfig
-
-    monkeypatch.setattr(sample_module, "num_samples", 100000)
-    monkeypatch.setattr(sample_module, "max_new_tokens", 500)
-    monkeypatch.setattr(sample_module, "available_memory", lambda dev: 8 * 10 ** 9)
-    config = GPTConfig(vocab_size=50257)
-    sizes = sample_module.batch_sizes(config, 4, 1, torch.device("cpu"))
-    per_sample = 2 * 12 * 501 * 768 * 4 + 6 * 50257 * 4  # the KV cache of 501 positions, and logits
-    fit = int(0.8 * 8e9 // per_sample)
-    assert sum(sizes) == 100000 and max(sizes) <= fit and len(sizes) == -(-100000 // fit)
-    assert max(sizes) - min(sizes) <= 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"drawing them in {len(sizes)} batches of up to {max(sizes)}" in err
-
-
 def test_not_even_one_sample_fits(small_dir, monkeypatch, capsys):
-    import sample as sample_module
-
-    monkeypatch.setattr(sample_module, "available_memory", lambda dev: 1000)
-    with pytest.raises(sample_module.UsageError, match="one sample needs about 1 MB .KV cache and logits. and cpu "
-                                                       "has 0 MB available: lower --max_new_tokens"):
-        run_main(monkeypatch, init_from=str(small_dir), max_new_tokens=4, device="cpu")
-
-
-@pytest.mark.gpu
-def test_available_memory_on_a_gpu():
-    import sample as sample_module
-
-    free = sample_module.available_memory(torch.device("cuda"))
-    assert 0 < free <= torch.cuda.get_device_properties(0).total_memory
+    monkeypatch.setattr(runtime, "available_memory", lambda dev: 1000)
+    with pytest.raises(UsageError, match="one sample needs about 1 MB .KV cache and logits. and cpu "
+                                         "has 0 MB available: lower --max_new_tokens"):
+        write_samples(small_dir, sys.stdout, max_new_tokens=4)
 
 
 def test_compile_with_int8_is_refused(sample):
     refused(sample("--compile=True", "--quantize=int8"), "--compile=True does not take --quantize")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompts that tiktoken's regex engine cannot split by itself
+
+
+@pytest.mark.parametrize("run", [" ", "\n\t\u3000"], ids=["spaces", "mixed"])
+def test_a_million_whitespace_characters_mid_prompt(sample, tmp_path, run):
+    """Once 'Regex error while tokenizing: Max stack size exceeded for backtracking' and exit status 1."""
+    prompt = run * (1_000_000 // len(run)) + "x"
+    (tmp_path / "prompt.txt").write_text(prompt)
+    for start in (prompt, f"FILE:{tmp_path / 'prompt.txt'}"):
+        status, out, err = sample(f"--start={start}", "--max_new_tokens=2", "--seed=0")
+        assert status == 0 and "Traceback" not in err, err[-2000:]
+        assert "longer than the model's context of 64: keeping its last 64" in err
+        assert out.endswith(SEPARATOR) and out.count(SEPARATOR) == 10 and "x" in out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizers that do not belong to the model
+
+
+def test_a_vocab_json_cut_short_beside_gpt2s_merges(run_script, tmp_path, small_dir, monkeypatch):
+    """Once accepted, with samples decoded to garbage ('Hello� can be� to')."""
+    monkeypatch.delenv("GPT2_TIKTOKEN_FILE", raising=False)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for file in small_dir.iterdir():
+        (folder / file.name).symlink_to(file)
+    (folder / "vocab.json").unlink()
+    vocab = json.loads((small_dir / "vocab.json").read_text())
+    (folder / "vocab.json").write_text(json.dumps(dict(list(vocab.items())[:1000])))
+    refused(run_script("sample.py", f"--init_from={folder}", "--start=Hello"),
+            f"{folder / 'vocab.json'} holds 1,000 tokens besides <|endoftext|>, and {folder / 'merges.txt'} has "
+            f"50,000 merges, which with the 256 bytes make 50,256")
+
+
+def test_a_character_level_model_without_its_meta_pkl_offline(run_script, tmp_path, char_checkpoint, monkeypatch):
+    """Once a message about failing to download GPT-2's tokenizer: the missing meta.pkl comes first now."""
+    monkeypatch.delenv("GPT2_TIKTOKEN_FILE", raising=False)
+    checkpoint = char_checkpoint(tmp_path / "out-shakespeare-char", meta=None)
+    refused(run_script("sample.py", f"--init_from={checkpoint}", "--start=ROMEO:"),
+            f"{checkpoint} is a model of 65 tokens, fewer than GPT-2's 50,257: a character-level nanoGPT model "
+            f"(shakespeare_char's has 65), which needs the meta.pkl that nanoGPT's prepare.py wrote for its data. "
+            f"There is none ({checkpoint.parent / 'meta.pkl'}, {tmp_path / 'meta.pkl'}, ")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,8 +196,6 @@ def test_cp1252_redirect_gets_utf8(small_dir, tmp_path):
 
 
 def test_a_console_that_is_not_utf8_shows_question_marks(monkeypatch, capsys):
-    import sample as sample_module
-
     class Console(io.TextIOWrapper):
         def isatty(self):
             return True
@@ -204,18 +223,15 @@ def test_a_full_disk_while_streaming_stops_generation(small_dir, monkeypatch, ca
     """Streamed, the first failed write ends the run: no generating on into a full disk."""
     import errno
 
-    import sample as sample_module
-
     class Full(io.StringIO):
         def flush(self):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     steps = []
-    monkeypatch.setattr(sys, "stdout", Full())
     monkeypatch.setattr(sample_module.SampleWriter, "add", lambda self, tokens, first=0: steps.append(tokens)
                         or self._write())
     with pytest.raises(OutputError, match="cannot write the samples to stdout: No space left on device"):
-        run_main(monkeypatch, init_from=str(small_dir), max_new_tokens=100000, stream=True, device="cpu")
+        write_samples(small_dir, Full(), max_new_tokens=100000, live=True)
     assert len(steps) == 1
 
 

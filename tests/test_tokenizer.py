@@ -3,11 +3,16 @@ its offline sources, on text that stresses the byte-pair encoding and the pre-to
 
 import json
 import pickle
+import random
+import re
 from pathlib import Path
+from typing import Optional
 
 import pytest
+import regex
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
+from tiktoken_ext import openai_public
 from tiktoken_ext.openai_public import r50k_pat_str
 
 import tokenizer
@@ -93,10 +98,10 @@ def test_missing_rank_file_is_a_tokenizer_error(tmp_path):
 def test_no_source_at_all_says_how_to_provide_one(tmp_path, monkeypatch):
     monkeypatch.delenv(tokenizer.TIKTOKEN_FILE_ENV, raising=False)
 
-    def offline(name):
+    def offline():
         raise ConnectionError("network unreachable")
 
-    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    monkeypatch.setattr(openai_public, "gpt2", offline)  # what tiktoken.get_encoding("gpt2") would call
     with pytest.raises(TokenizerError, match="--tiktoken_file"):
         load_tokenizer(tmp_path)
 
@@ -111,6 +116,111 @@ def test_split_pattern_is_tiktokens_own_and_survives_a_million_spaces(encoding, 
     ids = encoding.encode(text)
     assert encoding.decode(ids) == text
     assert encoding.encode("The end." + " " * 2000 + "\n") == reference.encode("The end." + " " * 2000 + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Long runs of whitespace anywhere: tiktoken's regex engine overflows its stack on a run of about a million that
+# other text follows; GPT2Encoding cuts the text there first, and must give the ids the pattern means
+
+
+def pattern_ids(reference: tiktoken.Encoding, text: str) -> list[int]:
+    """The ids the pattern means, found without tiktoken's regex engine: the text split by the regex module (which
+    keeps its backtracking on the heap) and each piece encoded alone (a piece splits as itself)."""
+    parts = [[t for piece in regex.findall(r50k_pat_str, part) for t in reference.encode_ordinary(piece)]
+             for part in text.split(EOT)]
+    return parts[0] + [t for part in parts[1:] for t in [EOT_ID, *part]]
+
+
+def test_the_pattern_oracle_is_tiktoken(reference):
+    for text in TEXTS + [" " * 5000 + "x", "a\n\n\t " * 300 + "\u3000" * 700 + "!"]:
+        assert pattern_ids(reference, text) == reference.encode(text, allowed_special={EOT})
+
+
+def test_whitespace_is_what_the_regex_engine_calls_whitespace():
+    """tokenizer.WHITESPACE against \\s in tiktoken's own regex engine, on every code point: an encoding that
+    splits out only whitespace (its pattern is \\s; text it does not match is dropped) and has a token per byte."""
+    spaces_only = tiktoken.Encoding(name="spaces", pat_str=r"\s", special_tokens={},
+                                    mergeable_ranks={bytes([b]): b for b in range(256)})
+    every_character = "".join(map(chr, [*range(0xD800), *range(0xE000, 0x110000)]))  # no surrogates: not text
+    engine = spaces_only.decode(spaces_only.encode_ordinary(every_character))
+    assert engine == "".join(re.findall(f"[{tokenizer.WHITESPACE}]", every_character))
+    assert len(engine) == 25 and "\x1c" not in engine and "\u200b" not in engine  # Python's \s would take U+001C
+    assert engine.isspace()  # whitespace_cuts looks for long runs with str.isspace first: it must not miss one
+
+
+RUNS = {"spaces": " ", "tabs": "\t", "newlines": "\n", "crlf": "\r\n", "ideographic": "\u3000", "nbsp": "\xa0",
+        "mixed": " \t\n\u2028\x0b\x0c\x85\u1680\u2000\u202f\u205f\r"}
+
+
+@pytest.fixture(scope="module")
+def gpt2(trained_dir) -> tokenizer.GPT2Encoding:
+    return load_tokenizer(trained_dir)
+
+
+def test_every_source_cuts_long_runs(encoding, monkeypatch):
+    monkeypatch.delenv(tokenizer.TIKTOKEN_FILE_ENV, raising=False)
+    monkeypatch.setattr(openai_public, "gpt2", lambda: {"mergeable_ranks": encoding._mergeable_ranks})  # downloaded
+    assert isinstance(encoding, tokenizer.GPT2Encoding) and isinstance(load_tokenizer(), tokenizer.GPT2Encoding)
+    assert encoding.encode(" " * 1_000_000 + "x")[-2:] == [220, 2124]  # ' ', ' x'
+
+
+@pytest.mark.parametrize("run", RUNS.values(), ids=RUNS.keys())
+def test_long_runs_anywhere_give_tiktokens_ids(gpt2, reference, run):
+    """Runs about the length where the text is cut (10,000), which tiktoken itself can still encode whole."""
+    encoding = gpt2
+    for length in (9_999, 10_000, 10_001):
+        ws = (run * length)[:length]
+        for text in [ws + "x", "x" + ws + "y", "a" + ws + " b", ws, "x" + ws, "1" + ws + "2", "!" + ws + "'s",
+                     "é" + ws + "😀", ws + EOT + ws + "x", "x" + ws + "\n" + ws + "é", ws + " " + ws + EOT]:
+            ids = encoding.encode(text, allowed_special={EOT})
+            assert ids == reference.encode(text, allowed_special={EOT})
+            assert encoding.encode_ordinary(text) == reference.encode_ordinary(text)
+            assert encoding.encode(text, disallowed_special=()) == reference.encode(text, disallowed_special=())
+            assert encoding.decode(ids) == text
+
+
+@pytest.mark.parametrize("offset", [0, 1, 4_999, 5_000, 5_001, 9_999, 10_000])
+def test_every_run_of_ten_thousand_is_cut_wherever_it_starts(offset):
+    """whitespace_cuts looks for whole blocks of 5,000 whitespace characters first: a run of 10,000 holds one
+    wherever it starts; one of 9,999 is left whole."""
+    text = "x" * offset + "\u3000\t" * 5_000 + "y" + " " * 9_999 + "z"
+    assert [len(piece) for piece in tokenizer.whitespace_cuts(text, eot_allowed=True)] == [offset + 9_999, 10_002]
+    assert [len(piece) for piece in tokenizer.whitespace_cuts(text + EOT, eot_allowed=True)] == [offset + 9_999, 10_015]
+    text = "x" * offset + " " * 10_000 + EOT + " " * 10_000
+    assert [len(piece) for piece in tokenizer.whitespace_cuts(text, eot_allowed=True)] == [offset + 10_000, 10_013]
+    assert [len(piece) for piece in tokenizer.whitespace_cuts(text, eot_allowed=False)] == [offset + 9_999, 10_014]
+
+
+def test_cuts_at_every_run_give_tiktokens_ids(shared_dir, reference, monkeypatch):
+    """The cut made at every run of two or more, on random texts of whitespace of every kind (and characters that
+    Python but not the regex engine calls whitespace), letters, digits, punctuation, contractions, surrogates and
+    <|endoftext|>: every way of encoding gives tiktoken's ids."""
+    enc = load_tokenizer(tiktoken_file=str(shared_dir / "gpt2.tiktoken"))
+    monkeypatch.setattr(tokenizer, "LONG_RUN", 2)
+    alphabet = [" ", " ", " ", "\t", "\n", "\r", "\u3000", "\xa0", "\x85", "\u2028", "\x1c", "\u200b", "a", "Z", "é",
+                "日", "1", "²", "!", "-", "'", "s", "ll", EOT, "<|", "😀", "\ud83d", "\ude00"]
+    rng, cut = random.Random(0), 0
+    for _ in range(1500):
+        text = "".join(rng.choices(alphabet, k=rng.randint(0, 24)))
+        cut += len(tokenizer.whitespace_cuts(text, eot_allowed=True)) > 1
+        for kwargs in ({"allowed_special": {EOT}}, {"allowed_special": "all"}, {"disallowed_special": ()}):
+            assert enc.encode(text, **kwargs) == reference.encode(text, **kwargs), (text, kwargs)
+        assert enc.encode_ordinary(text) == reference.encode_ordinary(text), text
+        assert enc.encode_batch([text, text[::-1]], allowed_special="all") == \
+            reference.encode_batch([text, text[::-1]], allowed_special="all")
+        if EOT in text:
+            with pytest.raises(ValueError, match="disallowed special token"):
+                enc.encode(text)
+    assert cut > 750  # most texts were cut: the test exercises the cuts
+
+
+@pytest.mark.parametrize("run", [" ", "\n", " \t\u3000\r\n"], ids=["spaces", "newlines", "mixed"])
+def test_a_million_whitespace_characters_anywhere(gpt2, reference, run):
+    ws = run * (1_000_000 // len(run))
+    assert gpt2.encode(ws + "x") == pattern_ids(reference, ws + "x")
+    assert gpt2.encode_ordinary("The start." + ws + "the end") == pattern_ids(reference, "The start." + ws + "the end")
+    text = "1" + ws + EOT + ws + "x"
+    assert gpt2.encode(text, allowed_special={EOT}) == pattern_ids(reference, text)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -202,10 +312,10 @@ def test_no_argument_reads_gpt2_from_the_hub_cache_offline(tmp_path, monkeypatch
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # as $HF_HUB_CACHE at start-up sets it
     monkeypatch.delenv(tokenizer.TIKTOKEN_FILE_ENV, raising=False)
 
-    def offline(name):
+    def offline():
         raise ConnectionError("network unreachable")
 
-    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    monkeypatch.setattr(openai_public, "gpt2", offline)  # what tiktoken.get_encoding("gpt2") would call
     enc = load_tokenizer()
     assert enc.encode("Hello world") == [15496, 995] and enc.eot_token == EOT_ID
 
@@ -284,3 +394,151 @@ def test_a_tokenizer_must_fit_the_models_vocabulary(tmp_path, shared_dir, char_c
     with pytest.raises(TokenizerError, match=r"meta.pkl's characters has 65 tokens, but the model's vocabulary has "
                                              r"50,304: .*belongs to another model"):
         tokenizer.check_fits(chars, 50304)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A tokenizer that disagrees with itself (vocab.json against merges.txt) or with the model (its vocab_size)
+
+
+def small_pair(folder: Path, merges: list[str], vocab: dict, header: str = "#version: 0.2\n",
+               newline: str = "\n") -> Path:
+    """folder with a vocab.json of the 256 bytes and the tokens given, and a merges.txt of the lines given."""
+    folder.mkdir(exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(gpt2_bytes_vocab(**vocab)))
+    (folder / "merges.txt").write_text(header + "".join(line + newline for line in merges), newline="")
+    return folder
+
+
+GOOD_MERGES, GOOD_VOCAB = ["a b", "ab c"], {"ab": 256, "abc": 257, EOT: 258}
+
+MERGE_CASES = {  # each class of disagreement: (merges.txt's lines, vocab.json's tokens past the bytes, message)
+    "vocab_has_tokens_no_merge_makes": (GOOD_MERGES, {"ab": 256, "abc": 257, "zz": 258, EOT: 259},
+                                        r"vocab.json holds 259 tokens besides <\|endoftext\|>, and .*merges.txt has 2 "
+                                        r"merges, which with the 256 bytes make 258: one of the two is cut short"),
+    "vocab_cut_short": (GOOD_MERGES, {"ab": 256, EOT: 257}, r"holds 257 tokens besides .* make 258"),
+    "merges_cut_short": (GOOD_MERGES[:1], GOOD_VOCAB, r"holds 258 tokens besides .* has 1 merges, .* make 257"),
+    "merge_names_a_token_the_vocab_lacks": (["a b", "xy c"], {"ab": 256, "xyc": 257, EOT: 258},
+                                            r"merges.txt, line 3: it merges 'xy', which vocab.json lacks: .*vocab.json "
+                                            r"and .*merges.txt disagree"),
+    "merge_makes_a_token_the_vocab_lacks": (GOOD_MERGES, {"ab": 256, "abd": 257, EOT: 258},
+                                            r"line 3: it makes 'abc', which vocab.json lacks"),
+    "ids_out_of_merge_order": (GOOD_MERGES, {"ab": 257, "abc": 256, EOT: 258},
+                               r"line 2: it makes 'ab', whose id is 257, and GPT-2's layout gives merge 0 the id 256"),
+    "merge_of_a_token_made_later": (["ab c", "a b"], {"abc": 256, "ab": 257, EOT: 258},
+                                    r"line 2: it merges 'ab', whose id 257 is not below the merge's own 256"),
+    "not_two_tokens": (["a b", "ab c d"], GOOD_VOCAB, r"line 3: 'ab c d' is not two tokens separated by a space"),
+    "empty_line": (["a b", "", "ab c"], {"ab": 256, "xx": 257, "abc": 258, EOT: 259}, r"line 3: '' is not two tokens"),
+}
+
+
+@pytest.mark.parametrize("merges, vocab, message", MERGE_CASES.values(), ids=MERGE_CASES.keys())
+def test_vocab_and_merges_that_disagree(tmp_path, monkeypatch, merges, vocab, message):
+    monkeypatch.delenv(tokenizer.TIKTOKEN_FILE_ENV, raising=False)
+    folder = small_pair(tmp_path, merges, vocab)
+    with pytest.raises(TokenizerError, match=message) as refused:
+        load_tokenizer(folder)
+    assert "restore both from the model's repository" in str(refused.value)
+
+
+@pytest.mark.parametrize("header, newline", [("#version: 0.2\n", "\n"), ("", "\n"), ("#version: 0.2\r\n", "\r\n")])
+def test_a_pair_that_agrees_is_read_with_or_without_header_and_crlf(tmp_path, monkeypatch, header, newline):
+    monkeypatch.delenv(tokenizer.TIKTOKEN_FILE_ENV, raising=False)
+    enc = load_tokenizer(small_pair(tmp_path, GOOD_MERGES, GOOD_VOCAB, header, newline))
+    assert enc.encode("abc ab a") == [257, ord(" "), 256, ord(" "), ord("a")] and enc.n_vocab == 259
+
+
+def test_a_merges_file_that_is_not_text_or_not_a_file(tmp_path, monkeypatch):
+    monkeypatch.delenv(tokenizer.TIKTOKEN_FILE_ENV, raising=False)
+    folder = small_pair(tmp_path, GOOD_MERGES, GOOD_VOCAB)
+    (folder / "merges.txt").write_bytes(b"#version: 0.2\na b\n\xff\xfe c\n")
+    with pytest.raises(TokenizerError, match=r"merges.txt is not UTF-8 text"):
+        load_tokenizer(folder)
+    (folder / "merges.txt").unlink()
+    (folder / "merges.txt").mkdir()
+    with pytest.raises(TokenizerError, match=r"tokenizer merges .*merges.txt is a directory"):
+        load_tokenizer(folder)
+
+
+def model_folder(folder: Path, trained_dir: Path, vocab_size: int, vocab: Optional[dict] = None,
+                 merges: bool = True) -> Path:
+    """A model folder as load_tokenizer sees one: config.json (vocab_size as given), vocab.json (GPT-2's, or the
+    map given) and GPT-2's merges.txt (or none). No weights: the tokenizer reads only the config."""
+    folder.mkdir()
+    config = json.loads((trained_dir / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": vocab_size}))
+    (folder / "vocab.json").write_text(json.dumps(vocab) if vocab else (trained_dir / "vocab.json").read_text())
+    if merges:
+        (folder / "merges.txt").write_bytes((trained_dir / "merges.txt").read_bytes())
+    return folder
+
+
+def first_of_gpt2_vocab(trained_dir: Path, n: int) -> dict:
+    return dict(list(json.loads((trained_dir / "vocab.json").read_text()).items())[:n])
+
+
+def test_gpt2_vocab_cut_to_a_thousand_tokens_beside_gpt2_merges(tmp_path, trained_dir, monkeypatch):
+    """The issue's case: once accepted, and samples decoded to garbage."""
+    monkeypatch.delenv(tokenizer.TIKTOKEN_FILE_ENV, raising=False)
+    folder = model_folder(tmp_path / "m", trained_dir, 50257, first_of_gpt2_vocab(trained_dir, 1000))
+    with pytest.raises(TokenizerError, match=r"vocab.json holds 1,000 tokens besides <\|endoftext\|>, and .*merges.txt "
+                                             r"has 50,000 merges, which with the 256 bytes make 50,256"):
+        load_tokenizer(folder)
+
+
+@pytest.mark.parametrize("vocab_size, tokens, message", [
+    (50257, 1000, r"the tokenizer in .*vocab.json has 1,001 tokens, but the model's vocabulary has 50,257: they do "
+                  r"not belong together \(the model has embeddings for 49,256 tokens it lacks: a vocab.json cut short"),
+    (50000, None, r"the tokenizer in .*vocab.json has 50,257 tokens, but the model's vocabulary has 50,000: .*its own "
+                  r"vocab.json"),
+    (60000, None, r"has 50,257 tokens, but the model's vocabulary has 60,000: .*embeddings for 9,743 tokens it lacks"),
+    (50258, None, r"has 50,257 tokens, but the model's vocabulary has 50,258"),  # one more token: not padding
+])
+def test_a_vocabulary_of_another_size_than_the_models(tmp_path, trained_dir, monkeypatch, vocab_size, tokens,
+                                                      message):
+    """A vocab.json alone (no merges.txt to hold it against), or GPT-2's whole, beside a model of another size."""
+    monkeypatch.delenv(tokenizer.TIKTOKEN_FILE_ENV, raising=False)
+    vocab = None if tokens is None else {**first_of_gpt2_vocab(trained_dir, tokens), EOT: tokens}
+    folder = model_folder(tmp_path / "m", trained_dir, vocab_size, vocab, merges=tokens is None)
+    with pytest.raises(TokenizerError, match=message):
+        load_tokenizer(folder)
+
+
+@pytest.mark.parametrize("vocab_size", [50257, 50264, 50304, 50432])
+def test_gpt2_files_fit_the_model_and_its_padding(tmp_path, trained_dir, monkeypatch, vocab_size):
+    """GPT-2's own files fit a model of 50,257 tokens, or of that rounded up to a multiple of 8, 64 (nanoGPT) or
+    128 (Megatron-LM)."""
+    monkeypatch.delenv(tokenizer.TIKTOKEN_FILE_ENV, raising=False)
+    enc = load_tokenizer(model_folder(tmp_path / "m", trained_dir, vocab_size))
+    assert enc.encode("Hello world") == [15496, 995] and enc.source == tmp_path / "m" / "vocab.json"
+    tokenizer.check_fits(enc, vocab_size)
+
+
+def test_padding_is_rounding_up_to_a_power_of_two_of_at_least_8():
+    assert tokenizer.padded(50257, 50304) and tokenizer.padded(50257, 50264) and tokenizer.padded(50257, 50432)
+    assert tokenizer.padded(1001, 1024) and tokenizer.padded(65, 72)
+    assert not tokenizer.padded(50257, 50258) and not tokenizer.padded(50257, 50305)
+    assert not tokenizer.padded(1001, 50257)
+    assert not tokenizer.padded(50257, 50257) and not tokenizer.padded(50257, 50256)
+
+
+
+def test_a_small_model_without_a_vocabulary_of_its_own_is_refused_before_any_gpt2_source(
+        tmp_path, trained_dir, char_checkpoint, monkeypatch):
+    """No GPT-2 source could fit a model of fewer tokens: none is tried (offline, a download would fail and the
+    message would be about that), and the message says what the model needs."""
+    monkeypatch.delenv(tokenizer.TIKTOKEN_FILE_ENV, raising=False)
+
+    def no_download():
+        raise AssertionError("GPT-2's files were asked for")
+
+    monkeypatch.setattr(openai_public, "gpt2", no_download)
+    monkeypatch.setattr(tokenizer, "hub_cached_vocab", no_download)
+    checkpoint = char_checkpoint(tmp_path / "char", meta=None)
+    with pytest.raises(TokenizerError, match=r"char is a model of 65 tokens, fewer than GPT-2's 50,257: a "
+                                             r"character-level nanoGPT model .*needs the meta.pkl .*copy it beside"):
+        load_tokenizer(checkpoint.parent)
+    folder = model_folder(tmp_path / "hf", trained_dir, 1000)
+    (folder / "vocab.json").unlink()
+    with pytest.raises(TokenizerError, match=r"hf's vocabulary has 1,000 tokens, fewer than GPT-2's 50,257, and the "
+                                             r"folder has no vocab.json: .*own vocab.json and merges.txt there"):
+        load_tokenizer(folder)

@@ -1,0 +1,233 @@
+"""
+What every script stands on between its settings and the model: the device and dtype, a model loaded for a script,
+a prompt as the ids generation starts from, the memory a batch of samples takes, and the one call that drives
+generation for the command line and for prompts files.
+
+Everything here takes its settings as arguments (a script's main reads them once and passes them down) and reports
+a user's mistake as a UsageError. torch is imported inside the functions, so that a script's settings are checked
+before its slow import.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TYPE_CHECKING, Iterator, Optional
+
+from errors import UsageError
+from tokenizer import EOT, EOT_ID, check_fits, load_tokenizer
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import tiktoken
+    import torch
+
+    from model import GPT, GPTConfig
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+MEMORY_SHARE = 0.8  # of the memory available, what a batch's KV caches and logits may take
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Device, dtype and the model
+
+
+def pick_device(name: str) -> torch.device:
+    """--device's name as a torch.device: auto is cuda, then mps, then cpu. UsageError for one this machine lacks."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device={name} but CUDA is not available here: use --device=cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device={name} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError(f"--device={name} but MPS is not available here: use --device=cpu (or auto)")
+    elif dev.type != "cpu":
+        raise UsageError(f"unsupported device '{name}': use auto, cpu, cuda, cuda:N or mps")
+    return dev
+
+
+def pick_dtype(name: str, dev: torch.device) -> torch.dtype:
+    """--dtype's name as a torch.dtype that dev runs: auto is bfloat16 on CUDA where supported, else float16 there
+    and on MPS, float32 on a CPU."""
+    import torch
+
+    if name == "auto":
+        if dev.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float16 if dev.type == "mps" else torch.float32
+    if name not in DTYPE_NAMES:
+        raise UsageError(f"unknown dtype '{name}': use auto, {', '.join(DTYPE_NAMES)}")
+    dt = getattr(torch, name)
+    # Older GPUs only emulate bfloat16, slowly: refuse rather than run many times slower than float16.
+    if dev.type == "cuda" and dt == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise UsageError(f"{torch.cuda.get_device_name(dev)} does not support bfloat16: use --dtype=float16")
+    try:  # what the model does, in miniature: the device either runs it or says why not
+        x = torch.ones(2, 2, dtype=dt, device=dev)
+        (x @ x).softmax(-1).sum().item()
+    except (RuntimeError, TypeError) as e:
+        raise UsageError(f"device {dev} cannot run {name} ({str(e).splitlines()[0]}): "
+                         f"use --dtype=float32") from None
+    return dt
+
+
+def open_checkpoint(name: str) -> Path:
+    """The checkpoint `name` resolved once (the model and its tokenizer both come from it), with the cheap checks
+    that read no weights: a broken model folder is named as such, not as a tokenizer that cannot be found."""
+    from load import check_checkpoint, resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(name)
+    check_checkpoint(checkpoint)
+    return checkpoint
+
+
+def model_from(checkpoint: Path, dev: torch.device, dt: torch.dtype, quantize_mode: Optional[str] = None) -> GPT:
+    """The checkpoint's model on dev in dt, with int8 or fp16 weights if quantize_mode asks (CPU only)."""
+    from model import GPT
+
+    model = GPT.from_pretrained(str(checkpoint)).to(device=dev, dtype=dt)
+    if quantize_mode is not None:
+        if quantize_mode not in ("int8", "fp16") or dev.type != "cpu":
+            raise UsageError(f"--quantize takes int8 or fp16 on the CPU only, got {quantize_mode!r} on {dev}")
+        getattr(model, f"quantize_{quantize_mode}")()
+    return model
+
+
+def load_model(name: str, dev: torch.device, dtype_name: str, quantize_mode: Optional[str],
+               tiktoken_path: Optional[str]) -> tuple[GPT, tiktoken.Encoding]:
+    """The model `name` on dev, in dtype_name's dtype (and int8 or fp16 weights if asked), and its tokenizer, which
+    must fit it; the load is reported on stderr. The tokenizer is found before the weights load, so that a missing
+    one is said at once."""
+    dt = pick_dtype(dtype_name, dev)
+    checkpoint = open_checkpoint(name)
+    enc = load_tokenizer(checkpoint, tiktoken_path)
+    t0 = time.perf_counter()
+    model = model_from(checkpoint, dev, dt, quantize_mode)
+    dt_name = str(dt).removeprefix("torch.")
+    print(f"loaded {name} ({model.get_num_params(non_embedding=False):,} params) on {dev}/{dt_name} "
+          f"in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    check_fits(enc, model.config.vocab_size)
+    return model, enc
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts and sampling arguments
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: Optional[int], top_p: Optional[float],
+                   num_samples: int, seed: Optional[int] = None) -> None:
+    """generate_stream's own checks of these arguments, run before any model loads, a mistake as a UsageError."""
+    from sampling import check_sampling_args
+
+    try:
+        check_sampling_args(max_new_tokens, temperature, top_k, top_p, num_samples, seed)
+    except (TypeError, ValueError) as e:
+        raise UsageError(e) from None
+
+
+def check_vocabulary(ids: list[int], vocab_size: int, where: str) -> None:
+    """UsageError, naming where the ids came from ("FILE line N: the prompt"), for a token past the model's
+    vocabulary: the tokenizer does not belong to the model."""
+    if ids and max(ids) >= vocab_size:
+        raise UsageError(f"{where} holds token {max(ids)}, outside the model's vocabulary of {vocab_size}: this "
+                         f"tokenizer does not fit the model")
+
+
+def prompt_ids(enc: tiktoken.Encoding, text: str, config: GPTConfig, where: str) -> tuple[list[int], int]:
+    """The ids generation starts from, and how many tokens the text has: the text's tokens (<|endoftext|> in it is
+    the special token), <|endoftext|> alone for an empty text, the last block_size of them for a text longer than
+    the model's context."""
+    ids = enc.encode(text, allowed_special={EOT}) or [EOT_ID]
+    check_vocabulary(ids, config.vocab_size, where)
+    return ids[-config.block_size:], len(ids)
+
+
+def token_bytes(enc: tiktoken.Encoding, tokens: list[int]) -> bytes:
+    """The tokens' text as bytes (a character may span tokens, so only whole texts decode). nanoGPT checkpoints pad
+    the vocabulary past the tokenizer's; such a token has no text and stands as U+FFFD, the replacement character
+    (spelled as a number: a \\N{...} name makes Python load a module while compiling this file, where a Ctrl-C
+    would become a SyntaxError)."""
+    return b"".join(enc.decode_single_token_bytes(t) if t < enc.n_vocab else "\ufffd".encode() for t in tokens)
+
+
+def sample_steps(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float, top_k: Optional[int],
+                 top_p: Optional[float], stop_at_eot: bool, compile: bool = False,
+                 **draw) -> Iterator[torch.Tensor]:
+    """Each step's new tokens from model.generate_stream, ending a row at <|endoftext|> when stop_at_eot: the one
+    call behind sample.py's samples and a prompts file's. draw: how the rows draw their noise (num_samples,
+    generator, generators)."""
+    return model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p=top_p,
+                                 stop_tokens=[EOT_ID] if stop_at_eot else None, compile=compile, **draw)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory
+
+
+def available_memory(dev: torch.device) -> Optional[int]:
+    """Bytes that dev can still allocate: CUDA's free memory plus what torch holds unused, or Linux's MemAvailable
+    for the CPU; None where it is not known."""
+    import torch
+
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+    if dev.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024  # given in kB
+        except (OSError, ValueError, IndexError):
+            pass
+    return None
+
+
+def kv_cache_bytes(config: GPTConfig, prompt_len: int, max_new_tokens: int, dtype_bytes: int) -> int:
+    """One row's KV cache: the keys and values of every layer at every position it will hold (at most the
+    model's context)."""
+    positions = min(config.block_size, prompt_len + max_new_tokens)
+    return 2 * config.n_layer * positions * config.n_embd * dtype_bytes
+
+
+def bytes_per_sample(config: GPTConfig, prompt_len: int, max_new_tokens: int, dtype_bytes: int) -> int:
+    """What one sample of a batch takes: its KV cache, a step's logits with the sampling's float32 copies of them,
+    and past the context a window step's activations."""
+    logits = 6 * config.vocab_size * 4
+    past_context = prompt_len + max_new_tokens > config.block_size
+    window = 12 * config.block_size * config.n_embd * dtype_bytes if past_context else 0
+    return kv_cache_bytes(config, prompt_len, max_new_tokens, dtype_bytes) + logits + window
+
+
+def batch_sizes(config: GPTConfig, dtype_bytes: int, prompt_len: int, max_new_tokens: int, num_samples: int,
+                dev: torch.device) -> list[int]:
+    """sample.py's num_samples in one batch if it fits in the memory available, else in as few even batches as
+    fit, said on stderr. UsageError if not even one sample fits."""
+    per_sample = bytes_per_sample(config, prompt_len, max_new_tokens, dtype_bytes)
+    available = available_memory(dev)
+    if available is None or num_samples * per_sample <= MEMORY_SHARE * available:
+        return [num_samples]
+    fit = int(MEMORY_SHARE * available // per_sample)
+    if fit < 1:
+        raise UsageError(f"one sample needs about {per_sample / 1e6:,.0f} MB (KV cache and logits) and {dev} has "
+                         f"{available / 1e6:,.0f} MB available: lower --max_new_tokens, or use a smaller model, "
+                         f"a smaller --dtype or a device with more memory")
+    n = -(-num_samples // fit)
+    sizes = [num_samples // n + (i < num_samples % n) for i in range(n)]
+    print(f"sample.py: {num_samples} samples need about {num_samples * per_sample / 1e6:,.0f} MB for their KV "
+          f"caches and logits, more than the {available / 1e6:,.0f} MB available on {dev} allow: drawing them in "
+          f"{n} batches of up to {sizes[0]} (one seed's samples then differ from one batch's)", file=sys.stderr)
+    return sizes
