@@ -496,7 +496,7 @@ def batches(samples: list[Sample], job: SampleJob, model: GPT) -> list[list[Samp
     buckets = {}
     for s in samples:
         buckets.setdefault(s.bucket, []).append(s)
-    config, itemsize = model.config, model.transformer.wte.weight.element_size()
+    config, itemsize = model.config, model.transformer.wpe.weight.element_size()
     out = []
     for bucket in buckets.values():
         row_bytes = kv_cache_bytes(config, len(bucket[0].ids), bucket[0].prompt.settings["max_new_tokens"], itemsize)
@@ -509,7 +509,7 @@ def sample_batch(model: GPT, batch: list[Sample], compile: bool) -> list[tuple[l
     """Each row's new tokens (up to its stop token, which is left out) and why it ended: "stop" or "length"."""
     import torch
 
-    device = model.transformer.wte.weight.device
+    device = model.transformer.wpe.weight.device
     idx = torch.tensor([s.ids for s in batch], device=device)
     generators = [torch.Generator(device=device).manual_seed(s.seed) for s in batch]
     s = batch[0].prompt.settings
