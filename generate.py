@@ -9,7 +9,6 @@ tokens prefilled again, nanoGPT's meaning past the context). `generate_stream` i
 thread count each CPU step runs at (ThreadChooser) and the rule of one compiled generation at a time.
 """
 
-import functools
 import statistics
 import threading
 import time
@@ -78,9 +77,6 @@ class Decoder:
         if not compile:
             self.cache = KVCache(model.config, batch, max_len, dtype, device)
             self.prefill, self.decode_step = model.prefill, model.decode_step
-            if device.type == "cpu" and torch.get_num_threads() > 1:
-                # Every core, or one where that is faster now (another program keeps a core busy).
-                self.decode_step = functools.partial(ThreadChooser().run, model.decode_step)
         else:
             self.cache, self.prefill, self.decode_step = compiled_phases(model, batch, dtype, device)
         self.input_pos = self.cache.positions(1)  # [B, 1], advanced on the device: no host copy per step
@@ -181,8 +177,8 @@ def generate_stream(model: GPT, prompts: Prompts, max_new_tokens: int, temperatu
         if use_kv_cache and max_new_tokens > 0:
             max_len = min(block_size, max(r.numel() for r in rows) + max_new_tokens)
             decoder = Decoder(model, B, max_len, device, compile)
-        token = None
-        for step in range(max_new_tokens):
+        def one_step(step: int, token: Optional[torch.Tensor]) -> torch.Tensor:
+            """Everything a step does: the network's pass, the draw, the stop check and the history."""
             if decoder is None:  # the no-cache reference: every row's window from scratch
                 logits = model.prefill(*history.windows(torch.arange(B)))
             elif step == 0:
@@ -193,10 +189,23 @@ def generate_stream(model: GPT, prompts: Prompts, max_new_tokens: int, temperatu
             if stop is not None:
                 if token is not None:
                     next_token = torch.where(ended, token, next_token)
-                ended |= torch.isin(next_token, stop)
+                ended.logical_or_(torch.isin(next_token, stop))
             history.append(next_token)
-            token = next_token
-            yield next_token
+            return next_token
+
+        # On a CPU of several cores the whole step runs at the thread count the chooser finds faster now (a
+        # busy core makes every multi-threaded operation wait, the draw's top-k as much as the products); the
+        # first step's prompt is not timed against decode steps.
+        chooser = None
+        if decoder is not None and not compile and device.type == "cpu" and torch.get_num_threads() > 1:
+            chooser = ThreadChooser()
+        token = None
+        for step in range(max_new_tokens):
+            if chooser is None:
+                token = one_step(step, token)
+            else:
+                token = chooser.run(one_step, step, token, timed=step > 0)
+            yield token
             if stop is not None and (step + 1) % check_every == 0 and bool(ended.all()):
                 return
 
@@ -252,8 +261,9 @@ class ThreadChooser:
         self.recent = []  # the chosen count's step times since it was chosen, the last `window` of them
         self.next_trial = None  # the step at which the other count is tried again; None during the opening
 
-    def run(self, step: Callable[..., T], *args) -> T:
-        """step(*args), at the thread count this step should use; its time decides the counts to come."""
+    def run(self, step: Callable[..., T], *args, timed: bool = True) -> T:
+        """step(*args), at the thread count this step should use; its time decides the counts to come (unless
+        timed=False: a step unlike the others, such as the prompt's)."""
         count = self.trials[0] if self.trials else self.chosen
         previous = torch.get_num_threads()
         torch.set_num_threads(count)
@@ -263,7 +273,8 @@ class ThreadChooser:
             seconds = self.clock() - start
         finally:
             torch.set_num_threads(previous)
-        self.record(count, seconds)
+        if timed:
+            self.record(count, seconds)
         return out
 
     def record(self, count: int, seconds: float) -> None:
