@@ -118,7 +118,7 @@ class Decoder:
 
     def __init__(self, model: GPT, batch: int, max_len: int, device: torch.device, compile: bool):
         self.model = model
-        dtype = model.transformer.wte.weight.dtype
+        dtype = model.transformer.wpe.weight.dtype  # the activations' (int8 or fp16 weights: float32)
         if not compile:
             self.cache = KVCache(model.config, batch, max_len, dtype, device)
             self.prefill, self.decode_step = model.prefill, model.decode_step
@@ -496,8 +496,9 @@ class ThreadChooser:
         self.recent = []  # the chosen count's step times since it was chosen, the last `window` of them
         self.next_trial = None  # the step at which the other count is tried again; None during the opening
 
-    def run(self, step: Callable[..., T], *args) -> T:
-        """step(*args), at the thread count this step should use; its time decides the counts to come."""
+    def run(self, step: Callable[..., T], *args, timed: bool = True) -> T:
+        """step(*args), at the thread count this step should use; its time decides the counts to come (unless
+        timed=False: a step unlike the others, such as the prompt's)."""
         count = self.trials[0] if self.trials else self.chosen
         previous = torch.get_num_threads()
         torch.set_num_threads(count)
@@ -507,7 +508,8 @@ class ThreadChooser:
             seconds = self.clock() - start
         finally:
             torch.set_num_threads(previous)
-        self.record(count, seconds)
+        if timed:
+            self.record(count, seconds)
         return out
 
     def run_chosen(self, step: Callable[..., T], *args) -> T:

@@ -56,7 +56,7 @@ top_p: float | None = None  # keep the likeliest tokens whose probabilities add 
 stop_at_eot: bool = False  # end a sample at <|endoftext|>
 seed: int | None = 1337  # the same seed gives the same samples on the same device; None differs each run
 device: str = 'auto'  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
-dtype: str = 'auto'  # float32, bfloat16 or float16; auto: bfloat16 on a GPU with native bf16, else float16; CPU float32
+dtype: str = 'auto'  # float32, bfloat16 or float16; auto: bf16 on a GPU with native bf16 (else fp16), fp16 weights on a CPU
 compile: bool = False  # compile the decoding step with torch.compile: a slow first step, faster ones after
 quantize: str | None = None  # int8 (per-row scales) or fp16 weights, CPU only (GPT.quantize_int8/_fp16); None: dtype's
 draft: str | None = None  # speculative decoding's draft: int8 or fp16 (the model's own weights, CPU), or a smaller model
@@ -260,7 +260,7 @@ def write_samples(model: GPT, enc: tiktoken.Encoding, prompt: str, out: TextIO, 
               f"keeping its last {block_size}", file=sys.stderr)
 
     idx = torch.tensor([ids], dtype=torch.long, device=dev)
-    sizes = batch_sizes(model.config, model.transformer.wte.weight.element_size(), idx.size(1), max_new_tokens,
+    sizes = batch_sizes(model.config, model.transformer.wpe.weight.element_size(), idx.size(1), max_new_tokens,
                         num_samples, dev, compile)
     writer = SampleWriter(enc, ids if prompt else [], num_samples, stop_at_eot, live, out)  # "" prints as ""
     generator = None if seed is None else torch.Generator(device=dev).manual_seed(seed)  # shared by the batches

@@ -78,7 +78,7 @@ def score_batch(model, rows: list[list[int]], firsts: list[int]) -> list[float]:
     import torch
     from torch.nn import functional as F
 
-    device = model.transformer.wte.weight.device
+    device = model.transformer.wpe.weight.device
     idx = torch.tensor(rows, device=device)
     with torch.no_grad():
         logits = model(idx, all_logits=True)[0][:, :-1].float()  # position j predicts token j + 1

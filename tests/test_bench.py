@@ -37,9 +37,10 @@ def test_table_names_the_checks_and_the_estimate(root_dir):
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "(a) ours vs (b) transformers: identical; (a) vs (c) no cache: identical" in done.stdout
-    for system in ("(f) quiet, 1 thread", "(f) busy core, default threads", "(f) busy core, 1 thread"):
-        assert system in done.stdout
-    assert "batch 1 decode, one core busy, ours float32 default threads / one thread: " in done.stdout
+    for setting in ("chosen", "1 thread"):  # float32: the only variant run here
+        assert f"(f) busy core, float32, {setting}" in done.stdout
+    assert "batch 1 decode, one core busy, ours chosen threads / the better fixed count (" in done.stdout
+    assert "(f) sample.py's workload, one core busy, chosen threads / the better fixed count (" in done.stdout
     assert "ESTIMATED" in done.stdout and "read bandwidth" in done.stdout
 
 
