@@ -405,7 +405,7 @@ class GPT(nn.Module):
         after each other), so that none is padded; continuous batching starts prompts this way, at
         no cost of a pass of their own. Logits [B, S, V] of the step (None without one) and [n, V]
         after each rectangle's prompts."""
-        # idx, input_pos: [B, S]; prompts: ([n, T] ids, [n or n * samples] cache rows, on its device)
+        # idx, input_pos: [B, S]; prompts: ([n, T] ids, [n or n * samples] rows on its device)
         shapes, steps, ids, positions = [], [], [], []
         if idx is not None:
             shapes.append((idx.size(0), idx.size(1)))
