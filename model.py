@@ -86,24 +86,16 @@ class KVCache:
         self.k[layer][rows[:, None], :, input_pos] = k.transpose(1, 2)  # indexed view: [R, S, H, D]
         self.v[layer][rows[:, None], :, input_pos] = v.transpose(1, 2)
 
-    def write_rows(self, layer: int, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """A decode step's keys and values, every row at its own positions: index is [B, H, S, D],
-        each row's positions broadcast over heads and channels (made once a step), so that a write
-        is one scatter."""
-        self.k[layer].scatter_(2, index, k)
-        self.v[layer].scatter_(2, index, v)
-
 
 class CacheStep(NamedTuple):
-    """What one pass over new positions does with the cache. A prompt (mask None) writes rows' keys
-    and values at input_pos and sees its own; a decode step writes every row at index (its
-    positions, see KVCache.write_rows) and each query sees its row's keys where mask is 0 (an
-    additive mask, -inf elsewhere, made once a step rather than converted in every layer)."""
+    """What one pass over new positions does with the cache: write rows' keys and values at
+    input_pos. A prompt (mask None) sees its own; in a decode step each query sees its row's keys
+    where mask is 0 (an additive mask, -inf elsewhere, made once a step rather than converted in
+    every layer)."""
     cache: KVCache
     rows: torch.Tensor  # [R] the cache rows being written
     input_pos: torch.Tensor  # [R or 1, S]
     mask: Optional[torch.Tensor] = None  # [B, 1, S, visible], or None for a prompt
-    index: Optional[torch.Tensor] = None  # [B, H, S, D], a decode step's write positions
 
 
 class Packed(NamedTuple):
@@ -152,7 +144,7 @@ class CausalSelfAttention(nn.Module):
             if q.size(2) > 1:
                 is_causal = True
         else:  # a decode step: a query sees its row up to itself
-            step.cache.write_rows(self.layer_idx, step.index, k, v)
+            step.cache.write(self.layer_idx, step.rows, step.input_pos, k, v)
             mask = step.mask
             k = step.cache.k[self.layer_idx][:, :, :mask.size(-1)]  # [B, H, visible, D]
             v = step.cache.v[self.layer_idx][:, :, :mask.size(-1)]
@@ -385,16 +377,14 @@ class GPT(nn.Module):
         return self.lm_head(self._hidden(idx, input_pos, self._decoding(idx, input_pos, kv_cache)))
 
     def _decoding(self, idx: torch.Tensor, input_pos: torch.Tensor, kv_cache: KVCache) -> CacheStep:
-        """A decode step's CacheStep: an additive mask (-inf past each query's own position in its
-        row) and the write positions broadcast over heads and channels, each made once a step."""
-        B, S = idx.shape
-        _, H, _, D = kv_cache.k[0].shape
-        keys = torch.arange(kv_cache.visible(S), device=idx.device)
+        """A decode step's CacheStep: an additive mask, -inf past each query's own position in its
+        row, made once a step. (Its writes are index_put, as a prompt's: Inductor turns a scatter_
+        into a copy of the cache and back, the index_put it does in place.)"""
+        keys = torch.arange(kv_cache.visible(idx.size(1)), device=idx.device)
         hidden = keys > input_pos[:, None, :, None]  # [B, 1, S, visible]: past its row's position
         mask = torch.zeros(hidden.shape, dtype=kv_cache.k[0].dtype, device=idx.device)
         mask.masked_fill_(hidden, float("-inf"))
-        index = input_pos[:, None, :, None].expand(B, H, S, D)
-        return CacheStep(kv_cache, kv_cache.all_rows, input_pos, mask, index)
+        return CacheStep(kv_cache, kv_cache.all_rows, input_pos, mask)
 
     def decode_and_prefill(self, idx: Optional[torch.Tensor], input_pos: Optional[torch.Tensor],
                            kv_cache: KVCache, prompts: list[tuple[torch.Tensor, torch.Tensor]]
