@@ -257,13 +257,13 @@ def draft_model(model: GPT, draft: Union[str, GPT]) -> GPT:
         if draft.config.vocab_size != model.config.vocab_size:
             raise ValueError(f"the draft's vocabulary ({draft.config.vocab_size} tokens) is not the model's "
                              f"({model.config.vocab_size}): a draft must propose the model's own token ids")
-        if draft.transformer.wte.weight.device != model.transformer.wte.weight.device:
-            raise ValueError(f"the draft is on {draft.transformer.wte.weight.device} but the model on "
-                             f"{model.transformer.wte.weight.device}: put both on one device")
+        if draft.transformer.wpe.weight.device != model.transformer.wpe.weight.device:
+            raise ValueError(f"the draft is on {draft.transformer.wpe.weight.device} but the model on "
+                             f"{model.transformer.wpe.weight.device}: put both on one device")
         return draft
     if draft not in ("int8", "fp16"):
         raise ValueError(f"draft must be 'int8', 'fp16' or a GPT with the model's vocabulary, got {draft!r}")
-    device = model.transformer.wte.weight.device
+    device = model.transformer.wpe.weight.device
     if device.type != "cpu":
         raise ValueError(f"draft={draft!r} runs on the CPU only (fbgemm's products), but the model is on {device}: "
                          "give a smaller GPT as the draft instead")
@@ -372,7 +372,7 @@ def generate_stream(model: GPT, prompts: Prompts, max_new_tokens: int, temperatu
     """
     stop_tokens = check_generation_args(prompts, max_new_tokens, temperature, top_k, top_p, num_samples,
                                         model.config.vocab_size, stop_tokens, seed, generator,
-                                        device=model.transformer.wte.weight.device, generators=generators)
+                                        device=model.transformer.wpe.weight.device, generators=generators)
     if generators is not None and (seed is not None or generator is not None):
         raise ValueError("give one of seed, generator and generators, not several")
     if draft is not None:

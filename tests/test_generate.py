@@ -437,7 +437,7 @@ def run_slots(model: GPT, slots: int, queue: list, packed: bool = True, **settin
             if idle.numel():
                 decoder.park(idle, history)
             token = sample_next_token(logits, generators=generators, **settings)
-            history.append(token)
+            history.append(token[:, None])
             for row, q in enumerate(running):
                 if q is not None:
                     made[q].append(int(token[row]))
