@@ -229,7 +229,9 @@ def main() -> int:
     dev = pick_device(device)
     compiled = keep_eager_on_a_cpu(compile, dev)
     check_draft(draft, draft_tokens, dev, quantize, compiled)
-    model, enc = load_model(init_from, dev, dtype, quantize, tiktoken_file)
+    # A draft speeds up the exact float32 model: with it, --dtype=auto on a CPU keeps float32 weights.
+    exact = draft is not None and dtype == "auto" and dev.type == "cpu"
+    model, enc = load_model(init_from, dev, "float32" if exact else dtype, quantize, tiktoken_file)
     speculation = {} if draft is None else dict(draft=load_draft(draft, model, dev, dtype), stats={})
     if draft_tokens is not None:
         speculation["draft_tokens"] = draft_tokens

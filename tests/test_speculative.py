@@ -196,7 +196,7 @@ def test_the_chi_square_test_catches_a_sampler_without_the_accept_test(monkeypat
 def test_quantized_draft_is_made_once_and_shares_the_embeddings(trained):
     draft = draft_model(trained, "int8")
     assert draft_model(trained, "int8") is draft
-    assert draft.transformer.wte.weight is trained.transformer.wte.weight
+    assert draft.transformer.wpe.weight is trained.transformer.wpe.weight
     assert draft.transformer.ln_f.weight is trained.transformer.ln_f.weight
     assert isinstance(draft.lm_head, Int8Linear) and isinstance(draft.transformer.h[0].mlp.c_fc, Int8Linear)
     assert not any(isinstance(m, Int8Linear) for m in trained.modules())  # the model itself is untouched
