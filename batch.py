@@ -598,7 +598,7 @@ def run_slots(model: GPT, samples: list[Sample], slots: int,
 
     import torch
 
-    from generate import COMPILED_TURN, Decoder, TokenHistory
+    from generate import COMPILED_TURN, Decoder, TokenHistory, cpu_thread_chooser
     from sampling import sample_next_token
 
     device = model.transformer.wpe.weight.device
@@ -612,10 +612,12 @@ def run_slots(model: GPT, samples: list[Sample], slots: int,
     with COMPILED_TURN if compile else nullcontext():
         decoder = Decoder(model, slots, min(longest, block_size), device, compile)
         history = TokenHistory.for_slots(slots, longest, block_size, device)
+        chooser = cpu_thread_chooser(device, compile)
         token = None
-        while queue or any(s is not None for s in running):
-            free = [row for row, s in enumerate(running) if s is None][:len(queue)]
-            new = [queue.popleft() for _ in free]
+
+        def turn(free: list[int], new: list[Sample]) -> tuple[torch.Tensor, int]:
+            """One step: the network's pass, with the new samples' prompts prefilled into the free rows, and
+            every row's draw; the tokens drawn [slots] and how many rows are parked."""
             rows = torch.tensor(free, dtype=torch.long)
             prompts = [torch.tensor(s.ids, device=device) for s in new]
             if token is None:  # the first step: every row starts
@@ -632,8 +634,17 @@ def run_slots(model: GPT, samples: list[Sample], slots: int,
                 for row in parked:
                     settings[row] = idle
             temperature, top_k, top_p = (list(column) for column in zip(*settings))
-            token = sample_next_token(logits, temperature, top_k, top_p, generators=generators)
-            history.append(token[:, None])
+            drawn = sample_next_token(logits, temperature, top_k, top_p, generators=generators)
+            history.append(drawn[:, None])
+            return drawn, len(parked)
+
+        while queue or any(s is not None for s in running):
+            free = [row for row, s in enumerate(running) if s is None][:len(queue)]
+            new = [queue.popleft() for _ in free]
+            if chooser is None:
+                token, parked = turn(free, new)
+            else:  # a step that prefills prompts too is not timed against the plain steps
+                token, parked = chooser.run(turn, free, new, timed=not new)
             finished = []
             for row, t in enumerate(token.tolist()):  # the one wait for the device a step
                 s = running[row]
@@ -647,7 +658,7 @@ def run_slots(model: GPT, samples: list[Sample], slots: int,
                         continue
                     finished.append((s, made[row], "length"))
                 running[row] = None
-            yield finished, slots - len(parked)
+            yield finished, slots - parked
 
 
 def sample_prompts(job: SampleJob, model: GPT, enc: tiktoken.Encoding, ranks: Ranks, compile: bool = False) -> int:

@@ -232,7 +232,10 @@ def peak_memory(device: str | torch.device) -> PeakRSS | PeakGPU:
     return PeakGPU(device) if torch.device(device).type == "cuda" else PeakRSS()
 
 
-PEAK_RSS = "import resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"  # Linux: kB
+# The peak of this process's own memory since it started (Linux, kB). Not getrusage's ru_maxrss: a child keeps the
+# larger of its own peak and the parent's size when it was forked, so under bench.py's gigabytes every run reads alike.
+PEAK_RSS = ("print(next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmHWM:'))"
+            " * 1024)")
 OURS_INT8_RUN = """
 import sys, torch
 from model import GPT
@@ -259,7 +262,7 @@ def memory_figures(model: GPT, idx: torch.Tensor, steps: int, threads: int, llam
     """(m): the peak resident memory of a whole int8 run in a fresh process (load a Hugging Face folder of these
     weights, quantizing each tensor as it is read, then greedy generation of idx), less that of a process that
     only imports torch; and, where installed, llama.cpp's q8_0 run of the same weights and prompts less a process
-    that only imports llama_cpp. Both peaks are Linux's ru_maxrss, the whole life of the process."""
+    that only imports llama_cpp. Both peaks are Linux's VmHWM, the whole life of the process."""
     import tempfile
 
     from save import write_gguf, write_hf

@@ -8,12 +8,11 @@ at the row's own position, and a row that has filled the context slides its wind
 tokens prefilled again, nanoGPT's meaning past the context). `generate_stream` is the loop over those phases;
 `generate` collects what it yields. The prompts-file job (batch.py) drives the same Decoder as a fixed number of
 slots: a row that has finished takes a new prompt (`admit`) while the others go on, and a row left with nothing
-to do is parked. Also here: the thread count each CPU step runs at (ThreadChooser) and the rule of one compiled
+to do is parked. Also here: the thread count each CPU turn runs at (ThreadChooser) and the rule of one compiled
 generation at a time.
 """
 
 import copy
-import functools
 import statistics
 import threading
 import time
@@ -123,11 +122,6 @@ class Decoder:
             self.cache = KVCache(model.config, batch, max_len, dtype, device)
             self.prefill, self.decode_step = model.prefill, model.decode_step
             self.decode_and_prefill = model.decode_and_prefill
-            if device.type == "cpu" and torch.get_num_threads() > 1:
-                # Every core, or one where that is faster now (another program keeps a core busy).
-                chooser = ThreadChooser()
-                self.decode_step = functools.partial(chooser.run, model.decode_step)
-                self.decode_and_prefill = functools.partial(chooser.run_chosen, model.decode_and_prefill)
         else:
             self.cache, self.prefill, self.decode_step = compiled_phases(model, batch, dtype, device)
             self.decode_and_prefill = None  # a captured step has one shape: new prompts get a prefill apart
@@ -195,10 +189,8 @@ class Decoder:
         device = self.input_pos.device
         parts, order = by_length(prompts, rows)
         parts = [(ids, part_rows.to(device, non_blocking=True)) for ids, part_rows in parts]
-        if token is None:  # no step: its pass is not timed as one
-            step, firsts = self.model.decode_and_prefill(None, None, self.cache, parts)
-        else:
-            step, firsts = self.decode_and_prefill(token[:, None], self.input_pos, self.cache, parts)
+        idx = None if token is None else token[:, None]
+        step, firsts = self.decode_and_prefill(idx, self.input_pos, self.cache, parts)
         return step, torch.cat(firsts)[order.to(device, non_blocking=True)]
 
     def park(self, rows: torch.Tensor, history: TokenHistory) -> None:
@@ -415,23 +407,33 @@ def generate_stream(model: GPT, prompts: Prompts, max_new_tokens: int, temperatu
                 drafter = Decoder(draft, B, draft_len, device, compile=False)
         ahead = torch.zeros(B, dtype=torch.long)  # each row's tokens made but not yet yielded, on the host
         token = previous = None
+
+        def turn() -> None:
+            """Everything one turn does: a speculative round, or the prompts' pass or a step and its draw; the
+            new tokens go to the history."""
+            if token is not None and drafter is not None and (
+                    int(decoder.cache.lengths.max()) + k < drafter.cache.max_len):  # a round fits
+                new, made = speculate(decoder, drafter, history, k, most_ahead - ahead, sampling, stats)
+            else:
+                if decoder is None:  # the no-cache reference: every row's window from scratch
+                    logits = model.prefill(*history.windows(torch.arange(B)))
+                elif token is None:
+                    logits = decoder.start(rows, num_samples)
+                    if drafter is not None:
+                        drafter.start(rows, num_samples)
+                else:
+                    logits = decoder.step(token, history)
+                new, made = sampling.next_token(logits)[:, None], 1
+            history.append(new, made)
+            ahead.add_(made)
+
+        chooser = cpu_thread_chooser(device, compile) if decoder is not None else None
         for yielded in range(max_new_tokens):
             while not ahead.all():  # make tokens until every row has one to yield
-                if token is not None and drafter is not None and (
-                        int(decoder.cache.lengths.max()) + k < drafter.cache.max_len):  # a round fits
-                    new, made = speculate(decoder, drafter, history, k, most_ahead - ahead, sampling, stats)
-                else:
-                    if decoder is None:  # the no-cache reference: every row's window from scratch
-                        logits = model.prefill(*history.windows(torch.arange(B)))
-                    elif token is None:
-                        logits = decoder.start(rows, num_samples)
-                        if drafter is not None:
-                            drafter.start(rows, num_samples)
-                    else:
-                        logits = decoder.step(token, history)
-                    new, made = sampling.next_token(logits)[:, None], 1
-                history.append(new, made)
-                ahead += made
+                if chooser is None:
+                    turn()
+                else:  # the prompts' pass is not timed against the turns that follow it
+                    chooser.run(turn, timed=token is not None)
                 token = history.back(1)
             next_token = history.back(ahead)
             ahead -= 1
@@ -469,9 +471,19 @@ def generate(model: GPT, prompts: Prompts, max_new_tokens: int, temperature: flo
     return [torch.cat([p, row[:end]]) for p, row, end in zip(rows, new, ends)]
 
 
+def cpu_thread_chooser(device: torch.device, compile: bool) -> Optional["ThreadChooser"]:
+    """On a CPU of several cores, generation runs each whole turn (the network's pass, the draw's top-k over the
+    vocabulary, the bookkeeping) at the thread count a ThreadChooser finds faster now: a core that another program
+    keeps busy makes every multi-threaded operation wait for it, not only the products. None elsewhere (a GPU;
+    one thread; compiled, whose captured graphs keep the count they were built at)."""
+    if device.type != "cpu" or compile or torch.get_num_threads() == 1:
+        return None
+    return ThreadChooser()
+
+
 class ThreadChooser:
-    """Runs each decode step at whichever of two thread counts (torch's default and 1) is faster now, judged by
-    timing the steps themselves.
+    """Runs each step (a turn of generation: see cpu_thread_chooser) at whichever of two thread counts (torch's
+    default and 1) is faster now, judged by timing the steps themselves.
 
     On a quiet machine every core helps. When another program keeps a core busy, a multi-threaded operation waits
     for its descheduled thread at every barrier, and one thread can be several times faster (the README's speed
@@ -511,16 +523,6 @@ class ThreadChooser:
         if timed:
             self.record(count, seconds)
         return out
-
-    def run_chosen(self, step: Callable[..., T], *args) -> T:
-        """step(*args) at the count chosen so far, untimed: a pass of another size (a decode step that also
-        prefills new prompts) says nothing about how fast the plain steps are."""
-        previous = torch.get_num_threads()
-        torch.set_num_threads(self.chosen)
-        try:
-            return step(*args)
-        finally:
-            torch.set_num_threads(previous)
 
     def record(self, count: int, seconds: float) -> None:
         self.steps += 1

@@ -386,3 +386,25 @@ def test_spread_file_greedy_is_the_same_at_batch_sizes_32_and_1_and_as_each_prom
     for s, text in list(zip(samples, texts[32]))[::every]:
         alone = trained.generate(torch.tensor([s.ids]), s.steps, temperature=0)[0, len(s.ids):]
         assert text == enc.decode(alone.tolist()), s.prompt.id
+
+
+def test_the_prompts_file_job_draws_at_the_chosen_thread_count(trained, trained_dir, tmp_path, monkeypatch):
+    import generate
+    import sampling
+    from batch import SampleJob, sample_prompts
+    from bench import spread_file
+
+    seen, chooser = [], generate.ThreadChooser
+    original = sampling.sample_next_token
+    monkeypatch.setattr(sampling, "sample_next_token",
+                        lambda *a, **k: seen.append(torch.get_num_threads()) or original(*a, **k))
+    monkeypatch.setattr(generate, "ThreadChooser", lambda: chooser((1, 1)))
+    enc = load_tokenizer(trained_dir)
+    job = SampleJob(spread_file(enc, seed=1337)[:3], "spread", str(tmp_path / "out.jsonl"), 2, 2048)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert sample_prompts(job, trained, enc, Ranks()) == 0
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

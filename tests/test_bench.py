@@ -105,3 +105,18 @@ def test_a_gpu_check_part_is_stopped_whole_at_its_time():
     status, took = bench.run_part(["sh", "-c", "sleep 30 & sleep 30"], 1)
     assert status is None and took < 10
     assert bench.run_part([sys.executable, "-c", "raise SystemExit(3)"], 30)[0] == 3
+
+
+def test_peak_memory_of_a_run_is_its_own_not_the_parents():
+    # bench.py holds gigabytes when it measures (m); a child's getrusage peak would report the parent's size for
+    # every run (so both differences came out 0 MB). Hold a large buffer here too: the figures must still be the
+    # children's own.
+    from bench import memory_figures
+    from model import GPT, GPTConfig
+
+    ballast = torch.ones(300_000_000, dtype=torch.uint8)  # 300 MB resident in this process
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=1000, n_layer=2, n_head=2, n_embd=64)).eval()
+    figures = memory_figures(model, torch.tensor([[1, 2, 3]]), 4, threads=1, llama=False)
+    assert 1 < figures["ours_int8_mb"] < 250, figures
+    del ballast

@@ -525,10 +525,10 @@ def test_thread_chooser_restores_the_thread_count_when_the_step_fails():
     assert torch.get_num_threads() == threads
 
 
-def test_generation_on_a_cpu_chooses_threads_for_decode_steps_only(monkeypatch):
-    counts = []
+def test_generation_on_a_cpu_chooses_threads_for_whole_turns(monkeypatch):
+    timed = []
     original = ThreadChooser.run
-    monkeypatch.setattr(ThreadChooser, "run", lambda self, *a, **k: counts.append(1) or original(self, *a, **k))
+    monkeypatch.setattr(ThreadChooser, "run", lambda self, *a, **k: timed.append(k["timed"]) or original(self, *a, **k))
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=32)).eval()
     idx = torch.tensor([[1, 2, 3]])
@@ -536,8 +536,30 @@ def test_generation_on_a_cpu_chooses_threads_for_decode_steps_only(monkeypatch):
     try:
         torch.set_num_threads(2)
         chosen = model.generate(idx, 7, temperature=0)
-        assert len(counts) == 6 and torch.get_num_threads() == 2  # 7 steps: the prefill, then 6 decode steps
+        assert timed == [False] + [True] * 6 and torch.get_num_threads() == 2  # the prefill, then 6 steps timed
         torch.set_num_threads(1)
-        assert torch.equal(model.generate(idx, 7, temperature=0), chosen) and len(counts) == 6  # one thread: none
+        assert torch.equal(model.generate(idx, 7, temperature=0), chosen) and len(timed) == 7  # one thread: none
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_draw_runs_at_the_chosen_thread_count(monkeypatch):
+    # A busy core slows every multi-threaded operation, so the draw (top-k over the vocabulary) runs at the count
+    # the chooser picked, as the network's pass does; test_batch checks the prompts-file job the same way.
+    import generate
+    import sampling
+
+    seen = []
+    original = sampling.sample_next_token
+    monkeypatch.setattr(sampling, "sample_next_token",
+                        lambda *a, **k: seen.append(torch.get_num_threads()) or original(*a, **k))
+    monkeypatch.setattr(generate, "ThreadChooser", lambda: ThreadChooser((1, 1)))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=32)).eval()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        model.generate(torch.tensor([[1, 2, 3]]), 5, temperature=0.8, top_k=20, seed=0)
+        assert seen == [1] * 5 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
