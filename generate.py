@@ -486,13 +486,16 @@ class ThreadChooser:
     default and 1) is faster now, judged by timing the steps themselves.
 
     On a quiet machine every core helps. When another program keeps a core busy, a multi-threaded operation waits
-    for its descheduled thread at every barrier, and one thread can be several times faster (the README's speed
+    for its descheduled thread at every barrier, and one thread can be ten times faster (the README's speed
     section). Which case holds can change during a generation, so: the first steps run once at each count (a second
     pair when the two are within 1.5x of each other) and the faster count is chosen; afterwards the other count is
     tried for one step after `interval` steps, the interval doubling up to `max_interval` each time it loses and
-    starting over when it wins; and a step at the chosen count that takes over twice the recent median (the load
-    changed) tries the other count at once. Settled, that costs one step at the slower count at steps ~32, 96,
-    224, 480, ... The thread count is set for each step and restored after it, so nothing else sees it changed.
+    starting over when it wins; and two steps in a row at the chosen count that take over twice the recent median
+    (the load changed, not one step that was interrupted) try the other count at once. A trial costs what the losing
+    count is slower, so the next trial also waits at least `interval` times that excess (a count 10x slower is
+    tried again 288 steps on, not 32): trials cost at most about 1/32 of the time. Quiet, that is one step at one
+    thread at steps ~32, 96, 224, 480, ... The thread count is set for each step and restored after it, so nothing
+    else sees it changed.
     """
 
     window = 32  # the chosen count's recent steps, whose median a step is judged against
@@ -507,6 +510,7 @@ class ThreadChooser:
         self.trial_times = {self.chosen: [], self.other: []}
         self.recent = []  # the chosen count's step times since it was chosen, the last `window` of them
         self.next_trial = None  # the step at which the other count is tried again; None during the opening
+        self.slow_before = False  # whether the last step at the chosen count was over twice the recent median
 
     def run(self, step: Callable[..., T], *args, timed: bool = True) -> T:
         """step(*args), at the thread count this step should use; its time decides the counts to come (unless
@@ -532,11 +536,13 @@ class ThreadChooser:
             if not self.trials:
                 self._decide()
             return
+        slow = len(self.recent) >= 4 and seconds > 2 * statistics.median(self.recent)
         self.recent = (self.recent + [seconds])[-self.window:]
         if self.steps >= self.next_trial:
             self.trials = [self.other]
-        elif len(self.recent) >= 4 and seconds > 2 * statistics.median(self.recent):  # the load changed
+        elif slow and self.slow_before:  # the load changed
             self.trials, self.interval, self.recent = [self.other], self.first_interval, [seconds]
+        self.slow_before = slow
 
     def _decide(self) -> None:
         chosen, other = self.trial_times[self.chosen], self.trial_times[self.other]
@@ -548,15 +554,16 @@ class ThreadChooser:
             won = b < a
             self.recent = list(other if won else chosen)
         else:  # one step of the other count against the chosen count's recent median
-            won = other[0] < statistics.median(self.recent)
-            self.recent = [other[0]] if won else self.recent
+            a, b = statistics.median(self.recent), other[0]
+            won = b < a
+            self.recent = [b] if won else self.recent
+            self.interval = self.first_interval if won else min(2 * self.interval, self.max_interval)
         if won:
             self.chosen, self.other = self.other, self.chosen
-            self.interval = self.first_interval
-        elif self.next_trial is not None:
-            self.interval = min(2 * self.interval, self.max_interval)
+        excess = max(a, b) / min(a, b) - 1  # what a step at the losing count costs more
+        wait = min(max(self.interval, round(self.first_interval * excess)), self.max_interval)
         self.trial_times = {self.chosen: [], self.other: []}
-        self.next_trial = self.steps + self.interval
+        self.next_trial = self.steps + wait
 
 
 class CompiledTurn:
