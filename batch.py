@@ -643,8 +643,8 @@ def run_slots(model: GPT, samples: list[Sample], slots: int,
             new = [queue.popleft() for _ in free]
             if chooser is None:
                 token, parked = turn(free, new)
-            else:  # a step that prefills prompts too is not timed against the plain steps
-                token, parked = chooser.run(turn, free, new, timed=not new)
+            else:  # a step that prefills prompts too, or slides a row's window, is not timed as a plain step
+                token, parked = chooser.run(turn, free, new, timed=not new and not decoder.slides())
             finished = []
             for row, t in enumerate(token.tolist()):  # the one wait for the device a step
                 s = running[row]

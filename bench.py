@@ -461,7 +461,8 @@ def thread_count(count: Optional[int]):
     default, chooser = torch.get_num_threads(), generate.ThreadChooser
     if count is not None:
         torch.set_num_threads(count)
-        generate.ThreadChooser = lambda: chooser((count, count))  # a choice between the same count twice
+        # A choice between the same count twice.
+        generate.ThreadChooser = lambda *args, **options: chooser((count, count))
     try:
         yield
     finally:

@@ -165,6 +165,10 @@ class Decoder:
             self.input_pos = cache.positions(1)
         return logits
 
+    def slides(self) -> bool:
+        """Whether the next step slides some row's window (that row's pass is a prefill, not a step)."""
+        return bool((self.cache.lengths == self.cache.max_len).any())
+
     def admit(self, rows: torch.Tensor, prompts: Sequence[torch.Tensor], history: TokenHistory,
               logits: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Start new prompts, one a row, in the rows `rows` (host indices) while the other rows stay where they are
@@ -432,8 +436,8 @@ def generate_stream(model: GPT, prompts: Prompts, max_new_tokens: int, temperatu
             while not ahead.all():  # make tokens until every row has one to yield
                 if chooser is None:
                     turn()
-                else:  # the prompts' pass is not timed against the turns that follow it
-                    chooser.run(turn, timed=token is not None)
+                else:  # the prompts' pass, or a step where a row slides (a prefill), is not timed as a step
+                    chooser.run(turn, timed=token is not None and not decoder.slides())
                 token = history.back(1)
             next_token = history.back(ahead)
             ahead -= 1
@@ -476,9 +480,33 @@ def cpu_thread_chooser(device: torch.device, compile: bool) -> Optional["ThreadC
     vocabulary, the bookkeeping) at the thread count a ThreadChooser finds faster now: a core that another program
     keeps busy makes every multi-threaded operation wait for it, not only the products. None elsewhere (a GPU;
     one thread; compiled, whose captured graphs keep the count they were built at)."""
-    if device.type != "cpu" or compile or torch.get_num_threads() == 1:
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or compile or threads == 1:
         return None
-    return ThreadChooser()
+    # Start at the count the machine favours now, so that the prompts' pass (untimed) runs there too.
+    counts = (1, threads) if parallel_waits(threads) else (threads, 1)
+    return ThreadChooser(counts, opening=False)
+
+
+def parallel_waits(threads: int) -> bool:
+    """Whether an operation split over `threads` threads is slower right now than on one: the mark of a core that
+    another program keeps busy, where each parallel region waits milliseconds for its descheduled thread. A multiply
+    of 256K floats, the best of three at each count: measured ~15 us split against ~40 us on one thread on a quiet
+    2-core machine, and 4-8 ms against ~0.1 ms with one core busy."""
+    x = torch.ones(1 << 18)
+    previous, best = torch.get_num_threads(), {}
+    try:
+        for count in (threads, 1):
+            torch.set_num_threads(count)
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                x.mul(1.0)
+                times.append(time.perf_counter() - start)
+            best[count] = min(times)
+    finally:
+        torch.set_num_threads(previous)
+    return best[threads] > best[1]
 
 
 class ThreadChooser:
@@ -488,9 +516,11 @@ class ThreadChooser:
     On a quiet machine every core helps. When another program keeps a core busy, a multi-threaded operation waits
     for its descheduled thread at every barrier, and one thread can be ten times faster (the README's speed
     section). Which case holds can change during a generation, so: the first steps run once at each count (a second
-    pair when the two are within 1.5x of each other) and the faster count is chosen; afterwards the other count is
-    tried for one step after `interval` steps, the interval doubling up to `max_interval` each time it loses and
-    starting over when it wins; and two steps in a row at the chosen count that take over twice the recent median
+    pair when the two are within 1.5x of each other) and the faster count is chosen (or, opening=False, the first
+    count given is taken as the faster: cpu_thread_chooser asks parallel_waits, which costs far less than a step
+    at the wrong count with a core busy); afterwards the other count is tried for one step after `interval` steps
+    (a second when the first wins: the other program may have paused for one step), the interval doubling up to
+    `max_interval` each time it loses and starting over when it wins; and two steps in a row at the chosen count that take over twice the recent median
     (the load changed, not one step that was interrupted) try the other count at once. A trial costs what the losing
     count is slower, so the next trial also waits at least `interval` times that excess (a count 10x slower is
     tried again 288 steps on, not 32): trials cost at most about 1/32 of the time. Quiet, that is one step at one
@@ -501,15 +531,18 @@ class ThreadChooser:
     window = 32  # the chosen count's recent steps, whose median a step is judged against
 
     def __init__(self, counts: tuple[int, int] | None = None, clock: Callable[[], float] = time.perf_counter,
-                 interval: int = 32, max_interval: int = 512):
+                 interval: int = 32, max_interval: int = 512, opening: bool = True):
         self.chosen, self.other = counts or (torch.get_num_threads(), 1)
         self.clock = clock
         self.first_interval, self.interval, self.max_interval = interval, interval, max_interval
         self.steps = 0
-        self.trials = [self.chosen, self.other]  # counts to run next, one step each, before the chosen one again
+        # Counts to run next, one step each, before the chosen one again: the opening pair, or (opening=False, the
+        # first count already judged the better) none until the first trial.
+        self.trials = [self.chosen, self.other] if opening else []
         self.trial_times = {self.chosen: [], self.other: []}
         self.recent = []  # the chosen count's step times since it was chosen, the last `window` of them
-        self.next_trial = None  # the step at which the other count is tried again; None during the opening
+        # The step at which the other count is tried again; None during the opening.
+        self.next_trial = None if opening else interval
         self.slow_before = False  # whether the last step at the chosen count was over twice the recent median
 
     def run(self, step: Callable[..., T], *args, timed: bool = True) -> T:
@@ -536,7 +569,7 @@ class ThreadChooser:
             if not self.trials:
                 self._decide()
             return
-        slow = len(self.recent) >= 4 and seconds > 2 * statistics.median(self.recent)
+        slow = len(self.recent) >= 2 and seconds > 2 * statistics.median(self.recent)
         self.recent = (self.recent + [seconds])[-self.window:]
         if self.steps >= self.next_trial:
             self.trials = [self.other]
@@ -553,10 +586,13 @@ class ThreadChooser:
                 return
             won = b < a
             self.recent = list(other if won else chosen)
-        else:  # one step of the other count against the chosen count's recent median
-            a, b = statistics.median(self.recent), other[0]
+        else:  # a step of the other count against the chosen count's recent median
+            a, b = statistics.median(self.recent), max(other)
             won = b < a
-            self.recent = [b] if won else self.recent
+            if won and len(other) == 1:  # one fast step may be the other program pausing: confirm with a second
+                self.trials = [self.other]
+                return
+            self.recent = list(other) if won else self.recent
             self.interval = self.first_interval if won else min(2 * self.interval, self.max_interval)
         if won:
             self.chosen, self.other = self.other, self.chosen

@@ -398,7 +398,7 @@ def test_the_prompts_file_job_draws_at_the_chosen_thread_count(trained, trained_
     original = sampling.sample_next_token
     monkeypatch.setattr(sampling, "sample_next_token",
                         lambda *a, **k: seen.append(torch.get_num_threads()) or original(*a, **k))
-    monkeypatch.setattr(generate, "ThreadChooser", lambda: chooser((1, 1)))
+    monkeypatch.setattr(generate, "ThreadChooser", lambda *args, **options: chooser((1, 1)))
     enc = load_tokenizer(trained_dir)
     job = SampleJob(spread_file(enc, seed=1337)[:3], "spread", str(tmp_path / "out.jsonl"), 2, 2048)
     threads = torch.get_num_threads()

@@ -2,6 +2,8 @@
 analytic distribution; stop tokens, streaming, batches and argument checks; the thread chooser."""
 
 import math
+import os
+import time
 
 import pytest
 import torch
@@ -467,10 +469,10 @@ def test_rows_admitted_mid_run_generate_as_each_prompt_alone(short_context_model
 # count it runs at, so the decisions are checked exactly and nothing is timed.
 
 
-def simulate(cost_at, steps: int = 500) -> list[int]:
+def simulate(cost_at, steps: int = 500, counts: tuple[int, int] = (2, 1), opening: bool = True) -> list[int]:
     """The thread count each step ran at; cost_at(step) gives {count: seconds} for that step."""
     now = 0.0
-    chooser = ThreadChooser((2, 1), clock=lambda: now)
+    chooser = ThreadChooser(counts, clock=lambda: now, opening=opening)
     threads = torch.get_num_threads()
     used = []
     for i in range(steps):
@@ -514,8 +516,9 @@ def test_thread_chooser_follows_load_that_comes_and_goes():
 
     used = simulate(cost_at, steps=1500)
     assert used[100:104] == [2, 2, 1, 1]  # two slow steps in a row (over twice the recent median): one thread
-    assert steps_at(used[100:300], 2) == [0, 1, 163]  # then two threads only on a retry, 160 steps on
-    assert used[300:424] == [1] * 124 and used[424:457] == [2] * 33  # load gone: the next retry wins, and stays
+    assert steps_at(used[100:300], 2) == [0, 1, 164]  # then two threads only on a retry, 160 steps on
+    # Load gone: the next retry wins, confirmed by a second step, and two threads stay.
+    assert used[300:425] == [1] * 125 and used[425:459] == [2] * 34
     spent = sum(cost_at(i)[c] for i, c in enumerate(used))
     assert spent < 1.1 * sum(min(cost_at(i).values()) for i in range(len(used)))  # within 10% of the best count
 
@@ -523,6 +526,31 @@ def test_thread_chooser_follows_load_that_comes_and_goes():
 def test_thread_chooser_is_not_moved_by_one_interrupted_step():
     used = simulate(lambda i: {2: 6.0, 1: 30.0 if i == 200 else 1.0}, steps=400)
     assert steps_at(used, 2) == [0, 162, 323]
+
+
+def test_thread_chooser_told_the_better_count_starts_there_and_tries_the_other_later():
+    # cpu_thread_chooser asks parallel_waits first: with a core busy it starts at one thread, so that neither the
+    # prompts' pass nor an opening step runs at two threads, each ten times slower.
+    assert steps_at(simulate(lambda i: {2: 10.0, 1: 1.0}, 300, counts=(1, 2), opening=False), 2) == [32]
+    # Told wrong (quiet, two threads faster), it finds out at the first trial.
+    used = simulate(lambda i: {2: 1.0, 1: 1.8}, 300, counts=(1, 2), opening=False)
+    assert used[:32] == [1] * 32 and used[32:65] == [2] * 33
+
+
+def test_parallel_waits_with_a_core_busy_and_generation_then_starts_at_one_thread():
+    # The probe's two cases differ 40x (milliseconds against ~0.1 ms); a pinned spinner makes the busy case.
+    import generate
+    from bench import BusyCore
+
+    threads = torch.get_num_threads()
+    if threads < 2 or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two cores")
+    with BusyCore():
+        time.sleep(0.3)
+        assert generate.parallel_waits(threads)
+        chooser = generate.cpu_thread_chooser(torch.device("cpu"), compile=False)
+        assert (chooser.chosen, chooser.other, chooser.trials) == (1, threads, [])
+    assert torch.get_num_threads() == threads
 
 
 def test_thread_chooser_restores_the_thread_count_when_the_step_fails():
@@ -566,7 +594,7 @@ def test_the_draw_runs_at_the_chosen_thread_count(monkeypatch):
     original = sampling.sample_next_token
     monkeypatch.setattr(sampling, "sample_next_token",
                         lambda *a, **k: seen.append(torch.get_num_threads()) or original(*a, **k))
-    monkeypatch.setattr(generate, "ThreadChooser", lambda: ThreadChooser((1, 1)))
+    monkeypatch.setattr(generate, "ThreadChooser", lambda *args, **options: ThreadChooser((1, 1)))
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=32)).eval()
     threads = torch.get_num_threads()
