@@ -59,7 +59,7 @@ import torch.nn as nn
 from cli import run_main
 from configurator import configure, read_settings
 from errors import UsageError
-from linear import Fp16Linear, Int8Linear
+from linear import decode_bytes
 from load import CONV1D_WEIGHTS
 from model import GPT, GPTConfig
 from peers import missing, open_peers
@@ -78,7 +78,7 @@ batch_sizes: str = '1,10'  # comma-separated batch sizes
 dtype: str = 'float32,bfloat16'  # weight dtypes for (a) and (b), comma-separated; float32 always runs (the baseline)
 quantize: str | None = 'int8,fp16'  # also run (a) with int8 and/or fp16 weights (GPT.quantize_int8/_fp16); None skips
 draft: str | None = 'int8,fp16'  # (s): float32 decoded speculatively with these drafts (int8, fp16; CPU); None skips
-draft_tokens: int | None = None  # (s): tokens a draft proposes a round; None: generate.py's DRAFT_TOKENS
+draft_tokens: int | None = None  # (s): tokens a draft proposes a round; None: chosen each round (generate.py)
 slow_batches: str = '1'  # batch sizes for (b) in dtypes other than float32 (bfloat16 at batch 10 takes minutes)
 repeats: int = 3  # timed runs per measurement (the median is reported), after one warm-up run
 max_seconds: float = 30.0  # fewer repeats (at least one) for a system whose runs take longer than this in all
@@ -286,18 +286,6 @@ def memory_figures(model: GPT, idx: torch.Tensor, steps: int, threads: int, llam
 
 # ----------------------------------------------------------------------------------------------------------------
 # Models: ours, and transformers' built from the same tensors
-
-
-def decode_bytes(model: nn.Module) -> int:
-    """Bytes of weights a decode step reads: every Linear and LayerNorm whole (the tied token table once, as the
-    LM head); of the embedding tables a step reads one row per token, which is left out."""
-    total = 0
-    for module in model.modules():
-        if isinstance(module, (Int8Linear, Fp16Linear)):
-            total += module.nbytes
-        elif isinstance(module, (nn.Linear, nn.LayerNorm)):
-            total += sum(p.nbytes for p in module.parameters(recurse=False))
-    return total
 
 
 def transformers_model(model: GPT):

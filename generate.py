@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar, Union
 import torch
 from torch.nn import functional as F
 
-from linear import Fp16Linear, Int8Linear
+from linear import Fp16Linear, Int8Linear, decode_bytes
 from model import GPT, KVCache
 from sampling import Sampling, check_generation_args, check_int
 
@@ -243,7 +243,20 @@ def compiled_phases(model: GPT, batch: int, dtype: torch.dtype,
     return cache, model._compiled["prefill"], model._compiled["decode_step"]
 
 
-DRAFT_TOKENS = 4  # tokens a draft proposes per round, by default (README: chosen by bench.py's measurements)
+MOST_DRAFT_TOKENS = 8  # the most proposals draft_length chooses a round (README: bench.py's measurements)
+
+
+def draft_length(accepted: int, proposed: int, cost: float, most: int) -> int:
+    """How many tokens the draft should propose next round: the k in 0..most that makes the most tokens per unit
+    of time. A round of k proposals, each accepted with probability a (the rate so far, from a prior of 0.8), makes
+    (1 - a^(k+1)) / (1 - a) tokens, and costs k draft steps and one step of the model, worth `cost` draft steps
+    (the ratio of the weight bytes each reads). k = 0 is a plain step: where the draft is accepted too rarely."""
+    a = (accepted + 4) / (proposed + 5)
+
+    def tokens_per_time(k: int) -> float:
+        return (1 - a ** (k + 1)) / (1 - a) / (k + cost)
+
+    return max(range(most + 1), key=tokens_per_time)
 
 
 def draft_model(model: GPT, draft: Union[str, GPT]) -> GPT:
@@ -278,7 +291,7 @@ def draft_model(model: GPT, draft: Union[str, GPT]) -> GPT:
 
 
 def speculate(decoder: Decoder, drafter: Decoder, history: TokenHistory, k: int, room: torch.Tensor,
-              sampling: Sampling, stats: Optional[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+              sampling: Sampling, stats: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """One round of speculative decoding (Leviathan et al. 2023): the draft proposes k tokens a row, the model
     checks them all in one step of k + 1 positions, and each row keeps the proposals it accepts and one token more
     of the model's own. Returns the tokens [B, k + 1], of which row i made its first made[i] (on the host, from 1
@@ -308,10 +321,9 @@ def speculate(decoder: Decoder, drafter: Decoder, history: TokenHistory, k: int,
                                               sampling)
     made = torch.minimum(accepted.cpu() + 1, room)
     decoder.keep(made)  # the model's cache drops the rejected positions; the draft's is reset by the next round
-    if stats is not None:
-        for name, count in (("rounds", 1), ("proposed", proposed.numel()), ("accepted", int(accepted.sum())),
-                            ("tokens", int(made.sum()))):
-            stats[name] = stats.get(name, 0) + count
+    for name, count in (("rounds", 1), ("proposed", proposed.numel()), ("accepted", int(accepted.sum())),
+                        ("tokens", int(made.sum()))):
+        stats[name] = stats.get(name, 0) + count
     return tokens, made
 
 
@@ -341,7 +353,7 @@ def generate_stream(model: GPT, prompts: Prompts, max_new_tokens: int, temperatu
                     stop_tokens: Optional[Sequence[int]] = None, seed: Optional[int] = None,
                     generator: Optional[torch.Generator] = None,
                     generators: Optional[Sequence[torch.Generator]] = None, use_kv_cache: bool = True,
-                    compile: bool = False, draft: Union[None, str, GPT] = None, draft_tokens: int = DRAFT_TOKENS,
+                    compile: bool = False, draft: Union[None, str, GPT] = None, draft_tokens: Optional[int] = None,
                     stats: Optional[dict] = None) -> Iterator[torch.Tensor]:
     """Yield each step's new tokens, a [B * num_samples] tensor on the model's device, as they are made.
 
@@ -357,8 +369,9 @@ def generate_stream(model: GPT, prompts: Prompts, max_new_tokens: int, temperatu
     a time (see CompiledTurn). A wrong argument raises TypeError or ValueError naming it.
 
     draft turns on speculative decoding (see speculate): "int8" or "fp16" (the model's own weights quantized, CPU
-    only) or a smaller GPT with the same vocabulary proposes draft_tokens tokens a round, which the model checks
-    in one step. The tokens are the model's own: the same greedy tokens (up to float rounding between a step of
+    only) or a smaller GPT with the same vocabulary proposes draft_tokens tokens a round (None: as many as pay,
+    chosen each round by draft_length from the acceptance so far, up to MOST_DRAFT_TOKENS; none, plain steps, when
+    the draft is accepted too rarely to pay), which the model checks in one step. The tokens are the model's own: the same greedy tokens (up to float rounding between a step of
     one position and one of several), the same distribution when sampling, though not the same draws for a seed
     (seeded runs repeat with the same draft) and, with generators, a row's draws then depend on its batch. stats,
     a dict, receives its counts: rounds, proposed, accepted and tokens (made in rounds).
@@ -372,7 +385,8 @@ def generate_stream(model: GPT, prompts: Prompts, max_new_tokens: int, temperatu
     if generators is not None and (seed is not None or generator is not None):
         raise ValueError("give one of seed, generator and generators, not several")
     if draft is not None:
-        check_int("draft_tokens", draft_tokens, 1)
+        if draft_tokens is not None:
+            check_int("draft_tokens", draft_tokens, 1)
         if not use_kv_cache or compile:
             raise ValueError("a draft runs with the KV cache, eagerly: give use_kv_cache=True and compile=False")
         draft = draft_model(model, draft)
@@ -388,7 +402,7 @@ def generate_stream(model: GPT, prompts: Prompts, max_new_tokens: int, temperatu
     rows = [r[-block_size:] for r in rows]  # a prompt longer than the context keeps its end
     samples = [r for r in rows for _ in range(num_samples)]
     B = len(samples)
-    k = draft_tokens if draft is not None else 0
+    k = (draft_tokens or MOST_DRAFT_TOKENS) if draft is not None else 0  # the most proposals a round
     # Rows make tokens at different rates (each accepts its own number of proposals), but the stream yields one
     # token a row at a time: a row's tokens not yet yielded wait in its history, at most `most_ahead` of them (a
     # row with that many makes none until the slowest catches up). Four rounds' worth: simulated for 10 rows
@@ -411,13 +425,17 @@ def generate_stream(model: GPT, prompts: Prompts, max_new_tokens: int, temperatu
                 drafter = Decoder(draft, B, draft_len, device, compile=False)
         ahead = torch.zeros(B, dtype=torch.long)  # each row's tokens made but not yet yielded, on the host
         token = previous = None
+        tally = stats if stats is not None else {}  # speculation's counts, from which draft_length judges
+        cost = decode_bytes(model) / decode_bytes(draft) if draft is not None else 0.0
 
         def turn() -> None:
             """Everything one turn does: a speculative round, or the prompts' pass or a step and its draw; the
             new tokens go to the history."""
-            if token is not None and drafter is not None and (
-                    int(decoder.cache.lengths.max()) + k < drafter.cache.max_len):  # a round fits
-                new, made = speculate(decoder, drafter, history, k, most_ahead - ahead, sampling, stats)
+            proposals = 0
+            if token is not None and drafter is not None:
+                proposals = draft_tokens or draft_length(tally.get("accepted", 0), tally.get("proposed", 0), cost, k)
+            if proposals and int(decoder.cache.lengths.max()) + proposals < drafter.cache.max_len:  # a round fits
+                new, made = speculate(decoder, drafter, history, proposals, most_ahead - ahead, sampling, tally)
             else:
                 if decoder is None:  # the no-cache reference: every row's window from scratch
                     logits = model.prefill(*history.windows(torch.arange(B)))

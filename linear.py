@@ -245,3 +245,15 @@ def quantize_fp16(model: nn.Module) -> nn.Module:
     """Every Linear inside model as an Fp16Linear, in place; a token table tied to one as float16 rows."""
     quantized_from(model, in_memory_reader(model), "fp16")
     return model
+
+
+def decode_bytes(model: nn.Module) -> int:
+    """Bytes of weights a decode step reads: every Linear and LayerNorm whole (the tied token table once, as the
+    LM head); of the embedding tables a step reads one row per token, which is left out."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, (Int8Linear, Fp16Linear)):
+            total += module.nbytes
+        elif isinstance(module, (nn.Linear, nn.LayerNorm)):
+            total += sum(p.nbytes for p in module.parameters(recurse=False))
+    return total
