@@ -368,13 +368,14 @@ def generate_stream(model: GPT, prompts: Prompts, max_new_tokens: int, temperatu
     is tested against. compile=True runs the decode step compiled over a static cache, one compiled generation at
     a time (see CompiledTurn). A wrong argument raises TypeError or ValueError naming it.
 
-    draft turns on speculative decoding (see speculate): "int8" or "fp16" (the model's own weights quantized, CPU
-    only) or a smaller GPT with the same vocabulary proposes draft_tokens tokens a round (None: as many as pay,
-    chosen each round by draft_length from the acceptance so far, up to MOST_DRAFT_TOKENS; none, plain steps, when
-    the draft is accepted too rarely to pay), which the model checks in one step. The tokens are the model's own: the same greedy tokens (up to float rounding between a step of
-    one position and one of several), the same distribution when sampling, though not the same draws for a seed
-    (seeded runs repeat with the same draft) and, with generators, a row's draws then depend on its batch. stats,
-    a dict, receives its counts: rounds, proposed, accepted and tokens (made in rounds).
+    draft turns on speculative decoding (see speculate): "int8" or "fp16" (the model's own weights quantized, CPU only)
+    or a smaller GPT with the same vocabulary proposes draft_tokens tokens a round (None: as many as pay, chosen each
+    round by draft_length from the acceptance so far, up to MOST_DRAFT_TOKENS; none, plain steps, when the draft is
+    accepted too rarely to pay), which the model checks in one step. The tokens are the model's own: the same greedy
+    tokens (up to float rounding between a step of one position and one of several), the same distribution when
+    sampling, though not the same draws for a seed (seeded runs repeat with the same draft) and, with generators, a
+    row's draws then depend on its batch. stats, a dict, receives its counts: rounds, proposed, accepted and tokens
+    (made in rounds).
 
     Past block_size positions a row conditions on its last block_size tokens, as nanoGPT does; each such step
     costs that row a full forward pass over block_size tokens (see Decoder.step), and speculation stops.
@@ -531,19 +532,18 @@ class ThreadChooser:
     """Runs each step (a turn of generation: see cpu_thread_chooser) at whichever of two thread counts (torch's
     default and 1) is faster now, judged by timing the steps themselves.
 
-    On a quiet machine every core helps. When another program keeps a core busy, a multi-threaded operation waits
-    for its descheduled thread at every barrier, and one thread can be ten times faster (the README's speed
-    section). Which case holds can change during a generation, so: the first steps run once at each count (a second
-    pair when the two are within 1.5x of each other) and the faster count is chosen (or, opening=False, the first
-    count given is taken as the faster: cpu_thread_chooser asks parallel_waits, which costs far less than a step
-    at the wrong count with a core busy); afterwards the other count is tried for one step after `interval` steps
-    (a second when the first wins: the other program may have paused for one step), the interval doubling up to
-    `max_interval` each time it loses and starting over when it wins; and two steps in a row at the chosen count that take over twice the recent median
-    (the load changed, not one step that was interrupted) try the other count at once. A trial costs what the losing
-    count is slower, so the next trial also waits at least `interval` times that excess (a count 10x slower is
-    tried again 288 steps on, not 32): trials cost at most about 1/32 of the time. Quiet, that is one step at one
-    thread at steps ~32, 96, 224, 480, ... The thread count is set for each step and restored after it, so nothing
-    else sees it changed.
+    On a quiet machine every core helps. When another program keeps a core busy, a multi-threaded operation waits for
+    its descheduled thread at every barrier, and one thread can be ten times faster (the README's speed section). Which
+    case holds can change during a generation, so: the first steps run once at each count (a second pair when the two
+    are within 1.5x of each other) and the faster count is chosen (or, opening=False, the first count given is taken as
+    the faster: cpu_thread_chooser asks parallel_waits, which costs far less than a step at the wrong count with a core
+    busy); afterwards the other count is tried for one step after `interval` steps (a second when the first wins: the
+    other program may have paused for one step), the interval doubling up to `max_interval` each time it loses and
+    starting over when it wins; and two steps in a row at the chosen count that take over twice the recent median (the
+    load changed, not one step that was interrupted) try the other count at once. A trial costs what the losing count is
+    slower, so the next trial also waits at least `interval` times that excess (a count 10x slower is tried again 288
+    steps on, not 32): trials cost at most about 1/32 of the time. Quiet, that is one step at one thread at steps ~32,
+    96, 224, 480, ... The thread count is set for each step and restored after it, so nothing else sees it changed.
     """
 
     window = 32  # the chosen count's recent steps, whose median a step is judged against

@@ -120,3 +120,19 @@ def test_peak_memory_of_a_run_is_its_own_not_the_parents():
     figures = memory_figures(model, torch.tensor([[1, 2, 3]]), 4, threads=1, llama=False)
     assert 1 < figures["ours_int8_mb"] < 250, figures
     del ballast
+
+
+def test_the_default_precision_line_takes_a_tie_for_the_fewer_bytes():
+    from bench import Result, Rows, default_precision_line
+
+    fidelity = {"fp16": dict(mean_kl=1.4e-6, top1_agreement=1.0), "int8": dict(mean_kl=6e-3, top1_agreement=0.96),
+                "bfloat16": dict(mean_kl=8e-4, top1_agreement=0.98)}
+
+    def rows(float32: float, fp16: float, int8: float) -> Rows:
+        speeds = dict(float32=(float32, 494.6), fp16=(fp16, 247.5), int8=(int8, 124.6))
+        return Rows(1, ours={v: Result(f"ours {v}", 1, 0.0, tok_s, 0.0, 0.0, mb) for v, (tok_s, mb) in speeds.items()})
+
+    # int8 is fastest but outside the bounds; float32 and fp16 within 3% of each other: fp16 reads half the bytes.
+    said = "fastest at batch 1 (within 3%: the fewer bytes): "
+    assert said + "fp16" in default_precision_line(fidelity, rows(36.0, 35.4, 69))
+    assert said + "float32" in default_precision_line(fidelity, rows(36.0, 30, 69))
