@@ -18,18 +18,16 @@ of one token, and every head then looks alike over the looping part.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the imports below: Ctrl-C or SIGTERM while they load ends quietly
+    from startup import quiet_startup
+
+    quiet_startup()
+
 import math
 import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Callable, Optional, Sequence
-
-from cli import quiet_startup, run_main
-from configurator import configure
-from errors import UsageError
-
-if __name__ == "__main__":
-    quiet_startup()  # before the slow imports below: Ctrl-C during them ends without a traceback
 
 import numpy as np
 import torch
@@ -40,6 +38,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MultipleLocator
 from PIL import Image
 
+from cli import run_main
+from configurator import configure
+from errors import UsageError
 from model import GPT
 from runtime import check_sampling, model_from, open_checkpoint
 from tokenizer import EOT, EOT_ID, load_tokenizer

@@ -547,7 +547,7 @@ def slot_count(samples: list[Sample], job: SampleJob, model: GPT, compile: bool)
     """The rows of the KV cache: batch_size, fewer where the cache would pass kv_cache_mb (each row holds the
     positions of the longest prompt plus its new tokens, up to the context; compile: a static cache of the whole
     context per row), and no more than there are samples."""
-    config, itemsize = model.config, model.transformer.wte.weight.element_size()
+    config, itemsize = model.config, model.transformer.wpe.weight.element_size()
     row_bytes = kv_cache_bytes(config, max(len(s.ids) + s.steps for s in samples), 0, itemsize, compile)
     return max(1, min(job.batch_size, job.kv_cache_mb * 2 ** 20 // row_bytes, len(samples)))
 
@@ -601,7 +601,7 @@ def run_slots(model: GPT, samples: list[Sample], slots: int,
     from generate import COMPILED_TURN, Decoder, TokenHistory
     from sampling import sample_next_token
 
-    device = model.transformer.wte.weight.device
+    device = model.transformer.wpe.weight.device
     block_size = model.config.block_size
     longest = max(len(s.ids) + s.steps for s in samples)
     queue, idle = deque(samples), (0.0, None, None)
@@ -633,7 +633,7 @@ def run_slots(model: GPT, samples: list[Sample], slots: int,
                     settings[row] = idle
             temperature, top_k, top_p = (list(column) for column in zip(*settings))
             token = sample_next_token(logits, temperature, top_k, top_p, generators=generators)
-            history.append(token)
+            history.append(token[:, None])
             finished = []
             for row, t in enumerate(token.tolist()):  # the one wait for the device a step
                 s = running[row]

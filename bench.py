@@ -6,13 +6,16 @@ no-cache method, on the same weights, prompts and lengths:
     python bench.py --quick                      (a smoke test: tiny model, seconds)
     python bench.py --fidelity                   (int8, fp16 and bfloat16 against float32 on the trained model)
     python bench.py --peers                      (CTranslate2 and llama.cpp too, where installed: peers.py)
-    python bench.py --busy_core                  (default threads and one, while another process keeps a core busy)
+    python bench.py --busy_core                  (chosen and fixed thread counts, one core kept busy)
     python bench.py --gpu_check                  (every GPU check at once, under 8 minutes: the gpu tests, cuda rows)
 
 Systems: (a) ours, model.generate_stream with the KV cache; (b) transformers' GPT2LMHeadModel.generate, greedy,
 KV cache on; (c) ours without the cache (use_kv_cache=False, nanoGPT's method); (d) sample.py's default workload;
-(f) with --busy_core, (a) in float32 at torch's default thread count and at one thread, quiet and while another
-process spins on one core; (p) with --peers, CTranslate2 and llama.cpp on the same weights (peers.py).
+(s) ours float32 with speculative decoding (generate's draft=), an int8 and an fp16 draft; (f) with --busy_core,
+while another process spins on one core: (a) at sample.py's default CPU weights, and sample.py's default workload
+on the trained model, each at the thread count generation chooses step by step and at each fixed count it chooses
+from; (p) with --peers, CTranslate2 and llama.cpp on the same weights (peers.py), and (m) the peak memory of an
+int8 run against llama.cpp q8_0's, each in a fresh process.
 --prompts_file_bench runs only (e): prompts files through batch.py's continuous batching at GPT-2 124M's shape, 96
 prompts of lengths and max_new_tokens spread wide against 96 of the same totals evenly (40 tokens, 48 new), and
 the spread file by bucketing (the job before) and by model.generate looped; then sample.py --prompts as 2
@@ -26,6 +29,11 @@ Exit status: 0 done, the float32 greedy tokens of (a), (b) and (c) identical; 3 
 correctness failure, not a crash); 2 a wrong setting (a one-line message); 1 a crash (with its traceback), or with
 --gpu_check a part that failed or ran out of its time; 130 Ctrl-C, 143 SIGTERM.
 """
+
+if __name__ == "__main__":  # first, before the imports below: Ctrl-C or SIGTERM while they load ends quietly
+    from startup import quiet_startup
+
+    quiet_startup()
 
 import contextlib
 import copy
@@ -45,20 +53,16 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Optional
 
-from cli import quiet_startup, run_main
-from configurator import configure, read_settings
-from errors import UsageError
-
-if __name__ == "__main__":
-    quiet_startup()  # before torch's import below: Ctrl-C during it ends without a traceback
-
-import numpy  # noqa: F401 (before torch, which imports it from C and swallows any error there, a Ctrl-C too)
 import torch
 import torch.nn as nn
 
+from cli import run_main
+from configurator import configure, read_settings
+from errors import UsageError
 from linear import Fp16Linear, Int8Linear
 from load import CONV1D_WEIGHTS
 from model import GPT, GPTConfig
+from peers import missing, open_peers
 from runtime import native_bf16, pick_device, prompt_ids
 
 # -----------------------------------------------------------------------------
@@ -73,6 +77,8 @@ new_tokens: int = 64  # greedy tokens generated per row
 batch_sizes: str = '1,10'  # comma-separated batch sizes
 dtype: str = 'float32,bfloat16'  # weight dtypes for (a) and (b), comma-separated; float32 always runs (the baseline)
 quantize: str | None = 'int8,fp16'  # also run (a) with int8 and/or fp16 weights (GPT.quantize_int8/_fp16); None skips
+draft: str | None = 'int8,fp16'  # (s): float32 decoded speculatively with these drafts (int8, fp16; CPU); None skips
+draft_tokens: int | None = None  # (s): tokens a draft proposes a round; None: generate.py's DRAFT_TOKENS
 slow_batches: str = '1'  # batch sizes for (b) in dtypes other than float32 (bfloat16 at batch 10 takes minutes)
 repeats: int = 3  # timed runs per measurement (the median is reported), after one warm-up run
 max_seconds: float = 30.0  # fewer repeats (at least one) for a system whose runs take longer than this in all
@@ -87,7 +93,9 @@ bandwidth_mb: int = 2048  # size of the buffer read to measure memory bandwidth 
 threads: int | None = None  # torch's thread count; None keeps its default (one per core)
 device: str = 'cpu'  # cpu or cuda (int8 and fp16 run on the CPU only)
 peers: bool = False  # (p): CTranslate2 and llama.cpp on the same weights, where installed (peers.py; CPU)
-busy_core: bool = False  # (f): (a) float32 at default threads and at 1, quiet and with one core kept busy (CPU)
+busy_core: bool = False  # (f): with one core kept busy, ours at the chosen thread count and at each fixed one (CPU)
+busy_samples: int = 10  # (f)'s sample.py workload on the trained model: samples (sample.py's default)
+busy_tokens: int = 300  # (f)'s sample.py workload: new tokens per sample
 compile: bool = False  # also run (a) compiled (compile=True: static KV cache, CUDA graphs on a GPU)
 gpu_check: bool = False  # only every GPU check, under 8 minutes: the tests marked gpu, then this table's cuda rows
 quick: bool = False  # smoke test: a tiny model, few tokens, one repeat, short workload (explicit settings still win)
@@ -97,7 +105,8 @@ seed: int = 1337  # seed of the random weights and prompts
 
 MISMATCH = 3  # exit status when the greedy tokens differ
 QUICK = dict(n_layer=2, n_head=2, n_embd=64, vocab_size=512, block_size=128, prompt_len=8, new_tokens=8,
-             repeats=1, workload_samples=2, workload_tokens=16, bandwidth_mb=256, slow_batches='1,10')
+             repeats=1, workload_samples=2, workload_tokens=16, bandwidth_mb=256, slow_batches='1,10', busy_samples=2,
+             busy_tokens=16)
 QUICK_DEFAULTS = {name: globals()[name] for name in QUICK}  # read at import, before configure sets any
 ROOT = Path(__file__).resolve().parent
 
@@ -113,6 +122,8 @@ class Result:
     weight_mb: float  # bytes a decode step reads from weights
     roofline: Optional[float] = None  # decode steps/s reached over the most the bandwidth allows
     runs: int = 0
+    accepted: Optional[float] = None  # (s): the share of the draft's tokens the model accepted (last run)
+    tokens_per_round: Optional[float] = None  # (s): tokens a row made per round of one model step (last run)
     tokens: list = field(default_factory=list, repr=False)  # greedy tokens of the last run, (batch, new_tokens)
 
 
@@ -221,6 +232,55 @@ def peak_memory(device: str | torch.device) -> PeakRSS | PeakGPU:
     return PeakGPU(device) if torch.device(device).type == "cuda" else PeakRSS()
 
 
+PEAK_RSS = "import resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"  # Linux: kB
+OURS_INT8_RUN = """
+import sys, torch
+from model import GPT
+model = GPT.from_pretrained(sys.argv[1], quantize="int8")
+model.generate(torch.tensor(eval(sys.argv[2])), int(sys.argv[3]), temperature=0)
+"""
+LLAMA_Q8_RUN = """
+import sys
+from peers import LlamaEngine
+LlamaEngine(sys.argv[1], int(sys.argv[4])).greedy(eval(sys.argv[2]), int(sys.argv[3]))
+"""
+
+
+def peak_rss(code: str, *args: str, threads: int) -> int:
+    """Peak resident bytes of a fresh Python process running code (in this project's folder, with args)."""
+    done = subprocess.run([sys.executable, "-c", f"{code}\n{PEAK_RSS}", *args], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if done.returncode != 0:
+        raise RuntimeError(f"a memory measurement failed: {done.stderr[-2000:]}")
+    return int(done.stdout.split()[-1])
+
+
+def memory_figures(model: GPT, idx: torch.Tensor, steps: int, threads: int, llama: bool) -> dict:
+    """(m): the peak resident memory of a whole int8 run in a fresh process (load a Hugging Face folder of these
+    weights, quantizing each tensor as it is read, then greedy generation of idx), less that of a process that
+    only imports torch; and, where installed, llama.cpp's q8_0 run of the same weights and prompts less a process
+    that only imports llama_cpp. Both peaks are Linux's ru_maxrss, the whole life of the process."""
+    import tempfile
+
+    from save import write_gguf, write_hf
+
+    config_args = dict(vars(model.config))
+    state_dict = model.state_dict()
+    prompts, figures = repr(idx.tolist()), {}
+    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+        write_hf(Path(tmp), config_args, state_dict, None)
+        print("bench.py: (m) peak memory of an int8 run", file=sys.stderr, flush=True)
+        figures["ours_int8_mb"] = (peak_rss(OURS_INT8_RUN, tmp, prompts, str(steps), threads=threads)
+                                   - peak_rss("import torch", threads=threads)) / 1e6
+        if llama:
+            gguf = Path(tmp) / "q8_0.gguf"
+            write_gguf(gguf, config_args, state_dict, "q8_0")
+            figures["llama_q8_0_mb"] = (peak_rss(LLAMA_Q8_RUN, str(gguf), prompts, str(steps), str(threads),
+                                                 threads=threads)
+                                        - peak_rss("import llama_cpp", threads=threads)) / 1e6
+    return figures
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Models: ours, and transformers' built from the same tensors
 
@@ -260,13 +320,15 @@ def transformers_model(model: GPT):
 # Timing: one generation, as a list of step timestamps
 
 
-def run_ours(model: GPT, idx: torch.Tensor, steps: int, use_kv_cache: bool = True,
-             compiled: bool = False) -> tuple[list[float], torch.Tensor]:
+def run_ours(model: GPT, idx: torch.Tensor, steps: int, use_kv_cache: bool = True, compiled: bool = False,
+             **speculation) -> tuple[list[float], torch.Tensor]:
     """Greedy generation through the project's generate_stream; the start time and each step's time. On a GPU only
     the first and the last step wait for the device (as a user's loop would not wait at all), so the times
-    between are when steps were queued, and only the first and last are exact."""
+    between are when steps were queued, and only the first and last are exact. speculation: generate_stream's
+    draft, draft_tokens and stats (a round's tokens then come at once: only the last step's time counts)."""
     times, tokens = [time.perf_counter()], []
-    for token in model.generate_stream(idx, steps, temperature=0, use_kv_cache=use_kv_cache, compile=compiled):
+    for token in model.generate_stream(idx, steps, temperature=0, use_kv_cache=use_kv_cache, compile=compiled,
+                                       **speculation):
         if not tokens or len(tokens) == steps - 1:
             sync(idx.device)
         times.append(time.perf_counter())
@@ -336,6 +398,25 @@ def measure_ours(model: GPT, variant: str, idx: torch.Tensor, timing: Timing, co
                    lambda: run_ours(model, idx, timing.new_tokens, compiled=compiled), idx, timing, decode_bytes(model))
 
 
+def measure_speculative(model: GPT, draft: str, idx: torch.Tensor, timing: Timing,
+                        draft_tokens: Optional[int]) -> Result:
+    """(s): ours float32 (model) decoded speculatively with the draft `draft` (int8, fp16), with the share of its
+    tokens accepted and the tokens per round of the last run. weights MB/step stays the float32 model's, so the
+    roofline column can pass 100%: one read of the weights serves several tokens."""
+    stats = {}
+    options = dict(draft=draft, stats=stats) | ({} if draft_tokens is None else dict(draft_tokens=draft_tokens))
+
+    def run() -> tuple[list[float], torch.Tensor]:
+        stats.clear()
+        return run_ours(model, idx, timing.new_tokens, **options)
+
+    result = measure(f"(s) ours float32, {draft} draft", run, idx, timing, decode_bytes(model))
+    if stats.get("rounds"):
+        result.accepted = stats["accepted"] / stats["proposed"]
+        result.tokens_per_round = stats["tokens"] / stats["rounds"] / idx.size(0)
+    return result
+
+
 def measure_transformers(hf, dtype: str, idx: torch.Tensor, timing: Timing, weight_bytes: int) -> Result:
     """(b): transformers' generate with its KV cache, in dtype; weight_bytes: ours in that dtype."""
     return measure(f"(b) transformers {dtype}", lambda: run_transformers(hf, idx, timing.new_tokens), idx, timing,
@@ -368,20 +449,59 @@ class BusyCore:
         self.spinner.wait()
 
 
-def measure_under_load(model: GPT, idx: torch.Tensor, timing: Timing) -> tuple[Result, Result, Result]:
-    """(f): ours float32 at one thread quiet (the default quiet is (a)), then at the default and at one thread with
-    one core busy. The default picks its thread count step by step (linear.ThreadChooser); one thread is fixed."""
-    default, results = torch.get_num_threads(), []
-    for system, threads, busy in (("(f) quiet, 1 thread", 1, False), ("(f) busy core, default threads", default, True),
-                                  ("(f) busy core, 1 thread", 1, True)):
-        torch.set_num_threads(threads)
-        try:
-            with BusyCore() if busy else contextlib.nullcontext():
-                results.append(measure(system, lambda: run_ours(model, idx, timing.new_tokens), idx, timing,
-                                       decode_bytes(model)))
-        finally:
-            torch.set_num_threads(default)
-    return tuple(results)
+@contextlib.contextmanager
+def thread_count(count: Optional[int]):
+    """Generation at count threads for every step (None: torch's default count with generation's own choice,
+    generate.ThreadChooser, step by step)."""
+    import generate
+
+    default, chooser = torch.get_num_threads(), generate.ThreadChooser
+    if count is not None:
+        torch.set_num_threads(count)
+        generate.ThreadChooser = lambda: chooser((count, count))  # a choice between the same count twice
+    try:
+        yield
+    finally:
+        torch.set_num_threads(default)
+        generate.ThreadChooser = chooser
+
+
+def under_load_settings() -> list[tuple[str, Optional[int]]]:
+    """(f)'s thread settings with one core busy: generation's own choice, then each fixed count it chooses from."""
+    default = torch.get_num_threads()
+    return [("chosen", None), ("1 thread", 1)] + ([(f"{default} threads", default)] if default > 1 else [])
+
+
+def measure_under_load(model: GPT, variant: str, idx: torch.Tensor, timing: Timing) -> dict[str, Result]:
+    """(f): ours (weights of `variant`) on idx with one core busy, at each of under_load_settings()."""
+    results = {}
+    for setting, count in under_load_settings():
+        with thread_count(count), BusyCore():
+            results[setting] = measure(f"(f) busy core, {variant}, {setting}",
+                                       lambda: run_ours(model, idx, timing.new_tokens), idx, timing,
+                                       decode_bytes(model))
+    return results
+
+
+def workload_under_load(folder: Path, samples: int, tokens: int, repeats: int) -> dict:
+    """(f) on sample.py's default workload: the trained model at its default weights on a CPU, `samples` samples x
+    `tokens` tokens from one token, temperature 0.8, top-k 200, one core busy, at each of under_load_settings();
+    tokens/s of the whole call (the median of `repeats`, after a warm-up)."""
+    from runtime import CPU_WEIGHTS
+
+    model = GPT.from_pretrained(str(folder), quantize=CPU_WEIGHTS)
+    newline = torch.tensor([[198]])
+    figures = dict(model=str(folder), weights=CPU_WEIGHTS, samples=samples, new_tokens=tokens, tok_s={})
+    for setting, count in under_load_settings():
+        print(f"bench.py: (f) sample.py's workload, busy core, {setting}", file=sys.stderr, flush=True)
+        times = []
+        with thread_count(count), BusyCore():
+            for _ in range(repeats + 1):
+                start = time.perf_counter()
+                model.generate(newline, tokens, temperature=0.8, top_k=200, num_samples=samples, seed=1337)
+                times.append(time.perf_counter() - start)
+        figures["tok_s"][setting] = samples * tokens / statistics.median(times[1:])
+    return figures
 
 
 @dataclass
@@ -389,9 +509,10 @@ class Rows:
     """One batch size's results, each kept under what it measured: the checks and ratios are read from here."""
     batch: int
     ours: dict[str, Result] = field(default_factory=dict)  # (a) by variant: float32, bfloat16, ..., int8, fp16
+    speculative: dict[str, Result] = field(default_factory=dict)  # (s) by draft: int8, fp16
     compiled: dict[str, Result] = field(default_factory=dict)  # (a) compiled, by variant
     transformers: dict[str, Result] = field(default_factory=dict)  # (b) by dtype
-    under_load: Optional[tuple[Result, Result, Result]] = None  # (f) quiet 1 thread, busy default, busy 1 thread
+    under_load: dict[str, Result] = field(default_factory=dict)  # (f) by thread setting, one core busy
     peers: dict[str, Result] = field(default_factory=dict)  # (p) by engine name
     no_cache: Optional[Result] = None  # (c)
 
@@ -400,15 +521,16 @@ class Rows:
         rows = []
         for variant, result in self.ours.items():
             rows += [result] + [r[variant] for r in (self.compiled, self.transformers) if variant in r]
-        rows += list(self.under_load or ()) + list(self.peers.values())
+        rows += list(self.speculative.values()) + list(self.under_load.values()) + list(self.peers.values())
         return rows + ([self.no_cache] if self.no_cache else [])
 
 
 def measure_batch(idx: torch.Tensor, ours: dict[str, nn.Module], theirs: dict[str, nn.Module], slow: list[int],
-                  compile: bool, busy_core: bool, engines: list, reference: bool, timing: Timing) -> Rows:
+                  compile: bool, busy_core: bool, engines: list, reference: bool, timing: Timing,
+                  drafts: list[str], draft_tokens: Optional[int]) -> Rows:
     """Every system on the prompts idx, one measurement a row: (a) each of our variants (and compiled, unless
-    quantized), (b) transformers' in each dtype (other than float32 only at the slow batch sizes), (f) under load,
-    (p) each peer, and (c) at batch 1."""
+    quantized), (b) transformers' in each dtype (other than float32 only at the slow batch sizes), (s) float32
+    with each draft, (f) under load, (p) each peer, and (c) at batch 1."""
     rows = Rows(idx.size(0))
     for variant, model in ours.items():
         rows.ours[variant] = measure_ours(model, variant, idx, timing)
@@ -417,8 +539,13 @@ def measure_batch(idx: torch.Tensor, ours: dict[str, nn.Module], theirs: dict[st
         if variant in theirs and (variant == "float32" or rows.batch in slow):
             rows.transformers[variant] = measure_transformers(theirs[variant], variant, idx, timing,
                                                               decode_bytes(model))
+    for draft in drafts:
+        rows.speculative[draft] = measure_speculative(ours["float32"], draft, idx, timing, draft_tokens)
     if busy_core:
-        rows.under_load = measure_under_load(ours["float32"], idx, timing)
+        from runtime import CPU_WEIGHTS
+
+        variant = CPU_WEIGHTS if CPU_WEIGHTS in ours else "float32"  # sample.py's default where measured
+        rows.under_load = measure_under_load(ours[variant], variant, idx, timing)
     for peer in engines:
         rows.peers[peer.name] = measure_peer(peer, idx, timing)
     if reference and rows.batch == 1:
@@ -504,6 +631,27 @@ def fidelity_figures(folder: Path) -> dict:
                 n += ref.size(0)
             figures[name] = dict(mean_kl=kl / n, top1_agreement=agree / n, positions=n)
     return figures
+
+
+FIDELITY_BOUNDS = dict(mean_kl=1e-5, top1_agreement=0.999)  # what a CPU's default precision must keep
+
+
+def default_precision_line(fidelity: dict, one: Optional["Rows"]) -> str:
+    """Which precision this run says should be the CPU default: of those within FIDELITY_BOUNDS of float32 on the
+    trained model (float32 itself always), the fastest at batch 1; and whether runtime.CPU_WEIGHTS is it."""
+    from runtime import CPU_WEIGHTS
+
+    within = ["float32"] + [v for v in ("fp16", "int8", "bfloat16") if fidelity[v]["mean_kl"] <= FIDELITY_BOUNDS[
+        "mean_kl"] and fidelity[v]["top1_agreement"] >= FIDELITY_BOUNDS["top1_agreement"]]
+    timed = [v for v in within if one is not None and v in one.ours]
+    if not timed:
+        return f"default precision: within the fidelity bounds {', '.join(within)} (batch 1 not timed in this run)"
+    fastest = max(timed, key=lambda v: one.ours[v].decode_tok_s)
+    speeds = ", ".join(f"{v} {one.ours[v].decode_tok_s:.1f} tok/s" for v in timed)
+    return (f"default precision on a CPU: within mean KL {FIDELITY_BOUNDS['mean_kl']:g} nats and top-1 "
+            f"{100 * FIDELITY_BOUNDS['top1_agreement']:g}% of float32: {', '.join(within)}; fastest at batch 1: "
+            f"{fastest} ({speeds}); sample.py's default: {CPU_WEIGHTS} weights "
+            f"({'agrees' if fastest == CPU_WEIGHTS else 'DISAGREES with this run'})")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -764,7 +912,8 @@ def tables(report: dict) -> str:
               "(the weights)" if gpu else "RSS growth: peak resident memory growth during the warm-up run, in this "
               "one process (weights were already resident)")
     lines += ["", "roofline: decode steps/s reached x weight bytes per step / median read bandwidth (1 = the most "
-              f"the memory allows; the KV cache's reads are not counted). {memory}.", ""]
+              f"the memory allows; the KV cache's reads are not counted; (s) counts tokens, several a read of the "
+              f"weights, and can pass 1). {memory}.", ""]
     for line in report["ratios"]:
         lines.append(line)
     lines.append("")
@@ -780,6 +929,18 @@ def tables(report: dict) -> str:
                   f"{w['reference_contexts']} ({', '.join(f'{s:.0f}' for s in w['reference_step_ms'])} ms), "
                   f"interpolated linearly, summed over {w['new_tokens']} steps, x {w['samples']} samples",
                   f"  speed-up (a) over (c): {w['speedup']:.1f}x"]
+    if report.get("busy_workload"):
+        w = report["busy_workload"]
+        lines += ["", f"(f) sample.py's default workload with one core busy ({w['model']}, {w['weights']} weights, "
+                  f"{w['samples']} samples x {w['new_tokens']} tokens, temperature 0.8, top-k 200): "
+                  + ", ".join(f"{k} {v:.1f} tok/s" for k, v in w["tok_s"].items())]
+    if report.get("memory"):
+        m = report["memory"]
+        lines += ["", f"(m) peak resident memory of a whole run (load, then {report['new_tokens']} greedy tokens at "
+                  f"batch 1), each in a fresh process: ours int8 (quantized while loading from a safetensors "
+                  f"folder) {m['ours_int8_mb']:.0f} MB more than `import torch` alone"
+                  + (f"; llama.cpp q8_0 {m['llama_q8_0_mb']:.0f} MB more than `import llama_cpp` alone"
+                     if "llama_q8_0_mb" in m else "")]
     if report.get("fidelity"):
         f = report["fidelity"]
         lines += ["", f"fidelity on {f['model']} over assets/heldout.txt ({f['text_tokens']} tokens), against "
@@ -801,10 +962,11 @@ def parse_sizes(name: str, text: str) -> list[int]:
     return sizes
 
 
-def check_settings(s: SimpleNamespace) -> tuple[list[int], list[int], list[str], list[str]]:
+def check_settings(s: SimpleNamespace) -> tuple[list[int], list[int], list[str], list[str], list[str]]:
     """Every setting in s checked before anything slow runs, as sample.py does; the batch sizes, the slow ones, the
-    dtypes and the quantized variants."""
+    dtypes, the quantized variants and the drafts."""
     at_least = dict(prompt_len=1, new_tokens=2, repeats=1, bandwidth_mb=1, workload_samples=1, workload_tokens=1,
+                    busy_samples=1, busy_tokens=1,
                     n_layer=1, n_head=1, n_embd=1, vocab_size=1, block_size=1)
     for name, low in at_least.items():
         if getattr(s, name) < low:
@@ -840,7 +1002,12 @@ def check_settings(s: SimpleNamespace) -> tuple[list[int], list[int], list[str],
     quantized = [q for q in (s.quantize or "").split(",") if q]  # int8, fp16, both or none
     if not set(quantized) <= {"int8", "fp16"}:
         raise UsageError(f"quantize must be int8, fp16, int8,fp16 or None, got '{s.quantize}'")
-    return batches, slow, dtypes, quantized
+    drafts = [d for d in (s.draft or "").split(",") if d]
+    if not set(drafts) <= {"int8", "fp16"}:
+        raise UsageError(f"draft must be int8, fp16, int8,fp16 or None, got '{s.draft}'")
+    if s.draft_tokens is not None and s.draft_tokens < 1:
+        raise UsageError(f"--draft_tokens={s.draft_tokens}: a draft proposes at least 1 token a round")
+    return batches, slow, dtypes, quantized, drafts
 
 
 def trained_folder(name: str) -> Path:
@@ -879,8 +1046,8 @@ def variants(model: GPT, dtypes: list[str], quantized: list[str],
 
 
 def token_checks(rows: Rows, engines: list) -> tuple[list[str], bool]:
-    """One batch's greedy tokens compared: the lines that say so, and whether the float32 tokens of (a), (b) and
-    (c) are identical."""
+    """One batch's greedy tokens compared: the lines that say so, and whether the float32 tokens of (a), (b), (c)
+    and (s) are identical."""
     a = rows.ours["float32"].tokens
     same = a == rows.transformers["float32"].tokens
     line = (f"batch {rows.batch}: float32 greedy tokens, (a) ours vs (b) transformers: "
@@ -898,6 +1065,15 @@ def token_checks(rows: Rows, engines: list) -> tuple[list[str], bool]:
                 text += (f"; equal to transformers {variant}'s at "
                          f"{100 * agreement(result.tokens, rows.transformers[variant].tokens):.0f}%")
             lines.append(text)
+    for draft, result in rows.speculative.items():
+        same_s = result.tokens == a  # speculative decoding keeps the model's own greedy tokens
+        same = same and same_s
+        text = (f"batch {rows.batch}: float32 with the {draft} draft, greedy tokens "
+                f"{'identical to' if same_s else 'DIFFER from'} (a) float32's")
+        if result.accepted is not None:
+            text += (f"; {100 * result.accepted:.1f}% of the draft's tokens accepted, {result.tokens_per_round:.2f} "
+                     f"tokens a row per round (one float32 step)")
+        lines.append(text)
     for peer in engines:
         if peer.like in rows.ours:
             agree = agreement(rows.peers[peer.name].tokens, rows.ours[peer.like].tokens)
@@ -914,7 +1090,10 @@ def ratio_lines(rows: dict[int, Rows], engines: list) -> list[str]:
         if num is not None and den is not None:
             x = num.decode_tok_s / den.decode_tok_s
             goal = f" (target >= {target}x: {'met' if x >= target else 'NOT met'})" if target else ""
-            lines.append(f"{text}: {x:.2f}x{goal}")
+            roofs = ""
+            if num.roofline is not None and den.roofline is not None:  # each one's share of the bandwidth limit
+                roofs = f"; {100 * num.roofline:.0f}% and {100 * den.roofline:.0f}% of the read-bandwidth limit"
+            lines.append(f"{text}: {x:.2f}x{goal}{roofs}")
 
     one, ten = rows.get(1, Rows(1)), rows.get(10, Rows(10))  # batch sizes 1 and 10, empty where they did not run
     ratio("batch 1 decode, ours float32 / transformers float32", one.ours.get("float32"),
@@ -927,17 +1106,31 @@ def ratio_lines(rows: dict[int, Rows], engines: list) -> list[str]:
           3.5)
     ratio("batch 10 decode, ours int8 / transformers float32", ten.ours.get("int8"), ten.transformers.get("float32"))
     for b, r in rows.items():
-        quiet_one, busy_default, busy_one = r.under_load or (None, None, None)
         ratio(f"batch {b} decode, ours bfloat16 / transformers bfloat16", r.ours.get("bfloat16"),
               r.transformers.get("bfloat16"), 1.0)
         ratio(f"batch {b} decode, ours fp16 / ours float32", r.ours.get("fp16"), r.ours.get("float32"))
-        ratio(f"batch {b} decode, quiet, ours float32 default threads / one thread", r.ours.get("float32"), quiet_one,
-              0.9)
-        ratio(f"batch {b} decode, one core busy, ours float32 default threads / one thread", busy_default, busy_one,
-              0.9)
+        if r.under_load:
+            chosen, fixed = r.under_load["chosen"], [v for k, v in r.under_load.items() if k != "chosen"]
+            best = max(fixed, key=lambda f: f.decode_tok_s)
+            ratio(f"batch {b} decode, one core busy, ours chosen threads / the better fixed count "
+                  f"({best.system.rpartition(', ')[2]})", chosen, best, 0.9)
+        halves = [r.ours[v] for v in ("fp16", "bfloat16") if v in r.ours]
+        half = max(halves, key=lambda h: h.decode_tok_s) if halves else None
         for peer in engines:
-            ratio(f"batch {b} decode, ours {peer.like} / {peer.name}", r.ours.get(peer.like), r.peers.get(peer.name),
-                  1.0)
+            ours = r.ours.get(peer.like)
+            if peer.like == "fp16" and half is not None:  # half precision: the faster of fp16 and bfloat16
+                ours, name = half, half.system.removeprefix("(a) ours ")
+                ratio(f"batch {b} decode, ours half precision ({name}) / {peer.name}", ours, r.peers.get(peer.name),
+                      1.0)
+                continue
+            ratio(f"batch {b} decode, ours {peer.like} / {peer.name}", ours, r.peers.get(peer.name), 1.0)
+        for draft, result in r.speculative.items():
+            ratio(f"batch {b} decode, ours float32 with the {draft} draft / ours float32", result,
+                  r.ours.get("float32"), 1.5 if b == 1 else None)
+            for peer in engines:
+                if peer.like == "float32":
+                    ratio(f"batch {b} decode, ours float32 with the {draft} draft / {peer.name}", result,
+                          r.peers.get(peer.name), 1.0 if b == 1 else None)
     return lines
 
 
@@ -949,7 +1142,7 @@ def main() -> int:
         for name, value in QUICK.items():
             if getattr(s, name) == QUICK_DEFAULTS[name]:
                 setattr(s, name, value)
-    batches, slow, dtypes, quantized = check_settings(s)
+    batches, slow, dtypes, quantized, drafts = check_settings(s)
     if s.threads is not None:
         torch.set_num_threads(s.threads)
     if s.prompts_file_bench:
@@ -975,17 +1168,18 @@ def main() -> int:
     with contextlib.ExitStack() as peer_engines:
         engines = []
         if s.peers and s.device == "cpu":
-            from peers import missing, open_peers
 
             checks += [f"peers: {engine} skipped, not installed ({install})" for engine, install in missing().items()]
             print("bench.py: (p) converting the weights for the peer engines", file=sys.stderr, flush=True)
             engines = peer_engines.enter_context(open_peers(theirs["float32"], model.state_dict(),
                                                             torch.get_num_threads()))
         generator = torch.Generator().manual_seed(s.seed)
+        prompts = {}
         for batch in batches:
-            idx = torch.randint(0, vocab, (batch, s.prompt_len), generator=generator).to(s.device)
+            prompts[batch] = idx = torch.randint(0, vocab, (batch, s.prompt_len), generator=generator).to(s.device)
             rows[batch] = measure_batch(idx, ours, theirs, slow, s.compile, s.busy_core and s.device == "cpu",
-                                        engines, s.reference, timing)
+                                        engines, s.reference, timing, drafts if s.device == "cpu" else [],
+                                        s.draft_tokens)
             lines, same = token_checks(rows[batch], engines)
             checks += lines
             ok = ok and same
@@ -1008,8 +1202,24 @@ def main() -> int:
         ratios.append(f"(d) sample.py's workload, ours / no cache sample after sample: "
                       f"{report['workload']['speedup']:.1f}x (target >= 30x: "
                       f"{'met' if report['workload']['speedup'] >= 30 else 'NOT met'})")
+    if s.busy_core and s.device == "cpu":
+        report["busy_workload"] = w = workload_under_load(trained_folder(s.fidelity_model), s.busy_samples,
+                                                          s.busy_tokens, s.repeats)
+        best = max((k for k in w["tok_s"] if k != "chosen"), key=w["tok_s"].get)
+        x = w["tok_s"]["chosen"] / w["tok_s"][best]
+        ratios.append(f"(f) sample.py's workload, one core busy, chosen threads / the better fixed count ({best}): "
+                      f"{x:.2f}x (target >= 0.9x: {'met' if x >= 0.9 else 'NOT met'})")
+    if s.peers and s.device == "cpu" and 1 in prompts:
+        report["memory"] = m = memory_figures(model, prompts[1], s.new_tokens, torch.get_num_threads(),
+                                              "llama.cpp" not in missing())
+        if m.get("llama_q8_0_mb", 0) > 0:  # a model of a few MB can stay within the import's own pages
+            x = m["ours_int8_mb"] / m["llama_q8_0_mb"]
+            ratios.append(f"(m) peak memory of an int8 run less import torch / llama.cpp q8_0's less import "
+                          f"llama_cpp: {m['ours_int8_mb']:.0f} / {m['llama_q8_0_mb']:.0f} MB = {x:.2f}x (target <= "
+                          f"1.25x: {'met' if x <= 1.25 else 'NOT met'})")
     if s.fidelity:
         report["fidelity"] = fidelity_figures(trained_folder(s.fidelity_model))
+        ratios.append(default_precision_line(report["fidelity"], rows.get(1)))
     if s.json:
         for r in report["results"]:
             del r["tokens"]

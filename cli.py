@@ -1,8 +1,8 @@
 """
 How a script runs as a command: its exit statuses, its signals, and stdout's faults.
 
-A script calls quiet_startup() first thing (before torch's slow import), then, once configurator.configure has
-read its settings, run_main(main), which runs the script and turns what ends it into one line and an exit status:
+A script calls startup.quiet_startup() first thing (before torch's slow import), then, once configurator.configure
+has read its settings, run_main(main), which runs the script and turns what ends it into one line and an exit status:
 a UsageError 2, Ctrl-C 130, SIGTERM 143 (both raised in the main thread, so a script can catch them and keep its
 work first), a reader leaving the pipe 141, a full disk 1. signals_held keeps a stop signal back while a block
 writes, and writing_stdout names what could not be written.
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn, Optional
 
 from errors import UsageError
+from startup import stop_now
 
 
 def exit_with_usage_error(prog: str, error: Exception) -> NoReturn:
@@ -46,7 +47,9 @@ _stops = {"depth": 0, "pending": None, "last": -math.inf}
 def _on_stop_signal(signum: int, frame: Any) -> None:
     """Ctrl-C or SIGTERM: stop the work where it is. One that follows within a second belongs to the same stop (Ctrl-C
     pressed twice, `kill` after Ctrl-C) and is ignored, so that it cannot cut short the writing of what was made; a
-    later one stops again (the first may have been lost: torch swallows one that lands while it imports numpy)."""
+    later one stops again. One that lands inside an import ends the process at once, as during start-up
+    (startup.py): raised there, it could be dropped or abort the process, and imports come before the work (torch's
+    as main starts, generate.py's at the first step), so no work is lost."""
     now = time.monotonic()
     if now - _stops["last"] < SAME_STOP_SECONDS:
         return
@@ -55,7 +58,18 @@ def _on_stop_signal(signum: int, frame: Any) -> None:
     if _stops["depth"]:
         _stops["pending"] = _stops["pending"] or stop
         return
+    if inside_import(frame):
+        stop_now(signum)
     raise stop
+
+
+def inside_import(frame: Any) -> bool:
+    """Whether the code that frame runs is part of an import: importlib's own frames are below it."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 @contextmanager
@@ -70,20 +84,6 @@ def signals_held() -> Iterator[None]:
         if not _stops["depth"] and _stops["pending"] is not None:
             stop, _stops["pending"] = _stops["pending"], None
             raise stop
-
-
-def quiet_startup() -> None:
-    """Ctrl-C while a script's imports load (torch takes seconds), before run_main runs, ends the process as run_main
-    would: a line on stderr and status 130, no traceback. Called first thing by each script run as a program."""
-    sys.excepthook = _startup_excepthook
-
-
-def _startup_excepthook(kind: type, value: BaseException, tb: Any) -> None:
-    if not issubclass(kind, KeyboardInterrupt):
-        sys.__excepthook__(kind, value, tb)
-        return
-    print(f"{Path(sys.argv[0]).name}: interrupted", file=sys.stderr, flush=True)
-    os._exit(130)  # at once: Python would otherwise end itself by SIGINT, a different status to a parent process
 
 
 def run_main(main: Callable[[], Optional[int]]) -> NoReturn:

@@ -19,18 +19,20 @@ Exit status: 0 written; 2 a mistake in a setting, a refused model, or a write th
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the imports below: Ctrl-C or SIGTERM while they load ends quietly
+    from startup import quiet_startup
+
+    quiet_startup()
+
 import os
 import sys
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Optional
 
-from cli import quiet_startup, run_main
+from cli import run_main
 from configurator import configure
 from errors import UsageError
-
-if __name__ == "__main__":
-    quiet_startup()  # before torch's import (in main): Ctrl-C during it ends without a traceback
 
 # -----------------------------------------------------------------------------
 init_from: str = 'gpt2'  # gpt2, gpt2-medium, gpt2-large, gpt2-xl, a hub repo id, a model folder or a nanoGPT ckpt.pt

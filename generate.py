@@ -12,6 +12,7 @@ to do is parked. Also here: the thread count each CPU step runs at (ThreadChoose
 generation at a time.
 """
 
+import copy
 import functools
 import statistics
 import threading
@@ -20,10 +21,11 @@ from contextlib import nullcontext
 from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar, Union
 
 import torch
+from torch.nn import functional as F
 
 from linear import Fp16Linear, Int8Linear
 from model import GPT, KVCache
-from sampling import check_generation_args, sample_next_token
+from sampling import Sampling, check_generation_args, check_int
 
 T = TypeVar("T")
 Prompts = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -50,14 +52,16 @@ def by_length(prompts: Sequence[torch.Tensor], rows: torch.Tensor) -> tuple[list
 
 class TokenHistory:
     """Each row's tokens so far, for the windows that are recomputed from scratch (the no-cache reference, and a
-    row past block_size). Written in place, one column a step, into at most twice block_size columns a row: when a
-    row's are full, its older half goes, so the memory never grows with max_new_tokens."""
+    row past block_size) and for what generation yields. Written in place into at most twice block_size columns a
+    row (plus room for a round of speculation): when a row's are full, all but its newest block_size tokens go, so
+    the memory never grows with max_new_tokens."""
 
-    def __init__(self, rows: Sequence[torch.Tensor], max_new_tokens: int, block_size: int):
+    def __init__(self, rows: Sequence[torch.Tensor], max_new_tokens: int, block_size: int, spare: int = 1):
+        # spare: columns for the tokens a row makes beyond max_new_tokens, and for the widest append
         lengths = [r.numel() for r in rows]
         self.block_size = block_size
-        self.seq = torch.zeros(len(rows), min(max(lengths) + max_new_tokens, 2 * block_size), dtype=torch.long,
-                               device=rows[0].device)  # [B, columns]
+        columns = min(max(lengths) + max_new_tokens + spare, 2 * block_size)
+        self.seq = torch.zeros(len(rows), columns, dtype=torch.long, device=rows[0].device)  # [B, columns]
         for i, r in enumerate(rows):
             self.seq[i, :r.numel()] = r
         self.kept = torch.tensor(lengths)  # [B] columns in use, on the host
@@ -69,15 +73,24 @@ class TokenHistory:
         (a prompt and its new tokens) or 2 * block_size, whichever is less."""
         return cls([torch.zeros(1, dtype=torch.long, device=device)] * slots, longest - 1, block_size)
 
-    def append(self, token: torch.Tensor) -> None:
+    def append(self, tokens: torch.Tensor, counts: Optional[torch.Tensor] = None) -> None:
+        """Add the first counts[i] of tokens [B, S] to row i (all S if counts is None; counts on the host)."""
         # Host indices go to the device without waiting (non_blocking: a GPU's step queue never drains here).
-        full = (self.kept == self.seq.size(1)).nonzero()[:, 0]  # only ever at 2 * block_size
-        if full.numel():  # keep the newer half, all a window needs
-            full_rows = full.to(self.seq.device, non_blocking=True)
-            self.seq[full_rows, :self.block_size] = self.seq[full_rows, self.block_size:]
+        S, device = tokens.size(1), self.seq.device
+        full = (self.kept + S > self.seq.size(1)).nonzero()[:, 0]  # only ever at 2 * block_size columns
+        if full.numel():  # keep the newest block_size tokens, all a window needs
+            newest = (self.kept[full] - self.block_size)[:, None] + torch.arange(self.block_size)
+            full_rows = full.to(device, non_blocking=True)
+            self.seq[full_rows, :self.block_size] = self.seq[full_rows[:, None], newest.to(device, non_blocking=True)]
             self.kept[full] = self.block_size
-        self.seq[self.all_rows, self.kept.to(self.seq.device, non_blocking=True)] = token
-        self.kept += 1
+        # All S columns are written; those past a row's count lie past its end, unread until overwritten.
+        columns = (self.kept[:, None] + torch.arange(S)).to(device, non_blocking=True)
+        self.seq[self.all_rows[:, None], columns] = tokens
+        self.kept += S if counts is None else counts
+
+    def back(self, steps: Union[int, torch.Tensor]) -> torch.Tensor:
+        """Each row's token `steps` places from its end (1: its newest), [B]; steps an int or [B] on the host."""
+        return self.seq[self.all_rows, (self.kept - steps).to(self.seq.device, non_blocking=True)]
 
     def admit(self, rows: torch.Tensor, prompts: Sequence[torch.Tensor]) -> None:
         """Rows `rows` (host indices) start over from these prompts, one a row (each at most as long as the
@@ -105,7 +118,7 @@ class Decoder:
 
     def __init__(self, model: GPT, batch: int, max_len: int, device: torch.device, compile: bool):
         self.model = model
-        dtype = model.transformer.wte.weight.dtype
+        dtype = model.transformer.wpe.weight.dtype  # the activations' (int8 or fp16 weights: float32)
         if not compile:
             self.cache = KVCache(model.config, batch, max_len, dtype, device)
             self.prefill, self.decode_step = model.prefill, model.decode_step
@@ -203,6 +216,15 @@ class Decoder:
         self.cache.lengths[rows] = history.kept[rows].clamp(max=history.block_size)
         return logits
 
+    def feed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Each row's next S tokens [B, S] at its next positions; logits [B, S, V]. The cache counts none of them
+        as kept until keep() says how many (the rest lie past the row's length: unseen, later overwritten)."""
+        return self.decode_step(tokens, self.cache.positions(tokens.size(1)), self.cache)
+
+    def keep(self, counts: Union[int, torch.Tensor]) -> None:
+        self.cache.lengths = self.cache.lengths + counts  # counts: an int or [B] on the host
+        self.input_pos = self.cache.positions(1)
+
 
 def compiled_phases(model: GPT, batch: int, dtype: torch.dtype,
                     device: torch.device) -> tuple[KVCache, Callable, Callable]:
@@ -225,13 +247,106 @@ def compiled_phases(model: GPT, batch: int, dtype: torch.dtype,
     return cache, model._compiled["prefill"], model._compiled["decode_step"]
 
 
+DRAFT_TOKENS = 4  # tokens a draft proposes per round, by default (README: chosen by bench.py's measurements)
+
+
+def draft_model(model: GPT, draft: Union[str, GPT]) -> GPT:
+    """The draft of speculative decoding: "int8" or "fp16", the model's own weights quantized (CPU only), made
+    once and kept on the model; or another GPT with the model's vocabulary (a smaller GPT-2)."""
+    if isinstance(draft, GPT):
+        if draft.config.vocab_size != model.config.vocab_size:
+            raise ValueError(f"the draft's vocabulary ({draft.config.vocab_size} tokens) is not the model's "
+                             f"({model.config.vocab_size}): a draft must propose the model's own token ids")
+        if draft.transformer.wpe.weight.device != model.transformer.wpe.weight.device:
+            raise ValueError(f"the draft is on {draft.transformer.wpe.weight.device} but the model on "
+                             f"{model.transformer.wpe.weight.device}: put both on one device")
+        return draft
+    if draft not in ("int8", "fp16"):
+        raise ValueError(f"draft must be 'int8', 'fp16' or a GPT with the model's vocabulary, got {draft!r}")
+    device = model.transformer.wpe.weight.device
+    if device.type != "cpu":
+        raise ValueError(f"draft={draft!r} runs on the CPU only (fbgemm's products), but the model is on {device}: "
+                         "give a smaller GPT as the draft instead")
+    if any(isinstance(m, (Int8Linear, Fp16Linear)) for m in model.modules()):
+        raise ValueError(f"draft={draft!r} is a quantized copy of a float model's weights, but this model's are "
+                         "already int8 or fp16: speculate for its float32 original, or give no draft")
+    key = f"{draft} draft"  # kept beside the compiled steps, made from the same weights (crop_block_size clears it)
+    if key not in model._compiled:
+        # deepcopy with every tensor of the model in its memo copies the modules around the model's own tensors,
+        # whose Linears are then replaced: the embeddings and layer norms stay shared, not copied.
+        memo = {id(t): t for t in model.parameters()}
+        memo[id(model._compiled)] = {}
+        copied = copy.deepcopy(model, memo)
+        model._compiled[key] = copied.quantize_int8() if draft == "int8" else copied.quantize_fp16()
+    return model._compiled[key]
+
+
+def speculate(decoder: Decoder, drafter: Decoder, history: TokenHistory, k: int, room: torch.Tensor,
+              sampling: Sampling, stats: Optional[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One round of speculative decoding (Leviathan et al. 2023): the draft proposes k tokens a row, the model
+    checks them all in one step of k + 1 positions, and each row keeps the proposals it accepts and one token more
+    of the model's own. Returns the tokens [B, k + 1], of which row i made its first made[i] (on the host, from 1
+    to k + 1, but at most room[i]: a row far ahead of the others waits for them; 0 leaves it as it was)."""
+    # The draft: k steps over its own cache. The first feeds each row's previous token again beside its newest: a
+    # row that accepted every proposal last round holds a last proposal that the draft itself was never fed.
+    drafter.cache.lengths = decoder.cache.lengths - 1
+    fed = torch.stack([history.back(2), history.back(1)], dim=1)  # [B, 2]
+    proposed, draft_probs = [], []
+    for _ in range(k):
+        logits = drafter.feed(fed)[:, -1]
+        drafter.keep(fed.size(1))
+        if sampling.greedy:
+            fed = logits.argmax(dim=-1)[:, None]
+        else:
+            draft_probs.append(sampling.probs(logits))  # [B, V]
+            fed = sampling.draw(draft_probs[-1])[:, None]
+        proposed.append(fed)
+    proposed = torch.cat(proposed, dim=1)  # [B, k]
+    # The model: each row's newest token and its k proposals in one step; logits after each of them.
+    logits = decoder.feed(torch.cat([history.back(1)[:, None], proposed], dim=1))  # [B, k + 1, V]
+    if sampling.greedy:  # accepted while the proposal is the model's own choice, which then follows them
+        tokens = logits.argmax(dim=-1)
+        accepted = (tokens[:, :k] == proposed).int().cumprod(dim=1).sum(dim=1)
+    else:
+        tokens, accepted = accept_or_resample(sampling.probs(logits), torch.stack(draft_probs, dim=1), proposed,
+                                              sampling)
+    made = torch.minimum(accepted.cpu() + 1, room)
+    decoder.keep(made)  # the model's cache drops the rejected positions; the draft's is reset by the next round
+    if stats is not None:
+        for name, count in (("rounds", 1), ("proposed", proposed.numel()), ("accepted", int(accepted.sum())),
+                            ("tokens", int(made.sum()))):
+            stats[name] = stats.get(name, 0) + count
+    return tokens, made
+
+
+def accept_or_resample(p: torch.Tensor, q: torch.Tensor, proposed: torch.Tensor,
+                       sampling: Sampling) -> tuple[torch.Tensor, torch.Tensor]:
+    """The accept test that keeps the model's own distribution: proposal j, drawn from the draft's q, is accepted
+    with probability min(1, p / q) at it, in order until one is rejected; that one is replaced by a draw from
+    max(0, p - q), normalised; after k accepted proposals comes a draw from p itself. p [B, k + 1, V] the model's
+    and q [B, k, V] the draft's distributions, proposed [B, k]. Returns the tokens [B, k + 1] and the number of
+    proposals accepted [B]; row i's tokens are its first accepted[i] proposals and then the draw."""
+    B, k = proposed.shape
+    p_at = p[:, :k].gather(-1, proposed[..., None])[..., 0]  # [B, k]
+    q_at = q.gather(-1, proposed[..., None])[..., 0]
+    accepted = (sampling.uniform(p_at) * q_at <= p_at).int().cumprod(dim=1).sum(dim=1)  # [B]
+    rows = torch.arange(B, device=p.device)
+    target = p[rows, accepted]  # [B, V]: the model's distribution where the draw is made
+    residual = (target - F.pad(q, (0, 0, 0, 1))[rows, accepted]).clamp_(min=0)  # q is 0 after the last proposal
+    residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, target)  # rounding left nothing
+    drawn = sampling.draw(residual)
+    tokens = torch.cat([proposed, drawn[:, None]], dim=1).scatter_(1, accepted[:, None], drawn[:, None])
+    return tokens, accepted
+
+
 @torch.no_grad()
 def generate_stream(model: GPT, prompts: Prompts, max_new_tokens: int, temperature: float = 1.0,
                     top_k: Optional[int] = None, *, top_p: Optional[float] = None, num_samples: int = 1,
                     stop_tokens: Optional[Sequence[int]] = None, seed: Optional[int] = None,
                     generator: Optional[torch.Generator] = None,
                     generators: Optional[Sequence[torch.Generator]] = None, use_kv_cache: bool = True,
-                    compile: bool = False) -> Iterator[torch.Tensor]:
+                    compile: bool = False, draft: Union[None, str, GPT] = None, draft_tokens: int = DRAFT_TOKENS,
+                    stats: Optional[dict] = None) -> Iterator[torch.Tensor]:
     """Yield each step's new tokens, a [B * num_samples] tensor on the model's device, as they are made.
 
     prompts is a [B, T] tensor of ids, or a list of B 1-D id tensors of any lengths (each row then runs at its own
@@ -245,14 +360,26 @@ def generate_stream(model: GPT, prompts: Prompts, max_new_tokens: int, temperatu
     is tested against. compile=True runs the decode step compiled over a static cache, one compiled generation at
     a time (see CompiledTurn). A wrong argument raises TypeError or ValueError naming it.
 
+    draft turns on speculative decoding (see speculate): "int8" or "fp16" (the model's own weights quantized, CPU
+    only) or a smaller GPT with the same vocabulary proposes draft_tokens tokens a round, which the model checks
+    in one step. The tokens are the model's own: the same greedy tokens (up to float rounding between a step of
+    one position and one of several), the same distribution when sampling, though not the same draws for a seed
+    (seeded runs repeat with the same draft) and, with generators, a row's draws then depend on its batch. stats,
+    a dict, receives its counts: rounds, proposed, accepted and tokens (made in rounds).
+
     Past block_size positions a row conditions on its last block_size tokens, as nanoGPT does; each such step
-    costs that row a full forward pass over block_size tokens (see Decoder.step).
+    costs that row a full forward pass over block_size tokens (see Decoder.step), and speculation stops.
     """
     stop_tokens = check_generation_args(prompts, max_new_tokens, temperature, top_k, top_p, num_samples,
                                         model.config.vocab_size, stop_tokens, seed, generator,
-                                        device=model.transformer.wte.weight.device, generators=generators)
+                                        device=model.transformer.wpe.weight.device, generators=generators)
     if generators is not None and (seed is not None or generator is not None):
         raise ValueError("give one of seed, generator and generators, not several")
+    if draft is not None:
+        check_int("draft_tokens", draft_tokens, 1)
+        if not use_kv_cache or compile:
+            raise ValueError("a draft runs with the KV cache, eagerly: give use_kv_cache=True and compile=False")
+        draft = draft_model(model, draft)
     rows = list(prompts)  # 1-D id tensors: a [B, T] tensor's rows, or the list of prompts as it is
     if generators is not None and len(generators) != len(rows) * num_samples:
         raise ValueError(f"generators must hold one generator per output row ({len(rows) * num_samples}), "
@@ -260,37 +387,61 @@ def generate_stream(model: GPT, prompts: Prompts, max_new_tokens: int, temperatu
     device = rows[0].device
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
+    sampling = Sampling(temperature, top_k, top_p, generator, generators)
     block_size = model.config.block_size
     rows = [r[-block_size:] for r in rows]  # a prompt longer than the context keeps its end
     samples = [r for r in rows for _ in range(num_samples)]
     B = len(samples)
-    history = TokenHistory(samples, max_new_tokens, block_size)
+    k = draft_tokens if draft is not None else 0
+    # Rows make tokens at different rates (each accepts its own number of proposals), but the stream yields one
+    # token a row at a time: a row's tokens not yet yielded wait in its history, at most `most_ahead` of them (a
+    # row with that many makes none until the slowest catches up). Four rounds' worth: simulated for 10 rows
+    # accepting 89% of 4 proposals, the batch then yields 3.8 tokens a round, against 4.0 unbounded and 2.8 if
+    # rows could hold only one round's worth.
+    most_ahead = 4 * (k + 1) if draft is not None else 0
+    history = TokenHistory(samples, max_new_tokens, block_size, spare=most_ahead + k + 1)
     stop = torch.tensor(stop_tokens, device=device) if stop_tokens else None
     ended = torch.zeros(B, dtype=torch.bool, device=device)
     check_every = 1 if device.type == "cpu" else 8  # reading `ended` back waits for the GPU: do it rarely
 
     with COMPILED_TURN if compile and use_kv_cache else nullcontext():
-        decoder = None
+        decoder = drafter = None
         if use_kv_cache and max_new_tokens > 0:
-            max_len = min(block_size, max(r.numel() for r in rows) + max_new_tokens)
+            longest = max(r.numel() for r in rows)
+            max_len = min(block_size, longest + max_new_tokens + most_ahead + k)  # room for rows ahead, a round
             decoder = Decoder(model, B, max_len, device, compile)
-        token = None
-        for step in range(max_new_tokens):
-            if decoder is None:  # the no-cache reference: every row's window from scratch
-                logits = model.prefill(*history.windows(torch.arange(B)))
-            elif step == 0:
-                logits = decoder.start(rows, num_samples)
-            else:
-                logits = decoder.step(token, history)
-            next_token = sample_next_token(logits, temperature, top_k, top_p, generator, generators=generators)
+            draft_len = min(max_len, draft.config.block_size) if draft is not None else 0
+            if longest + k < draft_len:  # else the draft's context cannot hold even the prompt and one round
+                drafter = Decoder(draft, B, draft_len, device, compile=False)
+        ahead = torch.zeros(B, dtype=torch.long)  # each row's tokens made but not yet yielded, on the host
+        token = previous = None
+        for yielded in range(max_new_tokens):
+            while not ahead.all():  # make tokens until every row has one to yield
+                if token is not None and drafter is not None and (
+                        int(decoder.cache.lengths.max()) + k < drafter.cache.max_len):  # a round fits
+                    new, made = speculate(decoder, drafter, history, k, most_ahead - ahead, sampling, stats)
+                else:
+                    if decoder is None:  # the no-cache reference: every row's window from scratch
+                        logits = model.prefill(*history.windows(torch.arange(B)))
+                    elif token is None:
+                        logits = decoder.start(rows, num_samples)
+                        if drafter is not None:
+                            drafter.start(rows, num_samples)
+                    else:
+                        logits = decoder.step(token, history)
+                    new, made = sampling.next_token(logits)[:, None], 1
+                history.append(new, made)
+                ahead += made
+                token = history.back(1)
+            next_token = history.back(ahead)
+            ahead -= 1
             if stop is not None:
-                if token is not None:
-                    next_token = torch.where(ended, token, next_token)
+                if previous is not None:
+                    next_token = torch.where(ended, previous, next_token)
                 ended |= torch.isin(next_token, stop)
-            history.append(next_token)
-            token = next_token
+            previous = next_token
             yield next_token
-            if stop is not None and (step + 1) % check_every == 0 and bool(ended.all()):
+            if stop is not None and (yielded + 1) % check_every == 0 and bool(ended.all()):
                 return
 
 
@@ -345,8 +496,9 @@ class ThreadChooser:
         self.recent = []  # the chosen count's step times since it was chosen, the last `window` of them
         self.next_trial = None  # the step at which the other count is tried again; None during the opening
 
-    def run(self, step: Callable[..., T], *args) -> T:
-        """step(*args), at the thread count this step should use; its time decides the counts to come."""
+    def run(self, step: Callable[..., T], *args, timed: bool = True) -> T:
+        """step(*args), at the thread count this step should use; its time decides the counts to come (unless
+        timed=False: a step unlike the others, such as the prompt's)."""
         count = self.trials[0] if self.trials else self.chosen
         previous = torch.get_num_threads()
         torch.set_num_threads(count)
@@ -356,7 +508,8 @@ class ThreadChooser:
             seconds = self.clock() - start
         finally:
             torch.set_num_threads(previous)
-        self.record(count, seconds)
+        if timed:
+            self.record(count, seconds)
         return out
 
     def run_chosen(self, step: Callable[..., T], *args) -> T:

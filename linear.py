@@ -1,51 +1,50 @@
 """
-How the network's matrix products are computed on a CPU: the two-core route for decoding, and int8 and float16
-weights.
+How the network's weights are stored for its products on a CPU: float32 weights laid out for products of a few
+rows, and int8 and float16 weights (the token table of a tied head in the same precision, read a row at a time).
 
-model.py builds every projection as a `RoutedLinear`, which is nn.Linear with a faster route for the few-row
-products of decoding on a CPU. `quantize_int8` and `quantize_fp16` swap each of them for an `Int8Linear` or an
-`Fp16Linear`. None of this knows anything of GPT-2; the measurements behind the choices here are in the README's
-speed section.
+model.py builds every projection as a `Linear`, nn.Linear with its weight stored transposed. `quantize_int8` and
+`quantize_fp16` swap each of them for an `Int8Linear` or an `Fp16Linear`, and a token embedding tied to one of them
+for a `RowTable` of the same rounded weights; `quantized_from` builds the same modules straight from a
+checkpoint's tensors, one tensor at a time. None of this knows anything of GPT-2; the measurements behind the
+choices here are in the README's speed section.
 """
 
+import functools
 import warnings
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+# read(name, rows) -> float32 tensor: a checkpoint tensor (rows `rows` of it, if given) in nn.Linear's [out, in]
+Reader = Callable[[str, Optional[slice]], torch.Tensor]
 
-class RoutedLinear(nn.Linear):
-    """nn.Linear whose float32 products of a few rows run on both cores of a CPU.
 
-    torch computes a one-row float32 product (a matrix-vector product) on a single thread, yet streaming the
-    weights from memory at full speed takes every core of a small machine. Viewing the weight as two halves of
-    output rows turns the product into a batch of two, which torch spreads over two threads: the same sums in the
-    same order, so one row gives a result identical to F.linear's, and a few rows agree to float rounding. Past
-    `max_rows` rows, and on a GPU, in bfloat16 or inside a compiled graph, F.linear is already the right call.
+class Linear(nn.Linear):
+    """nn.Linear whose weight [out, in] is stored transposed: [in, out] in memory, as GPT-2's checkpoints store it.
+
+    F.linear computes x @ weight.T, and weight.T is then a contiguous matrix that the product reads row after row:
+    one pass over memory in the order it lies, which is what a product of a few rows (decoding) is bound by. With
+    nn.Linear's layout the same product reads the weight across its rows, slower on every CPU measured here (the
+    README's speed section). The values, the shape and the name are nn.Linear's; only the strides differ.
     """
 
-    max_rows = 64  # the most rows sent the two-halves way (see the README's speed section)
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.weight = nn.Parameter(transposed_layout(self.weight.detach()))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in_features]
-        w, b = self.weight, self.bias
-        rows = x.numel() // x.size(-1)
-        if (torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype != torch.float32
-                or rows > self.max_rows or torch.get_num_threads() < 2):
-            return F.linear(x, w, b)
-        n, k = w.shape
-        half = n // 2
-        halves = w[:2 * half].view(2, half, k).transpose(1, 2)  # [2, k, half], a view: no copy
-        x2 = x.reshape(1, rows, k).expand(2, rows, k)
-        if b is None:
-            y = torch.bmm(x2, halves)
-        else:
-            y = torch.baddbmm(b[:2 * half].view(2, 1, half), x2, halves)
-        y = y.transpose(0, 1).reshape(rows, 2 * half)
-        if n % 2:  # an odd count (GPT-2's 50257 tokens): the last output row on its own
-            y = torch.cat([y, F.linear(x.reshape(rows, k), w[-1:], None if b is None else b[-1:])], dim=1)
-        return y.view(*x.shape[:-1], n)
+
+def transposed_layout(t: torch.Tensor) -> torch.Tensor:
+    """t's values in the transposed memory layout (a [out, in] view of an [in, out] contiguous tensor)."""
+    return t.t().contiguous().t()
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 rows of a float matrix and one float32 scale per row: w ~ scale * q, |q| <= 127."""
+    low, high = torch.aminmax(w, dim=1)
+    scale = torch.maximum(-low, high).clamp(min=1e-12) / 127  # an all-zero row would otherwise divide by zero
+    return torch.round(w / scale[:, None]).to(torch.int8), scale
 
 
 class Int8Linear(nn.Module):
@@ -53,57 +52,105 @@ class Int8Linear(nn.Module):
 
     The product is fbgemm's dynamically quantized one: each call quantizes its input to 8 bits (one scale per call)
     and multiplies int8 by int8 into int32 on every core, reading a quarter of float32's bytes. The price is a
-    relative error of about 1e-2 per product, which bench.py --fidelity measures on a trained model. CPU only.
+    relative error of about 1e-2 per product, which bench.py --fidelity measures on a trained model. The weights
+    live only in fbgemm's packed layout. CPU only.
     """
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        if linear.weight.device.type != "cpu":
-            raise ValueError(f"int8 weights run on the CPU only; this Linear is on {linear.weight.device}")
-        w = linear.weight.detach().float()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # an all-zero row would otherwise divide by zero
-        bias = None if linear.bias is None else linear.bias.detach().float()
-        with warnings.catch_warnings():
-            # torch announces the deprecation of quantized tensors on their creation; fbgemm's prepack takes no
-            # other input, and the tensor lives only until the line below, so users have nothing to act on.
-            warnings.filterwarnings("ignore", message=r".*quantize_per_channel.*deprecated", category=UserWarning)
-            q = torch.quantize_per_channel(w, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0,
-                                           torch.qint8)
-        self._packed = torch.ops.quantized.linear_prepack(q, bias)
+        q, scale = quantize_rows(linear.weight.detach().float())
+        self._pack(q, scale, linear.bias, linear.weight.device)
+
+    @classmethod
+    def from_rows(cls, q: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]) -> "Int8Linear":
+        """From weights already rounded by quantize_rows (a tied head shares them with its token table)."""
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module._pack(q, scale, bias, q.device)
+        return module
+
+    def _pack(self, q: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], device: torch.device) -> None:
+        if device.type != "cpu":
+            raise ValueError(f"int8 weights run on the CPU only; this Linear is on {device}")
+        self.out_features, self.in_features = q.shape
+        bias = None if bias is None else bias.detach().float()
+        self._packed = int8_prepack(q, scale, bias)
+        self._reduce_range = not full_range_activations()
         # What a decode step reads: the int8 weights, their scales and the bias (for bench.py's roofline).
         self.nbytes = q.numel() + 4 * self.out_features * (1 if bias is None else 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in_features]
-        # reduce_range keeps the activations to 7 bits: AVX2's int8 multiply-add (vpmaddubsw) sums pairs into int16
-        # and would saturate with full-range operands.
-        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features).float(), self._packed, True)
+        if x.dim() == 2 and x.dtype == torch.float32:  # a decode step's rows: the product alone
+            return torch.ops.quantized.linear_dynamic(x, self._packed, self._reduce_range)
+        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features).float(), self._packed,
+                                               self._reduce_range)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row scales"
 
 
+@functools.cache
+def full_range_activations() -> bool:
+    """Whether fbgemm's int8 product takes activations of all 8 bits on this CPU without saturating.
+
+    Its kernels multiply unsigned 8-bit activations by signed 8-bit weights. Where they sum pairs of products into
+    16 bits (AVX2's vpmaddubsw, AVX-512 without VNNI), full-range operands overflow, and torch's reduce_range keeps
+    the activations to 7 bits; VNNI's vpdpbusd sums into 32 bits, and there all 8 bits cut the error of the int8
+    model about three times (the README's fidelity figures). Which kernel a CPU gets is fbgemm's choice, so it is
+    measured, once: a product whose every pair of terms overflows 16 bits (255 x 127 x 2, of either sign) must
+    come out right."""
+    q = torch.full((2, 64), 127, dtype=torch.int8)
+    q[1] = -127
+    x = torch.ones(1, 64)
+    x[0, 0] = 0  # the range [0, 1]: every other activation quantized to 255
+    y = torch.ops.quantized.linear_dynamic(x, int8_prepack(q, torch.full((2,), 1 / 127), None), False)
+    return torch.allclose(y, torch.tensor([[63.0, -63.0]]), rtol=1e-3, atol=0)  # saturated: about half
+
+
+def int8_prepack(q: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]) -> object:
+    """fbgemm's packed form of int8 rows q [out, in] with per-row scales."""
+    with warnings.catch_warnings():
+        # torch announces the deprecation of quantized tensors on their creation; fbgemm's prepack takes no other
+        # input, and the tensor lives only until the line below, so users have nothing to act on.
+        warnings.filterwarnings("ignore", message=r".*quantize.*deprecated", category=UserWarning)
+        qt = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+    return torch.ops.quantized.linear_prepack(qt, bias)
+
+
 class Fp16Linear(nn.Module):
     """A Linear held as float16 weights, multiplied by fbgemm in float32: the weights are widened to float32 as they
     are read (the F16C instructions, which every AVX2 CPU has) and the sums are float32.
 
-    It reads half of float32's bytes for a relative error of about 2e-4 per product. On a CPU without bfloat16
-    instructions this is the fast half precision: bfloat16 weights there are converted by slower generic code
-    (see the README's speed section). CPU only.
+    It reads half of float32's bytes for a relative error of about 2e-4 per product. The weights live only in
+    fbgemm's packed layout. CPU only.
     """
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        if linear.weight.device.type != "cpu":
-            raise ValueError(f"fp16 weights run on the CPU only; this Linear is on {linear.weight.device}")
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        bias = None if linear.bias is None else linear.bias.detach().float()
-        self._packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach().float(), bias)
+        self._pack(linear.weight.detach(), linear.bias)
+
+    @classmethod
+    def from_rows(cls, w: torch.Tensor, bias: Optional[torch.Tensor]) -> "Fp16Linear":
+        """From float16 weights (a tied head shares them with its token table)."""
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module._pack(w, bias)
+        return module
+
+    def _pack(self, w: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+        if w.device.type != "cpu":
+            raise ValueError(f"fp16 weights run on the CPU only; this Linear is on {w.device}")
+        self.out_features, self.in_features = w.shape
+        bias = None if bias is None else bias.detach().float()
+        # fbgemm rounds a float32 weight to float16 itself, and takes a float16 one as it is
+        self._packed = torch.ops.quantized.linear_prepack_fp16(w if w.dtype == torch.float16 else w.float(), bias)
         # What a decode step reads: the float16 weights and the float32 bias (for bench.py's roofline).
         self.nbytes = 2 * self.in_features * self.out_features + (0 if bias is None else 4 * self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in_features]
+        if x.dim() == 2 and x.dtype == torch.float32:  # a decode step's rows: the product alone
+            return torch.ops.quantized.linear_dynamic_fp16(x, self._packed)
         y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, self.in_features).float(), self._packed)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
@@ -111,21 +158,90 @@ class Fp16Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, float16 weights"
 
 
-def swap_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> nn.Module:
-    """Replace every Linear inside model by make(linear), in place (a tied LM head too: it gets its own copy, while
-    the input embedding stays float32, of which a step reads only one row per token)."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, name, make(child))
-    return model
+class RowTable(nn.Module):
+    """A token embedding tied to an int8 or float16 head, holding the head's rounded weights in rows: int8 with the
+    head's per-row scales, or float16. A lookup widens its rows to float32 (the products read the head's packed
+    copy, which cannot be read a row at a time), so the model keeps no float32 copy of the table."""
+
+    def __init__(self, rows: torch.Tensor, scale: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = rows.shape
+        self.register_buffer("rows", rows)  # [V, C] int8 or float16
+        self.register_buffer("scale", None if scale is None else scale[:, None].float())  # [V, 1]
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:  # idx: [...] -> [..., C] float32
+        x = F.embedding(idx, self.rows).float()
+        return x if self.scale is None else x * F.embedding(idx, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {str(self.rows.dtype).removeprefix('torch.')} rows"
+
+
+ROW_CHUNK = 4096  # rows of a token table rounded at a time while loading: a few MB of float32 at once
+
+
+def quantized_from(model: nn.Module, read: Reader, kind: str) -> set[str]:
+    """Swap, in place, every Linear of model for an Int8Linear (kind "int8") or an Fp16Linear ("fp16") built from
+    read(name), and an Embedding tied to one of them for a RowTable of the same rounded weights, whose float32
+    rows are read ROW_CHUNK at a time. Works on a model built on the meta device (weights from a checkpoint, one
+    tensor at a time) as on a loaded one. Returns the names of the tensors it read."""
+    make = {"int8": Int8Linear, "fp16": Fp16Linear}[kind]
+    tables = {id(m.weight): (name, m) for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    done, swaps = set(), []
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
+            if not isinstance(child, nn.Linear):
+                continue
+            path = f"{name}.{child_name}" if name else child_name
+            bias = None if child.bias is None else read(f"{path}.bias", None)
+            done |= {f"{path}.weight"} | (set() if bias is None else {f"{path}.bias"})
+            tied = tables.get(id(child.weight))
+            if tied is None:
+                weight = read(f"{path}.weight", None)
+                swaps.append((module, child_name, make.from_rows(*quantize_rows(weight), bias) if kind == "int8"
+                              else make.from_rows(weight.half(), bias)))
+                del weight
+                continue
+            table_name, embedding = tied
+            rows, scale = rounded_rows(read, f"{table_name}.weight", embedding.weight.shape, kind)
+            done.add(f"{table_name}.weight")
+            head = make.from_rows(rows, scale, bias) if kind == "int8" else make.from_rows(rows, bias)
+            swaps.append((module, child_name, head))
+            parent = model.get_submodule(table_name.rpartition(".")[0]) if "." in table_name else model
+            swaps.append((parent, table_name.rpartition(".")[2], RowTable(rows, scale)))
+    for module, child_name, new in swaps:
+        setattr(module, child_name, new)
+    return done
+
+
+def rounded_rows(read: Reader, name: str, shape: torch.Size, kind: str) -> tuple[torch.Tensor,
+                                                                                  Optional[torch.Tensor]]:
+    """A token table rounded to int8 rows and scales, or to float16 rows, reading its float32 rows in chunks."""
+    rows = torch.empty(shape, dtype=torch.int8 if kind == "int8" else torch.float16)
+    scale = torch.empty(shape[0]) if kind == "int8" else None
+    for start in range(0, shape[0], ROW_CHUNK):
+        part = slice(start, min(start + ROW_CHUNK, shape[0]))
+        chunk = read(name, part)
+        if kind == "int8":
+            rows[part], scale[part] = quantize_rows(chunk)
+        else:
+            rows[part] = chunk
+    return rows, scale
+
+
+def in_memory_reader(model: nn.Module) -> Reader:
+    """A Reader over a loaded model's own float tensors."""
+    tensors = dict(model.state_dict(keep_vars=True))
+    return lambda name, rows: tensors[name].detach().float()[rows if rows is not None else slice(None)]
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
-    """Every Linear inside model as an Int8Linear, in place."""
-    return swap_linears(model, Int8Linear)
+    """Every Linear inside model as an Int8Linear, in place; a token table tied to one as int8 rows."""
+    quantized_from(model, in_memory_reader(model), "int8")
+    return model
 
 
 def quantize_fp16(model: nn.Module) -> nn.Module:
-    """Every Linear inside model as an Fp16Linear, in place."""
-    return swap_linears(model, Fp16Linear)
+    """Every Linear inside model as an Fp16Linear, in place; a token table tied to one as float16 rows."""
+    quantized_from(model, in_memory_reader(model), "fp16")
+    return model

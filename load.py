@@ -11,6 +11,7 @@ web page, a truncated download) before it is parsed; tensors must be floating po
 a LoadError naming the file, what is wrong with it and what to do.
 """
 
+import functools
 import json
 import math
 import os
@@ -21,7 +22,7 @@ import struct
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional
 
 import torch
 
@@ -51,17 +52,18 @@ class LoadError(UsageError):
     """A checkpoint could not be loaded; the message says why and what to do instead."""
 
 
-def read_pretrained(name_or_path: str, override_args: Optional[dict] = None) -> tuple[dict, dict]:
-    """GPT.from_pretrained's reading: resolve the name, read the files; the GPTConfig arguments and state dict."""
+def read_pretrained(name_or_path: str, override_args: Optional[dict] = None) -> tuple[dict, "Checkpoint"]:
+    """GPT.from_pretrained's reading: resolve the name, check the files; the GPTConfig arguments and the checked
+    checkpoint, whose tensors are read as the model asks for them."""
     override_args = dict(override_args or {})
     if set(override_args) - {"dropout"}:
         raise ValueError(f"override_args may set only 'dropout', got {sorted(override_args)}")
     if "dropout" in override_args and not is_dropout(override_args["dropout"]):
         raise ValueError(f"override_args['dropout'] must be a number from 0 to below 1, got "
                          f"{override_args['dropout']!r}")
-    config_args, state_dict = read_checkpoint(resolve_checkpoint(str(name_or_path)))
+    config_args, checkpoint = open_checkpoint(resolve_checkpoint(str(name_or_path)))
     config_args.update(override_args)
-    return config_args, state_dict
+    return config_args, checkpoint
 
 
 def resolve_checkpoint(name_or_path: str) -> Path:
@@ -159,8 +161,15 @@ def check_checkpoint(path: Path) -> None:
 
 
 def read_checkpoint(path: Path) -> tuple[dict, dict]:
-    """The GPTConfig arguments and state dict (our names and layout, float32) of a Hugging Face folder or a
-    nanoGPT checkpoint, checked against each other before anything is built from them."""
+    """The GPTConfig arguments and the whole state dict (our names and layout, float32) of a Hugging Face folder or
+    a nanoGPT checkpoint."""
+    config_args, checkpoint = open_checkpoint(path)
+    return config_args, checkpoint.state_dict()
+
+
+def open_checkpoint(path: Path) -> tuple[dict, "Checkpoint"]:
+    """The GPTConfig arguments and the checkpoint's tensors, listed and checked against each other before any is
+    read or anything is built from them."""
     config_file, weight_files = locate_checkpoint(path)
     if config_file is None:
         config_args, tensors = read_nanogpt_checkpoint(weight_files[0])
@@ -168,10 +177,10 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
     else:
         config_args, tensors = config_from_hf(config_file), hf_tensors(weight_files)
         config_source = str(config_file)
-    state_dict = to_float32(tensors)
+    checkpoint = Checkpoint(tensors)
     weights_source = weight_files[0] if len(weight_files) == 1 else path
-    check_state_dict(config_args, state_dict, config_source, str(weights_source))
-    return config_args, state_dict
+    check_state_dict(config_args, checkpoint.shapes, config_source, str(weights_source))
+    return config_args, checkpoint
 
 
 def locate_checkpoint(path: Path) -> tuple[Optional[Path], list[Path]]:
@@ -380,19 +389,27 @@ def safetensors_names(file: Path) -> list[str]:
                         f"it again") from None
 
 
-def read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each tensor is read through a mapping of its own that closes once the caller has copied it, so the file's
-    pages are never held in memory beside the whole copied model."""
+def safetensors_tensors(file: Path) -> Iterator[tuple[str, "Stored"]]:
+    """Each tensor of a safetensors file, listed from its header; read later, each through a mapping of its own
+    that closes once the tensor (or the rows asked for) is copied out, so the file's pages are never held in
+    memory beside the model being built."""
     from safetensors import SafetensorError, safe_open
 
-    for name in safetensors_names(file):
+    def read(name: str, rows: Optional[slice]) -> torch.Tensor:
         try:
             with safe_open(file, framework="pt") as f:
-                tensor = f.get_tensor(name)
+                return f.get_tensor(name) if rows is None else f.get_slice(name)[rows]
         except SafetensorError as e:
             raise LoadError(f"{file}: cannot read the tensor {name} ({e}): the file is damaged; download it "
                             f"again") from None
-        yield name, tensor
+
+    names = safetensors_names(file)
+    with safe_open(file, framework="pt") as f:
+        for name in names:
+            part = f.get_slice(name)
+            shape = tuple(part.get_shape())
+            dtype = (part[0:0] if shape else part[...]).dtype  # no data read but a scalar's
+            yield name, Stored(file, shape, dtype, functools.partial(read, name), True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -496,32 +513,55 @@ def pickle_imports(file: Path, most: int = 3) -> list[str]:
 # Tensors: our names, float32, finite
 
 
-def hf_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
-    """(our name, tensor, file) of a Hugging Face folder's weight files: the 'transformer.' prefix added where
-    missing, the mask buffers dropped, the Conv1D weights (stored in, out) transposed to Linear's (out, in)."""
+class Stored(NamedTuple):
+    """A tensor in a checkpoint file, not yet read."""
+    file: Path
+    shape: tuple[int, ...]  # in our layout
+    dtype: torch.dtype
+    read: Callable[[Optional[slice]], torch.Tensor]  # read(rows): the tensor, or those rows of it, in our layout
+    fresh: bool  # read gives memory of its own (a copy out of the file), not a view of the file's mapping
+    storage: Optional[tuple] = None  # (data pointer, shape) of an already mapped tensor: a tied pair shares it
+
+
+def hf_tensors(files: list[Path]) -> Iterator[tuple[str, Stored]]:
+    """(our name, stored tensor) of a Hugging Face folder's weight files: the 'transformer.' prefix added where
+    missing, the mask buffers dropped, the Conv1D weights (stored in, out) seen transposed as Linear's (out, in)."""
     for file in files:
         if file.suffix == ".safetensors":
-            pairs = read_safetensors(file)
+            pairs = safetensors_tensors(file)
         else:
-            pairs = tensor_dict(load_pickle(file), str(file)).items()
-        for name, tensor in pairs:
+            pairs = ((name, mapped(file, t)) for name, t in tensor_dict(load_pickle(file), str(file)).items())
+        for name, stored in pairs:
             if name.endswith(SKIPPED_BUFFERS):
                 continue
             if name != "lm_head.weight" and not name.startswith("transformer."):
                 name = "transformer." + name
-            if name.endswith(CONV1D_WEIGHTS) and tensor.dim() == 2:
-                tensor = tensor.t()
-            yield name, tensor, file
+            if name.endswith(CONV1D_WEIGHTS) and len(stored.shape) == 2:
+                stored = stored._replace(shape=stored.shape[::-1], read=transposed(stored.read))
+            yield name, stored
 
 
-def read_nanogpt_checkpoint(file: Path) -> tuple[dict, Iterator[tuple[str, torch.Tensor, Path]]]:
+def mapped(file: Path, t: torch.Tensor) -> Stored:
+    """A tensor torch.load has mapped from (or read into) memory."""
+    return Stored(file, tuple(t.shape), t.dtype, lambda rows: t if rows is None else t[rows], False,
+                  (t.data_ptr(), t.shape))
+
+
+def transposed(read: Callable[[Optional[slice]], torch.Tensor]) -> Callable[[Optional[slice]], torch.Tensor]:
+    def read_transposed(rows: Optional[slice]) -> torch.Tensor:
+        t = read(None).t()
+        return t if rows is None else t[rows]
+    return read_transposed
+
+
+def read_nanogpt_checkpoint(file: Path) -> tuple[dict, Iterator[tuple[str, Stored]]]:
     """nanoGPT's training checkpoint: {'model_args': ..., 'model': state dict} (maybe saved from a compiled model)."""
     checkpoint = load_pickle(file)
     if not isinstance(checkpoint, dict) or "model_args" not in checkpoint or "model" not in checkpoint:
         raise LoadError(f"{file} is not a nanoGPT checkpoint: it needs the keys 'model_args' and 'model'")
     config_args = config_from_nanogpt(checkpoint["model_args"], file)
     model = tensor_dict(checkpoint["model"], f"{file} (its 'model')")
-    return config_args, ((name.removeprefix("_orig_mod."), tensor, file) for name, tensor in model.items()
+    return config_args, ((name.removeprefix("_orig_mod."), mapped(file, tensor)) for name, tensor in model.items()
                          if not name.endswith(SKIPPED_BUFFERS))
 
 
@@ -537,38 +577,77 @@ def tensor_dict(value: object, source: str) -> dict:
     return value
 
 
-def to_float32(tensors: Iterable[tuple[str, torch.Tensor, Path]]) -> dict:
-    """Our state dict: every tensor copied once into float32 memory of the model's own (so nothing stays tied to
-    the file, and float16 or bfloat16 checkpoints load as float32), refusing a tensor that is not floating point,
-    holds NaN or infinity, or comes twice. A head tied to the token embedding is tied again, not copied."""
-    state_dict, origin, embedding = {}, {}, None
-    for name, tensor, file in tensors:
-        if name in origin:
-            raise LoadError(f"the tensor {name} is both in {origin[name]} and in {file}: these are two checkpoints "
-                            f"(or a damaged one); keep one model's files")
-        origin[name] = file
-        if not tensor.is_floating_point():
-            raise LoadError(f"{file}: the tensor {name} is {str(tensor.dtype).removeprefix('torch.')}, not floating "
-                            f"point, as GPT-2's weights are (float32, float16 or bfloat16): this is not a GPT-2 "
-                            f"checkpoint, or one quantized in a format this code does not read")
-        if name == "lm_head.weight" and embedding == (tensor.data_ptr(), tensor.shape):
-            continue  # the very tensor the embedding is (nanoGPT and older pickles store the tied pair)
-        if name == "transformer.wte.weight":
-            embedding = (tensor.data_ptr(), tensor.shape)
-        copy = tensor.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-        del tensor  # the last reference to the file's mapping of this tensor: it closes before the next read
-        if not all_finite(copy):
-            raise LoadError(f"{file}: the tensor {name} holds {int((~torch.isfinite(copy)).sum()):,} NaN or infinite "
-                            f"values: the weights are damaged (or come from a training run that diverged); use "
-                            f"another checkpoint")
-        state_dict[name] = copy
-    head = state_dict.pop("lm_head.weight", None)
-    if "transformer.wte.weight" in state_dict:
-        if head is not None and not torch.equal(head, state_dict["transformer.wte.weight"]):
-            raise LoadError(f"{origin['lm_head.weight']}: lm_head.weight differs from the token embedding "
-                            f"transformer.wte.weight, and GPT-2 ties the two: this is not a GPT-2 checkpoint")
-        state_dict["lm_head.weight"] = state_dict["transformer.wte.weight"]
-    return state_dict
+class Checkpoint:
+    """A checkpoint's tensors, listed and checked, each read only when asked for: a model is built tensor by
+    tensor (or quantized as each is read), never holding the whole float32 checkpoint beside itself.
+
+    Refused on listing: a tensor that is not floating point or comes twice, and a head that differs from the token
+    embedding GPT-2 ties it to (a head stored as that very tensor is dropped; either way the head is the
+    embedding). Each tensor read is copied into float32 memory of its own (so nothing stays tied to the file, and
+    float16 or bfloat16 checkpoints load as float32) and refused if it holds NaN or infinity.
+    """
+
+    def __init__(self, tensors: Iterable[tuple[str, Stored]]):
+        self.stored: dict[str, Stored] = {}
+        head = None
+        for name, stored in tensors:
+            if name in self.stored or (name == "lm_head.weight" and head is not None):
+                first = (self.stored.get(name) or head).file
+                raise LoadError(f"the tensor {name} is both in {first} and in {stored.file}: these are two "
+                                f"checkpoints (or a damaged one); keep one model's files")
+            if not stored.dtype.is_floating_point:
+                raise LoadError(f"{stored.file}: the tensor {name} is {str(stored.dtype).removeprefix('torch.')}, "
+                                f"not floating point, as GPT-2's weights are (float32, float16 or bfloat16): this "
+                                f"is not a GPT-2 checkpoint, or one quantized in a format this code does not read")
+            if name == "lm_head.weight":
+                head = stored
+            else:
+                self.stored[name] = stored
+        embedding = self.stored.get("transformer.wte.weight")
+        if head is not None and embedding is not None and (head.storage is None or
+                                                           head.storage != embedding.storage):
+            self._check_tied(head, embedding)
+        if head is not None and embedding is None:
+            self.stored["lm_head.weight"] = head  # the shape check reports the missing embedding
+        self.shapes = {name: s.shape for name, s in self.stored.items()}
+        if embedding is not None:
+            self.shapes["lm_head.weight"] = embedding.shape
+
+    @staticmethod
+    def _check_tied(head: Stored, embedding: Stored) -> None:
+        same = head.shape == embedding.shape
+        for start in range(0, head.shape[0] if same else 0, 4096):
+            rows = slice(start, start + 4096)
+            same = torch.equal(head.read(rows).float(), embedding.read(rows).float())
+            if not same:
+                break
+        if not same:
+            raise LoadError(f"{head.file}: lm_head.weight differs from the token embedding transformer.wte.weight, "
+                            f"and GPT-2 ties the two: this is not a GPT-2 checkpoint")
+
+    def read(self, name: str, rows: Optional[slice] = None, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The tensor `name` (the head is the token embedding), or its rows `rows`, in float32 memory of its own:
+        contiguous, or in the layout of `like` (a tensor of the same shape, e.g. on the meta device)."""
+        stored = self.stored["transformer.wte.weight" if name == "lm_head.weight" else name]
+        t = stored.read(rows)
+        if like is not None and stored.fresh and t.dtype == torch.float32 and t.stride() == like.stride():
+            out = t  # already a copy of its own, laid out as asked
+        else:
+            out = torch.empty_strided(like.shape, like.stride()) if like is not None else torch.empty(t.shape)
+            out.copy_(t)
+        del t  # the last reference to the file's mapping of this tensor: it closes before the next read
+        if not all_finite(out):
+            raise LoadError(f"{stored.file}: the tensor {name} holds {int((~torch.isfinite(out)).sum()):,} NaN or "
+                            f"infinite values: the weights are damaged (or come from a training run that diverged); "
+                            f"use another checkpoint")
+        return out
+
+    def state_dict(self) -> dict:
+        """Every tensor read, contiguous float32; the head tied to the embedding."""
+        state_dict = {name: self.read(name) for name in self.stored}
+        if "transformer.wte.weight" in state_dict:
+            state_dict["lm_head.weight"] = state_dict["transformer.wte.weight"]
+        return state_dict
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -578,6 +657,8 @@ def all_finite(t: torch.Tensor) -> bool:
     costs five times as much. The exact test runs only when the sums say no (or overflowed)."""
     if t.numel() == 0:
         return True
+    if t.dim() == 2 and not t.is_contiguous():
+        t = t.t()  # a matrix stored transposed: the same values, read in the order they lie
     rows = t.reshape(-1, t.shape[-1]) if t.dim() else t.reshape(1, 1)
     return math.isfinite((rows @ torch.ones(rows.size(1))).sum()) or bool(torch.isfinite(t).all())
 
@@ -605,19 +686,19 @@ def expected_shapes(config_args: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_state_dict(config_args: dict, state_dict: dict, config_source: str, weights_source: str) -> None:
+def check_state_dict(config_args: dict, shapes: dict, config_source: str, weights_source: str) -> None:
     """Refuse weights that do not fit their config, listing the missing, unexpected and mis-shaped tensors. The
     blocks are counted first, so that a config that claims a million layers is refused without listing them."""
-    blocks = {name.split(".")[2] for name in state_dict if name.startswith("transformer.h.")}
+    blocks = {name.split(".")[2] for name in shapes if name.startswith("transformer.h.")}
     if len(blocks) != config_args["n_layer"]:
         raise LoadError(f"{config_source} gives n_layer={config_args['n_layer']}, but the weights in {weights_source} "
                         f"hold {len(blocks)} blocks: the config and the weights come from different models, or one "
                         f"of them is damaged")
     expected = expected_shapes(config_args)
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    misshaped = sorted(f"{n} {tuple(state_dict[n].shape)} (expected {expected[n]})"
-                       for n in set(expected) & set(state_dict) if tuple(state_dict[n].shape) != expected[n])
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    misshaped = sorted(f"{n} {tuple(shapes[n])} (expected {expected[n]})"
+                       for n in set(expected) & set(shapes) if tuple(shapes[n]) != expected[n])
     problems = [f"{what}: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''} ({len(names)})"
                 for what, names in [("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)]
                 if names]

@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import load
-from linear import RoutedLinear, quantize_fp16, quantize_int8
+from linear import Linear, quantize_fp16, quantize_int8, quantized_from, transposed_layout
 from sampling import check_int, check_token_ids
 
 
@@ -89,12 +89,13 @@ class KVCache:
 
 class CacheStep(NamedTuple):
     """What one pass over new positions does with the cache: write rows' keys and values at
-    input_pos, and (a decode step) let each query see its row's keys where mask is True; without a
-    mask, a prompt sees its own."""
+    input_pos. A prompt (mask None) sees its own; in a decode step each query sees its row's keys
+    where mask is 0 (an additive mask, -inf elsewhere, made once a step rather than converted in
+    every layer)."""
     cache: KVCache
     rows: torch.Tensor  # [R] the cache rows being written
     input_pos: torch.Tensor  # [R or 1, S]
-    mask: Optional[torch.Tensor]  # [B, 1, S, visible], or None for a prompt
+    mask: Optional[torch.Tensor] = None  # [B, 1, S, visible], or None for a prompt
 
 
 class Packed(NamedTuple):
@@ -116,8 +117,8 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.dropout = config.dropout
         # query, key and value in one product
-        self.c_attn = RoutedLinear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = RoutedLinear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, step: Union[CacheStep, Packed, None] = None) -> torch.Tensor:
@@ -134,19 +135,19 @@ class CausalSelfAttention(nn.Module):
         """[B, S, 3C] queries, keys and values to attention's output [B, S, C] (before the
         projection), writing the keys and values into the cache if there is one."""
         q, k, v = self._heads(qkv)  # [B, H, S, D]
-        mask = None
-        if step is not None:
+        mask, is_causal = None, False
+        if step is None or step.mask is None:
+            if step is not None:
+                step.cache.write(self.layer_idx, step.rows, step.input_pos, k, v)
+            # A prompt from position 0 over its own keys: causal (flash kernels where the device has
+            # them). An `if`, so that a compiled prefill of any length gets a plain bool.
+            if q.size(2) > 1:
+                is_causal = True
+        else:  # a decode step: a query sees its row up to itself
             step.cache.write(self.layer_idx, step.rows, step.input_pos, k, v)
-            if step.mask is not None:  # a decode step: a query sees its row up to itself
-                mask = step.mask
-                k = step.cache.k[self.layer_idx][:, :, :mask.size(-1)]  # [B, H, visible, D]
-                v = step.cache.v[self.layer_idx][:, :, :mask.size(-1)]
-        # Without a mask the queries are a prompt from position 0 over its own keys: causal (flash
-        # kernels where
-        # the device has them). An `if`, so that a compiled prefill of any length gets a plain bool.
-        is_causal = False
-        if mask is None and q.size(2) > 1:
-            is_causal = True
+            mask = step.mask
+            k = step.cache.k[self.layer_idx][:, :, :mask.size(-1)]  # [B, H, visible, D]
+            v = step.cache.v[self.layer_idx][:, :, :mask.size(-1)]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self._merge_heads(y)
@@ -161,23 +162,23 @@ class CausalSelfAttention(nn.Module):
         probs = F.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
         return self.resid_dropout(self.c_proj(self._merge_heads(probs @ v))), probs
 
-    def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B, T, _ = qkv.size()
-        q, k, v = qkv.split(self.n_embd, dim=2)
-        return tuple(t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
+    def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        B, T, C3 = qkv.size()
+        qkv = qkv.view(B, T, 3, self.n_head, C3 // (3 * self.n_head))
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # q, k, v: [B, H, T, D], views of one product
 
     def _merge_heads(self, y: torch.Tensor) -> torch.Tensor:
         B, H, T, D = y.size()
-        return y.transpose(1, 2).contiguous().view(B, T, H * D)
+        return y.transpose(1, 2).reshape(B, T, H * D)  # a view for one position, a copy for several
 
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = RoutedLinear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         # GPT-2's own gelu ("gelu_new"); the erf form drifts from its weights
         self.gelu = nn.GELU(approximate="tanh")
-        self.c_proj = RoutedLinear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -222,8 +223,11 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
-        self.lm_head = RoutedLinear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
+        # Tied, as in GPT-2, and stored as the head's product reads it fastest (linear.Linear): a
+        # token's row is then read with a stride, which costs nothing beside the head.
+        wte = self.transformer.wte
+        wte.weight = self.lm_head.weight = nn.Parameter(transposed_layout(wte.weight.detach()))
         self._compiled = {}
         if self.lm_head.weight.is_meta:  # to be filled from a checkpoint: random values are wasted
             return
@@ -241,11 +245,12 @@ class GPT(nn.Module):
             torch.nn.init.zeros_(module.bias)
 
     def get_num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; the position embedding is left out by default (the token one is shared
-        with the head)."""
-        n = sum(p.numel() for p in self.parameters())
+        """Parameter count, whatever the precision its weights are held in; the position embedding
+        is left out by default (the token one is shared with the head)."""
+        shapes = load.expected_shapes(vars(self.config))
+        n = sum(math.prod(shape) for name, shape in shapes.items() if name != "lm_head.weight")
         if non_embedding:
-            n -= self.transformer.wpe.weight.numel()
+            n -= math.prod(shapes["transformer.wpe.weight"])
         return n
 
     def crop_block_size(self, block_size: int) -> None:
@@ -311,7 +316,8 @@ class GPT(nn.Module):
         return self.lm_head(self.transformer.ln_f(x)), torch.stack(probs)
 
     @classmethod
-    def from_pretrained(cls, model_type: str, override_args: Optional[dict] = None) -> "GPT":
+    def from_pretrained(cls, model_type: str, override_args: Optional[dict] = None, *,
+                        quantize: Optional[str] = None) -> "GPT":
         """Load GPT-2 weights, in eval mode and float32, from any of:
 
         - 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', 'distilgpt2', or a hub repo id of a GPT-2
@@ -321,12 +327,26 @@ class GPT(nn.Module):
           pytorch_model.bin);
         - a nanoGPT training checkpoint (ckpt.pt, or a folder holding one). override_args may set
           dropout only. Raises load.LoadError with what went wrong and what to do.
+
+        quantize="int8" or "fp16" (CPU) rounds each weight as it is read, as quantize_int8 and
+        quantize_fp16 would after loading, without ever holding the float32 model.
         """
-        config_args, state_dict = load.read_pretrained(model_type, override_args)
+        if quantize not in (None, "int8", "fp16"):
+            raise ValueError(f"quantize must be None, 'int8' or 'fp16', got {quantize!r}")
+        config_args, checkpoint = load.read_pretrained(model_type, override_args)
         with torch.device("meta"):  # no memory, no init: every tensor comes from the checkpoint
             model = cls(GPTConfig(**config_args))
-        model.load_state_dict(state_dict, assign=True)
-        model.lm_head.weight = model.transformer.wte.weight  # assign=True untied them: tie again
+        read = set()
+        if quantize is not None:
+            read = quantized_from(model, lambda name, rows: checkpoint.read(name, rows), quantize)
+        # The rest in float32, each in the layout the model holds it in (a tied pair read once).
+        state = {}
+        for name, t in model.state_dict(keep_vars=True).items():
+            if t.is_meta and name not in read and name != "lm_head.weight":
+                state[name] = checkpoint.read(name, like=t)
+        model.load_state_dict(state, assign=True, strict=False)
+        if quantize is None:  # assign=True left the head on the meta device: tie it again
+            model.lm_head.weight = model.transformer.wte.weight
         return model.eval()
 
     # ----------------------------------------------------------------------------------------------
@@ -357,8 +377,13 @@ class GPT(nn.Module):
         return self.lm_head(self._hidden(idx, input_pos, self._decoding(idx, input_pos, kv_cache)))
 
     def _decoding(self, idx: torch.Tensor, input_pos: torch.Tensor, kv_cache: KVCache) -> CacheStep:
+        """A decode step's CacheStep: an additive mask, -inf past each query's own position in its
+        row, made once a step. (Its writes are index_put, as a prompt's: Inductor turns a scatter_
+        into a copy of the cache and back, the index_put it does in place.)"""
         keys = torch.arange(kv_cache.visible(idx.size(1)), device=idx.device)
-        mask = (keys <= input_pos[..., None])[:, None]  # [B, 1, S, visible]: its row, up to itself
+        hidden = keys > input_pos[:, None, :, None]  # [B, 1, S, visible]: past its row's position
+        mask = torch.zeros(hidden.shape, dtype=kv_cache.k[0].dtype, device=idx.device)
+        mask.masked_fill_(hidden, float("-inf"))
         return CacheStep(kv_cache, kv_cache.all_rows, input_pos, mask)
 
     def decode_and_prefill(self, idx: Optional[torch.Tensor], input_pos: Optional[torch.Tensor],
@@ -370,7 +395,7 @@ class GPT(nn.Module):
         after each other), so that none is padded; continuous batching starts prompts this way, at
         no cost of a pass of their own. Logits [B, S, V] of the step (None without one) and [n, V]
         after each rectangle's prompts."""
-        # idx, input_pos: [B, S]; prompts: ([n, T] ids, [n or n * samples] rows on the cache's device)
+        # idx, input_pos: [B, S]; prompts: ([n, T] ids, [n or n * samples] rows on its device)
         shapes, steps, ids, positions = [], [], [], []
         if idx is not None:
             shapes.append((idx.size(0), idx.size(1)))

@@ -18,10 +18,11 @@ import time
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
-import torch
-import torch.nn as nn
+if TYPE_CHECKING:  # torch is imported where it is used: bench.py's memory figure runs llama.cpp without it
+    import torch
+    import torch.nn as nn
 
 # engine: (the Python packages it needs, how to install them)
 ENGINES = {
@@ -101,6 +102,7 @@ def save_transformers_folder(hf_model: nn.Module, folder: Path) -> Path:
 def ct2_generator(hf_folder: Path, out: Path, quantization: str,
                   threads: int) -> Callable[[torch.Tensor, int], tuple[list[float], torch.Tensor]]:
     import ctranslate2
+    import torch
 
     ctranslate2.converters.TransformersConverter(str(hf_folder)).convert(str(out), quantization=quantization,
                                                                          force=True)
@@ -129,6 +131,14 @@ def ct2_generator(hf_folder: Path, out: Path, quantization: str,
 # llama.cpp
 
 
+def amx_int8() -> bool:
+    """Whether this CPU has AMX's int8 tiles (the amx_int8 flag of Linux's /proc/cpuinfo)."""
+    try:
+        return "amx_int8" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
 _silence = None  # llama.cpp's log callback, kept alive while llama.cpp may call it
 
 
@@ -147,8 +157,9 @@ class LlamaEngine:
             llama_cpp.llama_log_set(_silence, None)
         params = llama_cpp.llama_model_default_params()
         # llama.cpp's extra weight layouts (AMX, repacked blocks) crashed llama_decode on q8_0 models on an AVX-512
-        # machine with AMX (llama-cpp-python 0.3.36, built with GGML_NATIVE): plain q8_0 kernels instead
-        params.use_extra_bufts = False
+        # machine with AMX (llama-cpp-python 0.3.36, built with GGML_NATIVE; ggml-org/llama.cpp#20824): there,
+        # plain q8_0 kernels instead; elsewhere llama.cpp's own choice
+        params.use_extra_bufts = not amx_int8()
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {path}")
@@ -186,10 +197,16 @@ class LlamaEngine:
 
     def generate(self, idx: torch.Tensor, steps: int) -> tuple[list[float], torch.Tensor]:
         """Greedy, each row its own sequence, from an emptied cache (no prompt reused between runs)."""
-        rows, T = idx.shape
+        import torch
+
+        times, tokens = self.greedy(idx.tolist(), steps)
+        return times, torch.tensor(tokens).t()
+
+    def greedy(self, prompts: list[list[int]], steps: int) -> tuple[list[float], list[list[int]]]:
+        """generate's work on lists (no torch): the step times, and each step's tokens, one per row."""
+        rows, T = len(prompts), len(prompts[0])
         ctx, batch = self._context(rows, T + steps)
         self.L.llama_memory_clear(self.L.llama_get_memory(ctx), True)
-        prompts = idx.tolist()
         times = [time.perf_counter()]
         self._decode(ctx, batch, [(t, pos, s, pos == T - 1) for s, row in enumerate(prompts)
                                   for pos, t in enumerate(row)])
@@ -199,7 +216,7 @@ class LlamaEngine:
             self._decode(ctx, batch, [(t, T + step - 1, s, True) for s, t in enumerate(tokens[-1])])
             tokens.append(self._argmax(ctx, range(rows)))
             times.append(time.perf_counter())
-        return times, torch.tensor(tokens).t()
+        return times, tokens
 
     def close(self) -> None:
         for ctx, batch in self.contexts.values():

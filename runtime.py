@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional, Union
 
 from errors import UsageError
-from tokenizer import EOT, EOT_ID, check_fits, load_tokenizer
+from tokenizer import EOT, EOT_ID, load_tokenizer
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -110,31 +110,94 @@ def open_checkpoint(name: str) -> Path:
 
 
 def model_from(checkpoint: Path, dev: torch.device, dt: torch.dtype, quantize_mode: Optional[str] = None) -> GPT:
-    """The checkpoint's model on dev in dt, with int8 or fp16 weights if quantize_mode asks (CPU only)."""
+    """The checkpoint's model on dev in dt, or with int8 or fp16 weights if quantize_mode asks (CPU only; the
+    weights are rounded as they are read, and the rest computes in float32)."""
+    import torch
+
     from model import GPT
 
-    model = GPT.from_pretrained(str(checkpoint)).to(device=dev, dtype=dt)
-    if quantize_mode is not None:
-        if quantize_mode not in ("int8", "fp16") or dev.type != "cpu":
-            raise UsageError(f"--quantize takes int8 or fp16 on the CPU only, got {quantize_mode!r} on {dev}")
-        getattr(model, f"quantize_{quantize_mode}")()
-    return model
+    if quantize_mode is None:
+        return GPT.from_pretrained(str(checkpoint)).to(device=dev, dtype=dt)
+    if quantize_mode not in ("int8", "fp16") or dev.type != "cpu":
+        raise UsageError(f"--quantize takes int8 or fp16 on the CPU only, got {quantize_mode!r} on {dev}")
+    if dt != torch.float32:
+        raise UsageError(f"--quantize={quantize_mode} multiplies its weights in float32: leave --dtype at auto or "
+                         f"float32")
+    return GPT.from_pretrained(str(checkpoint), quantize=quantize_mode)
+
+
+# --dtype=auto on a CPU: float16 weights (Fp16Linear) with float32 sums. Of the precisions whose fidelity on the
+# trained model is within 1e-5 nats of mean KL and 99.9% top-1 of float32 (float32 and fp16: KL 1.4e-6, top-1
+# 100%; bfloat16 and int8 are not), the faster on every CPU measured (AVX2, AVX-512, AMX): the README's speed tables.
+CPU_WEIGHTS = "fp16"
+
+
+def check_draft(name: Optional[str], draft_tokens: Optional[int], dev: torch.device, quantize_mode: Optional[str],
+                compile: bool) -> None:
+    """--draft and --draft_tokens checked before any model loads: UsageError for a draft that cannot serve."""
+    from sampling import check_int
+
+    if name is None:
+        if draft_tokens is not None:
+            raise UsageError(f"--draft_tokens={draft_tokens} without --draft: give a draft (int8, fp16 or a smaller "
+                             "model) for it to propose tokens")
+        return
+    if draft_tokens is not None:
+        try:
+            check_int("--draft_tokens", draft_tokens, 1)
+        except (TypeError, ValueError) as e:
+            raise UsageError(e) from None
+    if compile:
+        raise UsageError("--draft does not take --compile=True: speculative decoding runs eagerly")
+    if name in ("int8", "fp16"):
+        if dev.type != "cpu":
+            raise UsageError(f"--draft={name} runs on the CPU only (fbgemm's products), not on {dev}: give a "
+                             "smaller model of the same vocabulary as the draft instead, such as --draft=distilgpt2")
+        if quantize_mode is not None:
+            raise UsageError(f"--draft={name} is a quantized copy of the float model, and --quantize={quantize_mode} "
+                             "leaves no float model to copy: drop one of them")
+    else:
+        try:
+            open_checkpoint(name)  # a draft that is not there is said now, before the model loads
+        except UsageError as e:
+            raise UsageError(f"--draft={name}: {e}") from None
+
+
+def load_draft(name: Optional[str], model: GPT, dev: torch.device, dtype_name: str) -> Union[None, str, GPT]:
+    """--draft's draft for speculative decoding (checked by check_draft): "int8" or "fp16", which generation makes
+    from the model's own weights, or the model `name` loaded on dev in dtype_name's dtype, which must share the
+    model's vocabulary."""
+    if name is None or name in ("int8", "fp16"):
+        return name
+    t0 = time.perf_counter()
+    draft = model_from(open_checkpoint(name), dev, pick_dtype(dtype_name, dev))
+    if draft.config.vocab_size != model.config.vocab_size:
+        raise UsageError(f"--draft={name} has a vocabulary of {draft.config.vocab_size} tokens and the model one of "
+                         f"{model.config.vocab_size}: a draft must propose the model's own token ids; use a model "
+                         f"of the same family (distilgpt2 or gpt2 for GPT-2's 50257 tokens), or int8 or fp16")
+    print(f"loaded the draft {name} ({draft.get_num_params(non_embedding=False):,} params) in "
+          f"{time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    return draft
 
 
 def load_model(name: str, dev: torch.device, dtype_name: str, quantize_mode: Optional[str],
                tiktoken_path: Optional[str]) -> tuple[GPT, tiktoken.Encoding]:
     """The model `name` on dev, in dtype_name's dtype (and int8 or fp16 weights if asked), and its tokenizer, which
-    must fit it; the load is reported on stderr. The tokenizer is found before the weights load, so that a missing
-    one is said at once."""
+    must fit it (load_tokenizer checks it against the checkpoint's vocab_size, the one the model is built with); the
+    load is reported on stderr. The tokenizer is found before the weights load, so that a missing one is said at
+    once."""
     dt = pick_dtype(dtype_name, dev)
+    weights = "" if quantize_mode is None else f" with {quantize_mode} weights"
+    if quantize_mode is None and dtype_name == "auto" and dev.type == "cpu":
+        quantize_mode = CPU_WEIGHTS
+        weights = f" with {CPU_WEIGHTS} weights (the CPU default; --dtype=float32 for float32 weights)"
     checkpoint = open_checkpoint(name)
     enc = load_tokenizer(checkpoint, tiktoken_path)
     t0 = time.perf_counter()
     model = model_from(checkpoint, dev, dt, quantize_mode)
     dt_name = str(dt).removeprefix("torch.")
-    print(f"loaded {name} ({model.get_num_params(non_embedding=False):,} params) on {dev}/{dt_name} "
+    print(f"loaded {name} ({model.get_num_params(non_embedding=False):,} params) on {dev}/{dt_name}{weights} "
           f"in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
-    check_fits(enc, model.config.vocab_size)
     return model, enc
 
 
@@ -180,12 +243,12 @@ def token_bytes(enc: tiktoken.Encoding, tokens: list[int]) -> bytes:
 
 def sample_steps(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float, top_k: Optional[int],
                  top_p: Optional[float], stop_at_eot: bool, compile: bool = False,
-                 **draw) -> Iterator[torch.Tensor]:
+                 **options) -> Iterator[torch.Tensor]:
     """Each step's new tokens from model.generate_stream, ending a row at <|endoftext|> when stop_at_eot: the call
-    behind sample.py's samples (a prompts file's run in batch.py's slots). draw: how the rows draw their noise
-    (num_samples, generator, generators)."""
+    behind sample.py's samples (a prompts file's run in batch.py's slots). options: how the rows draw their noise
+    (num_samples, generator, generators) and speculative decoding's (draft, draft_tokens, stats)."""
     return model.generate_stream(idx, max_new_tokens, temperature, top_k, top_p=top_p,
-                                 stop_tokens=[EOT_ID] if stop_at_eot else None, compile=compile, **draw)
+                                 stop_tokens=[EOT_ID] if stop_at_eot else None, compile=compile, **options)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,11 @@ writing every sample as far as it got; 141 the reader of the pipe left; 1 stdout
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the imports below: Ctrl-C or SIGTERM while they load ends quietly
+    from startup import quiet_startup
+
+    quiet_startup()
+
 import codecs
 import os
 import select
@@ -27,14 +32,11 @@ import time
 from itertools import accumulate
 from typing import TYPE_CHECKING, Iterator, Optional, TextIO
 
-from cli import Terminated, flush_stdout, quiet_startup, run_main, signals_held, writing_stdout
+from cli import Terminated, flush_stdout, run_main, signals_held, writing_stdout
 from configurator import configure
 from errors import UsageError
-
-if __name__ == "__main__":
-    quiet_startup()  # before the imports below (and torch's, in main): Ctrl-C during them ends without a traceback
-
-from runtime import batch_sizes, check_sampling, load_model, pick_device, prompt_ids, sample_steps, token_bytes
+from runtime import (batch_sizes, check_draft, check_sampling, load_draft, load_model, pick_device, prompt_ids,
+                     sample_steps, token_bytes)
 from tokenizer import EOT, EOT_ID
 
 if TYPE_CHECKING:
@@ -54,9 +56,11 @@ top_p: float | None = None  # keep the likeliest tokens whose probabilities add 
 stop_at_eot: bool = False  # end a sample at <|endoftext|>
 seed: int | None = 1337  # the same seed gives the same samples on the same device; None differs each run
 device: str = 'auto'  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
-dtype: str = 'auto'  # float32, bfloat16 or float16; auto: bfloat16 on a GPU with native bf16, else float16; CPU float32
+dtype: str = 'auto'  # float32, bfloat16 or float16; auto: bf16 on a GPU with native bf16 (else fp16), fp16 weights on a CPU
 compile: bool = False  # compile the decoding step with torch.compile: a slow first step, faster ones after
 quantize: str | None = None  # int8 (per-row scales) or fp16 weights, CPU only (GPT.quantize_int8/_fp16); None: dtype's
+draft: str | None = None  # speculative decoding's draft: int8 or fp16 (the model's own weights, CPU), or a smaller model
+draft_tokens: int | None = None  # tokens the draft proposes a round; None: generate.py's DRAFT_TOKENS
 stream: bool | None = None  # write the first sample as it is generated; None: only when stdout is a terminal
 tiktoken_file: str | None = None  # GPT-2's gpt2.tiktoken rank file (else $GPT2_TIKTOKEN_FILE, the model's vocab.json)
 prompts: str | None = None  # a prompts file (.jsonl, or text with one prompt a line): their samples go to --out
@@ -204,6 +208,9 @@ def main() -> int:
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                       num_samples=num_samples, stop_at_eot=stop_at_eot, seed=seed)
     if prompts is not None or out is not None:  # batch.py's job: every prompt of a file to JSONL
+        if draft is not None:
+            raise UsageError("--draft is for sample.py's own samples: a prompts file's rows each draw from their own "
+                             "seed whatever their batch, which speculative decoding's rounds would undo; drop --draft")
         import batch
 
         job = batch.SampleJob.read(prompts, out, batch_size, kv_cache_mb, sampling)  # before any model loads
@@ -214,29 +221,36 @@ def main() -> int:
         return batch.sample_prompts(job, model, enc, ranks, compiled)
 
     stdout = prepare_stdout()
-    prompt = read_prompt(start)  # before the slow imports: a mistake here answers at once
-    import numpy  # noqa: F401 (before torch, which imports it from C and swallows any error there, a Ctrl-C too)
-
+    prompt = read_prompt(start)  # before torch's slow import: a mistake here answers at once
     check_sampling(max_new_tokens, temperature, top_k, top_p, num_samples, seed)  # now: no model loads in vain
     if compile and quantize is not None:
         raise UsageError("--compile=True does not take --quantize (torch.compile cannot trace the int8 or fp16 "
                          "products): choose one; their decoding is fast without compiling")
     dev = pick_device(device)
     compiled = keep_eager_on_a_cpu(compile, dev)
-    model, enc = load_model(init_from, dev, dtype, quantize, tiktoken_file)
+    check_draft(draft, draft_tokens, dev, quantize, compiled)
+    # A draft speeds up the exact float32 model: with it, --dtype=auto on a CPU keeps float32 weights.
+    exact = draft is not None and dtype == "auto" and dev.type == "cpu"
+    model, enc = load_model(init_from, dev, "float32" if exact else dtype, quantize, tiktoken_file)
+    speculation = {} if draft is None else dict(draft=load_draft(draft, model, dev, dtype), stats={})
+    if draft_tokens is not None:
+        speculation["draft_tokens"] = draft_tokens
     if enc.eot_token is None and (stop_at_eot or not prompt):
         raise UsageError(f"{init_from} is a character-level model, without {EOT}: " + (
             "--stop_at_eot has nothing to stop at" if stop_at_eot else "give it a prompt to start from (--start)"))
     live = stdout.isatty() if stream is None else stream
-    return write_samples(model, enc, prompt, stdout, dev, live=live, compile=compiled, **sampling)
+    return write_samples(model, enc, prompt, stdout, dev, live=live, compile=compiled, speculation=speculation,
+                         **sampling)
 
 
 def write_samples(model: GPT, enc: tiktoken.Encoding, prompt: str, out: TextIO, dev: torch.device, *,
                   max_new_tokens: int, temperature: float, top_k: Optional[int], top_p: Optional[float],
-                  num_samples: int, stop_at_eot: bool, seed: Optional[int], compile: bool, live: bool) -> int:
+                  num_samples: int, stop_at_eot: bool, seed: Optional[int], compile: bool, live: bool,
+                  speculation: Optional[dict] = None) -> int:
     """num_samples samples of the prompt written to out as they are made (live) or once each is complete, then
     a line of speed on stderr; the exit status: 0, or 130 and 143 when Ctrl-C or SIGTERM stopped generation, after
-    every sample is written as far as it got."""
+    every sample is written as far as it got. speculation: generate_stream's draft, draft_tokens and stats, whose
+    counts are said after the speed."""
     import torch
 
     ids, length = prompt_ids(enc, prompt, model.config, "the prompt")
@@ -248,7 +262,7 @@ def write_samples(model: GPT, enc: tiktoken.Encoding, prompt: str, out: TextIO, 
               f"keeping its last {block_size}", file=sys.stderr)
 
     idx = torch.tensor([ids], dtype=torch.long, device=dev)
-    sizes = batch_sizes(model.config, model.transformer.wte.weight.element_size(), idx.size(1), max_new_tokens,
+    sizes = batch_sizes(model.config, model.transformer.wpe.weight.element_size(), idx.size(1), max_new_tokens,
                         num_samples, dev, compile)
     writer = SampleWriter(enc, ids if prompt else [], num_samples, stop_at_eot, live, out)  # "" prints as ""
     generator = None if seed is None else torch.Generator(device=dev).manual_seed(seed)  # shared by the batches
@@ -257,7 +271,7 @@ def write_samples(model: GPT, enc: tiktoken.Encoding, prompt: str, out: TextIO, 
     try:
         for first, count in zip(accumulate([0] + sizes), sizes):
             stream = sample_steps(model, idx, max_new_tokens, temperature, top_k, top_p, stop_at_eot, compile,
-                                  num_samples=count, generator=generator)
+                                  num_samples=count, generator=generator, **(speculation or {}))
             n_steps, step_time = write_batch(stream, writer, first, live, dev)
             steps.append(n_steps)
             first_step = first_step or step_time
@@ -271,6 +285,8 @@ def write_samples(model: GPT, enc: tiktoken.Encoding, prompt: str, out: TextIO, 
         flush_stdout()
         if any(steps):
             report_speed(steps, sizes, elapsed, first_step, compile)
+        if speculation and speculation["stats"].get("rounds"):
+            report_speculation(speculation["stats"], sum(sizes))
         if status:
             print(f"{'interrupted' if status == 130 else 'terminated'}: each sample above ends where generation "
                   f"stopped", file=sys.stderr)
@@ -337,6 +353,13 @@ def report_speed(steps: list[int], sizes: list[int], elapsed: float, first_step:
     if n_tokens > sizes[0] and elapsed > first_step:
         line += f", then {(n_tokens - sizes[0]) / (elapsed - first_step):.1f} tokens/s"
     print(line, file=sys.stderr)
+
+
+def report_speculation(stats: dict, rows: int) -> None:
+    """One line: how the draft did, from generate_stream's counts (rows: the samples, over all batches)."""
+    print(f"speculative decoding: {stats['accepted'] / stats['proposed']:.0%} of the draft's tokens accepted, "
+          f"{stats['tokens'] / stats['rounds'] / rows:.2f} tokens a sample per round of one model step",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

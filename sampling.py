@@ -8,7 +8,7 @@ the scripts, which run them before any model loads.
 
 import math
 import numbers
-from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar, Union
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, TypeVar, Union
 
 import torch
 from torch.nn import functional as F
@@ -33,8 +33,44 @@ def sample_next_token(logits: torch.Tensor, temperature: PerRow[float] = 1.0, to
         return sample_rows(logits, temperature, top_k, top_p, generator, generators)
     if temperature == 0:
         return logits.argmax(dim=-1)
+    probs, candidates = narrowed_probs(logits, temperature, top_k, top_p)
+    choice = draw(probs, generator, generators)
+    return choice if candidates is None else candidates.gather(-1, choice[:, None])[:, 0]
+
+
+class Sampling(NamedTuple):
+    """One generation's way of choosing tokens, for the steps that draw several times (speculative decoding)."""
+    temperature: float
+    top_k: Optional[int]
+    top_p: Optional[float]
+    generator: Optional[torch.Generator]
+    generators: Optional[Sequence[torch.Generator]]
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def next_token(self, logits: torch.Tensor) -> torch.Tensor:
+        return sample_next_token(logits, self.temperature, self.top_k, self.top_p, self.generator,
+                                 generators=self.generators)
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return token_probs(logits, self.temperature, self.top_k, self.top_p)
+
+    def draw(self, probs: torch.Tensor) -> torch.Tensor:
+        return draw(probs, self.generator, self.generators)
+
+    def uniform(self, like: torch.Tensor) -> torch.Tensor:
+        """Draws uniform on (0, 1], shaped like `like`: exp(-E) for E ~ Exp(1), from the same generators."""
+        return torch.exp(-exponential_noise(like, self.generator, self.generators))
+
+
+def narrowed_probs(logits: torch.Tensor, temperature: float, top_k: Optional[int],
+                   top_p: Optional[float]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The distribution a token is drawn from (temperature > 0), over the columns that can be drawn: all of them, or
+    with top-k or top-p the likeliest first, whose token ids are then `candidates` (else None). [..., V] logits."""
     logits = logits.float() / temperature
-    candidates = None  # token ids of the columns of logits, once narrowed to the likeliest (most likely first)
+    candidates = None
     if top_k is not None and top_k < logits.size(-1):
         # Only the k likeliest tokens can be drawn: the rest of the work is done on those k columns alone.
         logits, candidates = torch.topk(logits, top_k, dim=-1)
@@ -46,15 +82,37 @@ def sample_next_token(logits: torch.Tensor, temperature: PerRow[float] = 1.0, to
         # the tokens ranked above it is still short of top_p (so the most likely one always stays).
         mass_above = probs.cumsum(dim=-1) - probs
         probs = probs.masked_fill(mass_above >= top_p, 0.0)
+    return probs, candidates
+
+
+def token_probs(logits: torch.Tensor, temperature: float, top_k: Optional[int],
+                top_p: Optional[float]) -> torch.Tensor:
+    """The distribution sample_next_token draws from, over the whole vocabulary: [..., V] logits to probabilities
+    summing to 1, zero outside top-k and the nucleus. Speculative decoding compares the draft's and the model's."""
+    probs, candidates = narrowed_probs(logits, temperature, top_k, top_p)
+    if top_p is not None and top_p < 1.0:
+        probs = probs / probs.sum(dim=-1, keepdim=True)  # the nucleus alone (draw() itself needs no normalising)
+    if candidates is None:
+        return probs
+    return torch.zeros(logits.shape, dtype=probs.dtype, device=probs.device).scatter_(-1, candidates, probs)
+
+
+def draw(probs: torch.Tensor, generator: Optional[torch.Generator] = None,
+         generators: Optional[Sequence[torch.Generator]] = None) -> torch.Tensor:
+    """An index drawn from each row of [B, V] probabilities (any non-negative weights, not all zero): [B]."""
     # argmax(p / E) with E ~ Exp(1) draws index i with probability p_i / sum(p): an exact sample without the
     # host-side checks of torch.multinomial. The clamp keeps a zero draw from turning 0/0 into NaN.
+    noise = exponential_noise(probs, generator, generators).clamp_(min=torch.finfo(probs.dtype).tiny)
+    return (probs / noise).argmax(dim=-1)
+
+
+def exponential_noise(like: torch.Tensor, generator: Optional[torch.Generator] = None,
+                      generators: Optional[Sequence[torch.Generator]] = None) -> torch.Tensor:
+    """Exp(1) draws shaped like `like` [B, ...]; with generators, row i's come from generators[i] alone (the same
+    whatever else is in the batch)."""
     if generators is None:
-        noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    else:  # row i's draws come from generators[i] alone: the same whatever else is in the batch
-        noise = torch.stack([torch.empty_like(row).exponential_(1.0, generator=g) for row, g in zip(probs, generators)])
-    noise = noise.clamp_(min=torch.finfo(probs.dtype).tiny)
-    choice = (probs / noise).argmax(dim=-1)
-    return choice if candidates is None else candidates.gather(-1, choice[:, None])[:, 0]
+        return torch.empty_like(like).exponential_(1.0, generator=generator)
+    return torch.stack([torch.empty_like(row).exponential_(1.0, generator=g) for row, g in zip(like, generators)])
 
 
 def sample_rows(logits: torch.Tensor, temperature: PerRow[float], top_k: PerRow[Optional[int]],

@@ -22,6 +22,11 @@ float rounding (about 1e-7 relative).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the imports below: Ctrl-C or SIGTERM while they load ends quietly
+    from startup import quiet_startup
+
+    quiet_startup()
+
 import json
 import math
 import sys
@@ -73,7 +78,7 @@ def score_batch(model, rows: list[list[int]], firsts: list[int]) -> list[float]:
     import torch
     from torch.nn import functional as F
 
-    device = model.transformer.wte.weight.device
+    device = model.transformer.wpe.weight.device
     idx = torch.tensor(rows, device=device)
     with torch.no_grad():
         logits = model(idx, all_logits=True)[0][:, :-1].float()  # position j predicts token j + 1

@@ -7,6 +7,7 @@ import os
 import pickle
 import re
 import runpy
+import signal
 import subprocess
 import sys
 import weakref
@@ -124,11 +125,16 @@ def run_script(monkeypatch, capsys) -> Callable[..., tuple[int, str, str]]:
 
     def run(script: str, *args: str) -> tuple[int, str, str]:
         monkeypatch.setattr(sys, "argv", [script, *args])
+        monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # startup.quiet_startup's, undone after the run
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # and its signal handlers
         try:
             runpy.run_path(str(ROOT_DIR / script), run_name="__main__")
             status = 0
         except SystemExit as exit_info:
             status = exit_info.code
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
         out, err = capsys.readouterr()
         return status, out, err
 

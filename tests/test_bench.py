@@ -18,8 +18,11 @@ def test_quick_bench_runs_every_system_with_identical_tokens(root_dir):
     systems = {(r["system"], r["batch"]) for r in report["results"]}
     for batch in (1, 10):
         for system in ("(a) ours float32", "(b) transformers float32", "(a) ours int8", "(a) ours fp16",
-                       "(a) ours bfloat16", "(b) transformers bfloat16"):
+                       "(a) ours bfloat16", "(b) transformers bfloat16", "(s) ours float32, int8 draft",
+                       "(s) ours float32, fp16 draft"):
             assert (system, batch) in systems
+    speculative = [r for r in report["results"] if r["system"].startswith("(s)")]
+    assert all(0 < r["accepted"] <= 1 and 1 <= r["tokens_per_round"] for r in speculative)
     assert ("(c) ours no cache float32", 1) in systems
     for r in report["results"]:
         assert r["decode_tok_s"] > 0 and r["ttft_ms"] > 0 and 0 < r["roofline"]
@@ -34,9 +37,10 @@ def test_table_names_the_checks_and_the_estimate(root_dir):
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "(a) ours vs (b) transformers: identical; (a) vs (c) no cache: identical" in done.stdout
-    for system in ("(f) quiet, 1 thread", "(f) busy core, default threads", "(f) busy core, 1 thread"):
-        assert system in done.stdout
-    assert "batch 1 decode, one core busy, ours float32 default threads / one thread: " in done.stdout
+    for setting in ("chosen", "1 thread"):  # float32: the only variant run here
+        assert f"(f) busy core, float32, {setting}" in done.stdout
+    assert "batch 1 decode, one core busy, ours chosen threads / the better fixed count (" in done.stdout
+    assert "(f) sample.py's workload, one core busy, chosen threads / the better fixed count (" in done.stdout
     assert "ESTIMATED" in done.stdout and "read bandwidth" in done.stdout
 
 

@@ -1,5 +1,6 @@
 """bench.py and attention.py against wrong settings (exit status 2 and a message naming the setting, before anything
-slow runs), bench.py's own status for a token mismatch, and both scripts stopped by Ctrl-C while starting."""
+slow runs), bench.py's own status for a token mismatch, and every script stopped by Ctrl-C or SIGTERM while
+starting."""
 
 import os
 import signal
@@ -47,6 +48,8 @@ def refused(result: tuple[int, str, str], script: str, message: str) -> None:
     (["--device=tpu"], "unknown device 'tpu'"),
     (["--dtype=float32,float64"], "unknown dtype 'float64'"),
     (["--quantize=int4"], "quantize must be int8, fp16, int8,fp16 or None, got 'int4'"),
+    (["--draft=int4"], "draft must be int8, fp16, int8,fp16 or None, got 'int4'"),
+    (["--draft_tokens=0"], "--draft_tokens=0: a draft proposes at least 1 token a round"),
 ])
 def test_bench_settings(run_script, args, message):
     refused(run_script("bench.py", *args), "bench.py", message)
@@ -125,13 +128,70 @@ def test_an_interrupted_save_leaves_no_truncated_picture(tmp_path):
     assert picture.read_bytes() == b"the previous picture" and list(tmp_path.iterdir()) == [picture]
 
 
-@pytest.mark.parametrize("script", ["attention.py", "bench.py"])
-def test_ctrl_c_while_starting(small_dir, script):
-    """Ctrl-C while torch is imported: a line and status 130, no traceback."""
-    proc = subprocess.Popen([sys.executable, script, f"--init_from={small_dir}"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and out == ""
-    assert f"{script}: interrupted" in err and "Traceback" not in err
+# ---------------------------------------------------------------------------------------------------------------
+# Every script stopped while it starts: Python's own start-up aside, from the script's first line on
+
+
+SITECUSTOMIZE = """
+import os, signal, sys
+
+class StopAtImport:  # sends this process a signal as the import named by $STOP_AT_IMPORT begins
+    def find_spec(self, name, path=None, target=None):
+        if name == os.environ["STOP_AT_IMPORT"]:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), getattr(signal, os.environ["STOP_SIGNAL"]))
+        return None
+
+sys.meta_path.insert(0, StopAtImport())
+"""
+
+# (when, signal): seconds after the script's handler is in place, or the import at whose start the signal is sent:
+# typing is among a script's first imports, numpy is imported by torch (from C, in sample.py and score.py)
+MOMENTS = [(0.0, "SIGINT"), ("typing", "SIGINT"), ("numpy", "SIGINT"), ("torch", "SIGTERM"), (0.2, "SIGTERM"),
+           (0.5, "SIGINT")]
+
+
+def handler_in_place(pid: int) -> bool:
+    """Whether the process catches SIGTERM, which Python itself leaves alone: the script's first line has run."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+    return bool(caught >> (signal.SIGTERM - 1) & 1)
+
+
+@pytest.fixture
+def script_args(small_dir, tmp_path):
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text('{"text": "Hello there"}\n')
+    return {"sample.py": [f"--init_from={small_dir}", "--max_new_tokens=100000"],
+            "score.py": [f"--init_from={small_dir}", f"--texts={texts}", f"--out={tmp_path / 'scores.jsonl'}"],
+            "attention.py": [f"--init_from={small_dir}", f"--out={tmp_path / 'a.gif'}"],
+            "bench.py": ["--quick", "--batch_sizes=1", "--workload=False", "--reference=False"]}
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads a process's signal mask in /proc (Linux)")
+@pytest.mark.parametrize("script", ["sample.py", "score.py", "attention.py", "bench.py"])
+def test_a_stop_while_starting(script, script_args, tmp_path):
+    """Ctrl-C or SIGTERM from the script's first line on, while torch (and numpy under it) is imported: a line and
+    130 or 143, never a traceback. Once a traceback, or a stop lost or aborting the process when it landed inside
+    torch's import of numpy or in torch's C++. The moments are the import that begins, or a time after the
+    script's handler is in place (before it, only Python's own start-up runs)."""
+    (tmp_path / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    for when, name in MOMENTS:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "STOP_SIGNAL": name}
+        if isinstance(when, str):
+            env.update(PYTHONPATH=str(tmp_path), STOP_AT_IMPORT=when)
+        proc = subprocess.Popen([sys.executable, script, *script_args[script]], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if not isinstance(when, str):
+            deadline = time.monotonic() + 60
+            while not handler_in_place(proc.pid):
+                assert time.monotonic() < deadline, f"{script} never set its signal handlers"
+                time.sleep(0.001)
+            time.sleep(when)
+            proc.send_signal(getattr(signal, name))
+        out, err = proc.communicate(timeout=120)
+        word, status = ("interrupted", 130) if name == "SIGINT" else ("terminated", 143)
+        assert proc.returncode == status, (when, name, err[-3000:])
+        assert f"{script}: {word}" in err and "Traceback" not in err and "Exception ignored" not in err, (when, err)
+        if isinstance(when, str):
+            assert out == ""  # stopped before any work

@@ -437,7 +437,7 @@ def run_slots(model: GPT, slots: int, queue: list, packed: bool = True, **settin
             if idle.numel():
                 decoder.park(idle, history)
             token = sample_next_token(logits, generators=generators, **settings)
-            history.append(token)
+            history.append(token[:, None])
             for row, q in enumerate(running):
                 if q is not None:
                     made[q].append(int(token[row]))
@@ -528,7 +528,7 @@ def test_thread_chooser_restores_the_thread_count_when_the_step_fails():
 def test_generation_on_a_cpu_chooses_threads_for_decode_steps_only(monkeypatch):
     counts = []
     original = ThreadChooser.run
-    monkeypatch.setattr(ThreadChooser, "run", lambda self, *a: counts.append(1) or original(self, *a))
+    monkeypatch.setattr(ThreadChooser, "run", lambda self, *a, **k: counts.append(1) or original(self, *a, **k))
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=32)).eval()
     idx = torch.tensor([[1, 2, 3]])

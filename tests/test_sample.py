@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from model import GPT
+from runtime import CPU_WEIGHTS
 from tokenizer import EOT, EOT_ID, load_tokenizer
 
 SEPARATOR = "\n---------------\n"
@@ -46,9 +47,10 @@ def sample(monkeypatch, capsys):
     return lambda *args: run_inprocess(monkeypatch, capsys, *args)
 
 
-def expected_text(folder, prompt_ids, num_samples, max_new_tokens, **options) -> str:
-    """What sample.py must print: each row of model.generate decoded in full, then a line of dashes."""
-    model = GPT.from_pretrained(str(folder))
+def expected_text(folder, prompt_ids, num_samples, max_new_tokens, quantize=CPU_WEIGHTS, **options) -> str:
+    """What sample.py must print: each row of model.generate decoded in full, then a line of dashes. quantize: the
+    weights of the model sample.py loads (its default on a CPU, unless --dtype says otherwise)."""
+    model = GPT.from_pretrained(str(folder), quantize=quantize)
     enc = load_tokenizer(folder)
     rows = model.generate(torch.tensor([prompt_ids]), max_new_tokens, num_samples=num_samples, **options)
     return "".join(enc.decode(row) + SEPARATOR for row in rows.tolist())
@@ -69,7 +71,8 @@ def test_default_output_format(trained_dir):
     # nanoGPT's defaults: start "\n", temperature 0.8, top_k 200, seed 1337; the prompt is part of each sample.
     assert run.stdout == expected_text(trained_dir, [198], 3, 12, temperature=0.8, top_k=200, seed=1337)
     assert len(samples(run.stdout)) == 3
-    assert f"loaded {trained_dir} (7,259,008 params) on cpu/float32 in " in run.stderr
+    assert (f"loaded {trained_dir} (7,259,008 params) on cpu/float32 with fp16 weights (the CPU default; "
+            f"--dtype=float32 for float32 weights) in ") in run.stderr
     assert "generated 36 tokens (12 steps x 3 samples)" in run.stderr and "tokens/s" in run.stderr
 
 
@@ -220,10 +223,10 @@ def test_long_prompt_keeps_its_end(sample, small_dir):
 
 
 def test_device_dtype_and_tiktoken_file(sample, small_dir, shared_dir):
-    _, reference, _ = sample(f"--init_from={small_dir}", "--num_samples=2", "--max_new_tokens=5")
     status, out, err = sample(f"--init_from={small_dir}", "--num_samples=2", "--max_new_tokens=5", "--device=cpu",
                               "--dtype=float32", f"--tiktoken_file={shared_dir / 'gpt2.tiktoken'}")
-    assert status == 0 and out == reference and "on cpu/float32" in err
+    assert status == 0 and "on cpu/float32 in" in err  # float32 weights: no "with ... weights"
+    assert out == expected_text(small_dir, [198], 2, 5, quantize=None, temperature=0.8, top_k=200, seed=1337)
     for name in ("bfloat16", "float16"):
         status, out, err = sample(f"--init_from={small_dir}", "--num_samples=2", "--max_new_tokens=5",
                                   f"--dtype={name}")

@@ -82,8 +82,9 @@ def test_a_prompt_file_too_large(sample, tmp_path):
 
 
 def expected_in_batches(folder: Path, sizes: list[int], max_new_tokens: int, seed: int) -> str:
-    """The text of samples drawn batch after batch from one generator, as sample.py draws them."""
-    model = GPT.from_pretrained(str(folder))
+    """The text of samples drawn batch after batch from one generator, as sample.py draws them (with its default
+    weights on a CPU)."""
+    model = GPT.from_pretrained(str(folder), quantize=runtime.CPU_WEIGHTS)
     enc = load_tokenizer(folder)
     generator = torch.Generator().manual_seed(seed)
     text = ""
