@@ -13,6 +13,7 @@ generation at a time.
 """
 
 import copy
+import math
 import statistics
 import threading
 import time
@@ -246,17 +247,34 @@ def compiled_phases(model: GPT, batch: int, dtype: torch.dtype,
 MOST_DRAFT_TOKENS = 8  # the most proposals draft_length chooses a round (README: bench.py's measurements)
 
 
-def draft_length(accepted: int, proposed: int, cost: float, most: int) -> int:
+def draft_length(accepted: int, proposed: int, draft_step: float, check: float, plain_step: float, most: int) -> int:
     """How many tokens the draft should propose next round: the k in 0..most that makes the most tokens per unit
     of time. A round of k proposals, each accepted with probability a (the rate so far, from a prior of 0.8), makes
-    (1 - a^(k+1)) / (1 - a) tokens, and costs k draft steps and one step of the model, worth `cost` draft steps
-    (the ratio of the weight bytes each reads). k = 0 is a plain step: where the draft is accepted too rarely."""
+    (1 - a^(k+1)) / (1 - a) tokens for k draft steps and one check by the model; k = 0 is a plain step, one token.
+    The three costs in any one unit (seconds measured, or the weight bytes each step reads)."""
     a = (accepted + 4) / (proposed + 5)
 
     def tokens_per_time(k: int) -> float:
-        return (1 - a ** (k + 1)) / (1 - a) / (k + cost)
+        return 1 / plain_step if k == 0 else (1 - a ** (k + 1)) / (1 - a) / (k * draft_step + check)
 
     return max(range(most + 1), key=tokens_per_time)
+
+
+def next_draft_length(model: GPT, draft: GPT, stats: dict, most: int, timed: bool) -> int:
+    """draft_length with the costs known so far. timed (greedy on a CPU, whose steps run as they are called): the
+    seconds measured in this generation for a draft step, a check and a plain step (the first turn is a plain step
+    and the next a round of one proposal, to time each kind once). Otherwise the weight bytes each step reads (a
+    check of several positions reads them once, as a plain step does): sampled tokens depend on the lengths, which
+    must then not depend on timings for a seed to repeat a run, and a GPU's steps are timed only by waiting."""
+    if not timed:
+        costs = (decode_bytes(draft), decode_bytes(model), decode_bytes(model))
+    elif not stats.get("plain_steps"):
+        return 0
+    elif not stats.get("checks"):
+        return 1
+    else:
+        costs = tuple(stats[f"{kind}_seconds"] / stats[f"{kind}s"] for kind in ("draft_step", "check", "plain_step"))
+    return draft_length(stats.get("accepted", 0), stats.get("proposed", 0), *costs, most)
 
 
 def draft_model(model: GPT, draft: Union[str, GPT]) -> GPT:
@@ -298,6 +316,7 @@ def speculate(decoder: Decoder, drafter: Decoder, history: TokenHistory, k: int,
     to k + 1, but at most room[i]: a row far ahead of the others waits for them; 0 leaves it as it was)."""
     # The draft: k steps over its own cache. The first feeds each row's previous token again beside its newest: a
     # row that accepted every proposal last round holds a last proposal that the draft itself was never fed.
+    started = time.perf_counter()
     drafter.cache.lengths = decoder.cache.lengths - 1
     fed = torch.stack([history.back(2), history.back(1)], dim=1)  # [B, 2]
     proposed, draft_probs = [], []
@@ -311,6 +330,7 @@ def speculate(decoder: Decoder, drafter: Decoder, history: TokenHistory, k: int,
             fed = sampling.draw(draft_probs[-1])[:, None]
         proposed.append(fed)
     proposed = torch.cat(proposed, dim=1)  # [B, k]
+    drafted = time.perf_counter()
     # The model: each row's newest token and its k proposals in one step; logits after each of them.
     logits = decoder.feed(torch.cat([history.back(1)[:, None], proposed], dim=1))  # [B, k + 1, V]
     if sampling.greedy:  # accepted while the proposal is the model's own choice, which then follows them
@@ -322,7 +342,8 @@ def speculate(decoder: Decoder, drafter: Decoder, history: TokenHistory, k: int,
     made = torch.minimum(accepted.cpu() + 1, room)
     decoder.keep(made)  # the model's cache drops the rejected positions; the draft's is reset by the next round
     for name, count in (("rounds", 1), ("proposed", proposed.numel()), ("accepted", int(accepted.sum())),
-                        ("tokens", int(made.sum()))):
+                        ("tokens", int(made.sum())), ("draft_steps", k), ("draft_step_seconds", drafted - started),
+                        ("checks", 1), ("check_seconds", time.perf_counter() - drafted)):
         stats[name] = stats.get(name, 0) + count
     return tokens, made
 
@@ -371,11 +392,11 @@ def generate_stream(model: GPT, prompts: Prompts, max_new_tokens: int, temperatu
     draft turns on speculative decoding (see speculate): "int8" or "fp16" (the model's own weights quantized, CPU only)
     or a smaller GPT with the same vocabulary proposes draft_tokens tokens a round (None: as many as pay, chosen each
     round by draft_length from the acceptance so far, up to MOST_DRAFT_TOKENS; none, plain steps, when the draft is
-    accepted too rarely to pay), which the model checks in one step. The tokens are the model's own: the same greedy
-    tokens (up to float rounding between a step of one position and one of several), the same distribution when
-    sampling, though not the same draws for a seed (seeded runs repeat with the same draft) and, with generators, a
-    row's draws then depend on its batch. stats, a dict, receives its counts: rounds, proposed, accepted and tokens
-    (made in rounds).
+    accepted too rarely to pay; see next_draft_length), which the model checks in one step. The tokens are the model's
+    own: the same greedy tokens (up to float rounding between a step of one position and one of several), the same
+    distribution when sampling, though not the same draws for a seed (seeded runs repeat with the same draft) and, with
+    generators, a row's draws then depend on its batch. stats, a dict, receives its counts: rounds, proposed, accepted
+    and tokens (made in rounds), and the steps and seconds that draft_length weighs (draft steps, checks, plain steps).
 
     Past block_size positions a row conditions on its last block_size tokens, as nanoGPT does; each such step
     costs that row a full forward pass over block_size tokens (see Decoder.step), and speculation stops.
@@ -426,15 +447,15 @@ def generate_stream(model: GPT, prompts: Prompts, max_new_tokens: int, temperatu
                 drafter = Decoder(draft, B, draft_len, device, compile=False)
         ahead = torch.zeros(B, dtype=torch.long)  # each row's tokens made but not yet yielded, on the host
         token = previous = None
-        tally = stats if stats is not None else {}  # speculation's counts, from which draft_length judges
-        cost = decode_bytes(model) / decode_bytes(draft) if draft is not None else 0.0
+        tally = stats if stats is not None else {}  # speculation's counts and times, from which draft_length judges
+        timed_lengths = sampling.greedy and device.type == "cpu"
 
         def turn() -> None:
             """Everything one turn does: a speculative round, or the prompts' pass or a step and its draw; the
             new tokens go to the history."""
-            proposals = 0
+            proposals, started = 0, time.perf_counter()
             if token is not None and drafter is not None:
-                proposals = draft_tokens or draft_length(tally.get("accepted", 0), tally.get("proposed", 0), cost, k)
+                proposals = draft_tokens or next_draft_length(model, draft, tally, k, timed=timed_lengths)
             if proposals and int(decoder.cache.lengths.max()) + proposals < drafter.cache.max_len:  # a round fits
                 new, made = speculate(decoder, drafter, history, proposals, most_ahead - ahead, sampling, tally)
             else:
@@ -447,6 +468,9 @@ def generate_stream(model: GPT, prompts: Prompts, max_new_tokens: int, temperatu
                 else:
                     logits = decoder.step(token, history)
                 new, made = sampling.next_token(logits)[:, None], 1
+                if token is not None and drafter is not None:
+                    tally["plain_steps"] = tally.get("plain_steps", 0) + 1
+                    tally["plain_step_seconds"] = tally.get("plain_step_seconds", 0) + time.perf_counter() - started
             history.append(new, made)
             ahead.add_(made)
 
@@ -502,30 +526,34 @@ def cpu_thread_chooser(device: torch.device, compile: bool) -> Optional["ThreadC
     threads = torch.get_num_threads()
     if device.type != "cpu" or compile or threads == 1:
         return None
-    # Start at the count the machine favours now, so that the prompts' pass (untimed) runs there too.
-    counts = (1, threads) if parallel_waits(threads) else (threads, 1)
-    return ThreadChooser(counts, opening=False)
+    # Start at the count the machine favours now, so that the prompts' pass (untimed) runs there too. A core busy:
+    # one thread, as a step at every core would cost ten. Quiet: every core, and the opening pair of steps checks
+    # it at the price of one step at one thread (the probe, a few microseconds long, now and then misses the load).
+    if parallel_waits(threads):
+        return ThreadChooser((1, threads), opening=False)
+    return ThreadChooser((threads, 1))
 
 
 def parallel_waits(threads: int) -> bool:
     """Whether an operation split over `threads` threads is slower right now than on one: the mark of a core that
     another program keeps busy, where each parallel region waits milliseconds for its descheduled thread. A multiply
-    of 256K floats, the best of three at each count: measured ~15 us split against ~40 us on one thread on a quiet
-    2-core machine, and 4-8 ms against ~0.1 ms with one core busy."""
-    x = torch.ones(1 << 18)
-    previous, best = torch.get_num_threads(), {}
+    of 1M floats, the median of five at each count: measured 0.3 ms split against 0.6 ms on one thread on a quiet
+    2-core machine, and 8 ms against 0.5 ms with one core busy. (Shorter, the probe was fooled one time in twelve
+    and more: a thread that wakes after sleeping runs at once for a few milliseconds, ahead of the busy program.)"""
+    x = torch.ones(1 << 20)
+    previous, typical = torch.get_num_threads(), {}
     try:
         for count in (threads, 1):
             torch.set_num_threads(count)
             times = []
-            for _ in range(3):
+            for _ in range(5):
                 start = time.perf_counter()
                 x.mul(1.0)
                 times.append(time.perf_counter() - start)
-            best[count] = min(times)
+            typical[count] = statistics.median(times)
     finally:
         torch.set_num_threads(previous)
-    return best[threads] > best[1]
+    return typical[threads] > typical[1]
 
 
 class ThreadChooser:
@@ -539,8 +567,9 @@ class ThreadChooser:
     the faster: cpu_thread_chooser asks parallel_waits, which costs far less than a step at the wrong count with a core
     busy); afterwards the other count is tried for one step after `interval` steps (a second when the first wins: the
     other program may have paused for one step), the interval doubling up to `max_interval` each time it loses and
-    starting over when it wins; and two steps in a row at the chosen count that take over twice the recent median (the
-    load changed, not one step that was interrupted) try the other count at once. A trial costs what the losing count is
+    starting over when it wins; and two steps in a row at the chosen count that take over twice the recent median and
+    longer than the other count's last step (the load changed, not one step that was interrupted or the machine's
+    noise) try the other count at once. A trial costs what the losing count is
     slower, so the next trial also waits at least `interval` times that excess (a count 10x slower is tried again 288
     steps on, not 32): trials cost at most about 1/32 of the time. Quiet, that is one step at one thread at steps ~32,
     96, 224, 480, ... The thread count is set for each step and restored after it, so nothing else sees it changed.
@@ -561,7 +590,8 @@ class ThreadChooser:
         self.recent = []  # the chosen count's step times since it was chosen, the last `window` of them
         # The step at which the other count is tried again; None during the opening.
         self.next_trial = None if opening else interval
-        self.slow_before = False  # whether the last step at the chosen count was over twice the recent median
+        self.slow_before = False  # whether the last step at the chosen count was slow (see record)
+        self.other_seconds = 0.0 if opening else math.inf  # the other count's step when last timed (never: inf)
 
     def run(self, step: Callable[..., T], *args, timed: bool = True) -> T:
         """step(*args), at the thread count this step should use; its time decides the counts to come (unless
@@ -587,7 +617,9 @@ class ThreadChooser:
             if not self.trials:
                 self._decide()
             return
-        slow = len(self.recent) >= 2 and seconds > 2 * statistics.median(self.recent)
+        # Slow: over twice the recent median, and slower than the other count was when last timed (noise on a busy
+        # machine often doubles a step; a trial at a count ten times slower is no remedy for it).
+        slow = len(self.recent) >= 2 and seconds > max(2 * statistics.median(self.recent), self.other_seconds)
         self.recent = (self.recent + [seconds])[-self.window:]
         if self.steps >= self.next_trial:
             self.trials = [self.other]
@@ -614,6 +646,7 @@ class ThreadChooser:
             self.interval = self.first_interval if won else min(2 * self.interval, self.max_interval)
         if won:
             self.chosen, self.other = self.other, self.chosen
+        self.other_seconds = max(a, b)
         excess = max(a, b) / min(a, b) - 1  # what a step at the losing count costs more
         wait = min(max(self.interval, round(self.first_interval * excess)), self.max_interval)
         self.trial_times = {self.chosen: [], self.other: []}

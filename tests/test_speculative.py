@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from generate import draft_length, draft_model
-from linear import Int8Linear
+from generate import draft_length, draft_model, next_draft_length
+from linear import Int8Linear, decode_bytes
 from model import GPT, GPTConfig
 
 
@@ -33,7 +33,7 @@ def test_greedy_equals_plain_decoding_on_trained_model(trained, draft):
     step there re-reads a window of 256 positions per row)."""
     idx = torch.tensor([[50256, 464, 2196, 286, 11361, 318]])
     stats = {}
-    assert torch.equal(trained.generate(idx, 260, temperature=0, draft=draft, stats=stats),
+    assert torch.equal(trained.generate(idx, 260, temperature=0, draft=draft, draft_tokens=4, stats=stats),
                        trained.generate(idx, 260, temperature=0))
     assert stats["rounds"] > 0 and stats["tokens"] > 2 * stats["rounds"]  # it did speculate, and it paid
     rows = random_prompts((1, 5, 9, 13, 17, 21, 25, 29, 33, 40), 50257)
@@ -50,7 +50,7 @@ def test_greedy_equals_plain_decoding_on_124m_shape(gpt2_shape, batch):
     rows = random_prompts((8, 3, 12, 5, 6, 1, 9, 4, 2, 7)[:batch], 50257, seed=batch)
     stats = {}
     new_tokens = 28 if batch == 1 else 24
-    spec = gpt2_shape.generate(rows, new_tokens, temperature=0, draft="int8", stats=stats)
+    spec = gpt2_shape.generate(rows, new_tokens, temperature=0, draft="int8", draft_tokens=4, stats=stats)
     plain = gpt2_shape.generate(rows, new_tokens, temperature=0)
     assert all(torch.equal(a, b) for a, b in zip(spec, plain))
     assert stats["tokens"] > 2 * stats["rounds"] * batch
@@ -65,7 +65,7 @@ def test_another_gpt_as_draft_and_its_shorter_context(trained):
     draft.quantize_int8()
     idx = torch.tensor([[50256, 464]])
     stats = {}
-    out = trained.generate(idx, 60, temperature=0, draft=draft, stats=stats)
+    out = trained.generate(idx, 60, temperature=0, draft=draft, draft_tokens=4, stats=stats)
     assert torch.equal(out, trained.generate(idx, 60, temperature=0))
     assert 0 < stats["rounds"] < 10  # rounds only while the rows fit the draft's 32 positions
 
@@ -83,9 +83,24 @@ def test_draft_length_makes_the_most_tokens_per_time_in_a_simulation():
             return float((accepted + 1).float().mean()) / (k + cost)
 
         rates = [simulated(k) for k in range(9)]
-        chosen = draft_length(int(a * 10**6), 10**6, cost, 8)
+        chosen = draft_length(int(a * 10**6), 10**6, 1.0, cost, cost, 8)
         assert rates[chosen] >= 0.98 * max(rates), (a, cost, chosen, rates)
-    assert draft_length(0, 0, 1.0, 8) == 0  # a draft as costly as the model never pays
+    assert draft_length(0, 0, 1.0, 1.0, 1.0, 8) == 0  # a draft as costly as the model never pays
+    # A check of several positions dearer than a plain step (a CPU's float32 products of 2-10 rows: 1.6x one row).
+    assert draft_length(89, 100, 1.0, 1.6, 1.0, 8) == 0 and draft_length(89, 100, 0.25, 1.6, 1.0, 8) > 0
+
+
+def test_the_draft_length_is_timed_greedy_on_a_cpu_and_by_weight_bytes_otherwise(trained):
+    """Greedy on a CPU: one plain step, then one round of one proposal, then the lengths the measured seconds give.
+    Sampling (where the lengths change the draws, and a seed must repeat a run) or on a GPU: the weight bytes."""
+    draft = draft_model(trained, "int8")
+    assert next_draft_length(trained, draft, {}, 8, timed=True) == 0
+    assert next_draft_length(trained, draft, dict(plain_steps=1, plain_step_seconds=1.0), 8, timed=True) == 1
+    stats = dict(plain_steps=4, plain_step_seconds=4.0, checks=2, check_seconds=3.0, draft_steps=4,
+                 draft_step_seconds=1.0, accepted=900, proposed=1000)
+    assert next_draft_length(trained, draft, stats, 8, timed=True) == draft_length(900, 1000, 0.25, 1.5, 1.0, 8)
+    ratio = decode_bytes(trained) / decode_bytes(draft)
+    assert next_draft_length(trained, draft, {}, 8, timed=False) == draft_length(0, 0, 1.0, ratio, ratio, 8) > 0
 
 
 def test_a_draft_that_is_never_accepted_falls_back_to_plain_steps(trained):
