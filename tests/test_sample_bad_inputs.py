@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pty
+import re
 import select
 import signal
 import subprocess
@@ -127,6 +128,92 @@ def test_not_even_one_sample_fits(small_dir, monkeypatch, capsys):
 
 def test_compile_with_int8_is_refused(sample):
     refused(sample("--compile=True", "--quantize=int8"), "--compile=True does not take --quantize")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory limits that /proc/meminfo does not show: a container's control group, ulimit -v and -d
+
+GB = 10 ** 9
+
+
+def fake_system(tmp_path: Path, cgroup: str, groups: dict[str, dict[str, object]], available: int = 10 * GB) -> Path:
+    """A /proc (MemAvailable, the process's cgroup line) and a cgroup file system holding `groups`, each a folder
+    under tmp_path/cgroup with its files."""
+    proc = tmp_path / "proc"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text(f"MemTotal: {4 * available // 1024} kB\nMemAvailable: {available // 1024} kB\n")
+    (proc / "self" / "cgroup").write_text(cgroup)
+    (proc / "self" / "status").write_text("VmSize:\t  100000 kB\nVmData:\t  50000 kB\n")
+    for folder, files in groups.items():
+        (tmp_path / "cgroup" / folder).mkdir(parents=True, exist_ok=True)
+        for name, content in files.items():
+            (tmp_path / "cgroup" / folder / name).write_text(f"{content}\n")
+    return proc
+
+
+@pytest.mark.parametrize("cgroup, groups, room", [
+    # cgroup v2: the group's limit less what it uses, not counting the file cache the kernel drops first
+    ("0::/kubepods/pod1\n", {"kubepods/pod1": {"memory.max": 3 * GB, "memory.current": 2 * GB,
+                                               "memory.stat": f"anon {GB}\ninactive_file {GB // 2}"},
+                             "kubepods": {"memory.max": "max", "memory.current": 5 * GB}}, 3 * GB - 3 * GB // 2),
+    # a parent's limit holds its children
+    ("0::/a/b\n", {"a/b": {"memory.max": "max", "memory.current": GB},
+                   "a": {"memory.max": 2 * GB, "memory.current": GB + GB // 4}}, 3 * GB // 4),
+    # a container sees its own group as the root, whatever /proc/self/cgroup names
+    ("0::/system.slice/docker-1.scope\n", {".": {"memory.max": 2 * GB, "memory.current": GB // 2}}, 3 * GB // 2),
+    # no limit anywhere: the machine's MemAvailable
+    ("0::/\n", {".": {"memory.max": "max", "memory.current": GB}}, 10 * GB),
+    # cgroup v1, the memory controller's own hierarchy
+    ("12:memory:/docker/abc\n5:cpu,cpuacct:/docker/abc\n",
+     {"memory": {"memory.limit_in_bytes": 2 * GB, "memory.usage_in_bytes": GB,
+                 "memory.stat": f"cache 1\ntotal_inactive_file {GB // 4}"}}, 5 * GB // 4),
+    # v1 without a limit writes a number near 2**63
+    ("4:memory:/\n", {"memory": {"memory.limit_in_bytes": 9223372036854771712, "memory.usage_in_bytes": GB}}, 10 * GB),
+    # a limit above what the machine has available: the machine's
+    ("0::/\n", {".": {"memory.max": 64 * GB, "memory.current": GB}}, 10 * GB),
+])
+def test_a_containers_memory_limit_is_read(tmp_path, cgroup, groups, room):
+    """Once ignored: the planner read MemAvailable alone, the machine's, and a container's batch failed with
+    'RuntimeError: [enforce fail at alloc_cpu.cpp]'."""
+    proc = fake_system(tmp_path, cgroup, groups)
+    own_limits = runtime.rlimit_room(proc / "self" / "status")  # this process's ulimits, if it has any
+    assert runtime.host_memory(proc, tmp_path / "cgroup") == min(room, own_limits if own_limits is not None else room)
+
+
+@pytest.mark.parametrize("limit, field", [("RLIMIT_AS", "VmSize"), ("RLIMIT_DATA", "VmData")])
+def test_ulimit_is_read(limit, field):
+    """ulimit -v (the address space) and -d (the data segment), less what the process already has of each."""
+    import resource
+
+    code = ("from pathlib import Path; import runtime; room = runtime.rlimit_room(Path('/proc/self/status')); "
+            f"used = runtime.read_fields(Path('/proc/self/status'))['{field}'] * 1024; "
+            "print(room, used, runtime.host_memory())")
+    cap = 2 * GB
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         preexec_fn=lambda: resource.setrlimit(getattr(resource, limit), (cap, cap)))
+    assert run.returncode == 0, run.stderr
+    room, used, total = map(int, run.stdout.split())
+    assert abs(room - (cap - used)) < 2 ** 20 and 0 < total <= room
+
+
+def test_sample_py_under_ulimit_v(small_dir):
+    """3,000 samples under ulimit -v: once 'RuntimeError: [enforce fail at alloc_cpu.cpp:127] ... you tried to allocate
+    603084000 bytes' and a traceback, as the planner saw only MemAvailable and drew them in one batch. Now it sees
+    the limit and draws batches that fit under it."""
+    import resource
+
+    baseline = subprocess.run([sys.executable, "-c", "import sample, torch, runtime, model; print(next(int(line.split()"
+                               "[1]) for line in open('/proc/self/status') if line.startswith('VmSize')) * 1024)"],
+                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    cap = int(baseline.stdout) + GB // 2  # the address space of a started sample.py, and 500 MB
+    run = subprocess.run([sys.executable, "sample.py", f"--init_from={small_dir}", "--num_samples=3000",
+                          "--max_new_tokens=1", "--device=cpu"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                         timeout=300, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (cap, cap)))
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    planned = re.search(r"more than the ([\d,]+) MB available on cpu allow: drawing them in ([\d,]+) batches",
+                        run.stderr)  # about 1.2 MB a sample, the logits of a 50,257-token vocabulary
+    assert planned and int(planned[1].replace(",", "")) < GB // 2 / 10 ** 6 and int(planned[2].replace(",", "")) > 1
+    assert run.stdout.count(SEPARATOR) == 3000
 
 
 # ---------------------------------------------------------------------------------------------------------------
