@@ -38,7 +38,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MultipleLocator
 from PIL import Image
 
-from cli import run_main
+from cli import memory_named, run_main
 from configurator import configure
 from errors import UsageError
 from model import GPT
@@ -232,14 +232,16 @@ def main() -> None:
     if frame is not None and not 1 <= frame <= config.n_head:
         raise UsageError(f"--frame={frame} is not a head of this model: it has {config.n_head} heads, numbered 1 "
                          f"to {config.n_head}")
-    if text is None:
-        ids = model.generate(torch.tensor([[EOT_ID]]), length - 1, temperature=temperature, top_k=top_k, seed=seed)
-    else:
-        ids = text_ids(load_tokenizer(checkpoint, tiktoken_file), text, length)
-    title = f"{Path(init_from).name}: attention over {ids.size(1)} tokens, " \
-            f"{describe_source(text, temperature, top_k, seed)}"
-    figure = AttentionFigure(attention_probs(model, ids), layer_list, title)
-    write_pictures(figure, head_list, out, duration, png, frame if frame is not None else head_list[0])
+    with memory_named(f"lower --length (now {length}), or draw fewer --layers and --heads, or free some memory"):
+        if text is None:
+            ids = model.generate(torch.tensor([[EOT_ID]]), length - 1, temperature=temperature, top_k=top_k,
+                                 seed=seed)
+        else:
+            ids = text_ids(load_tokenizer(checkpoint, tiktoken_file), text, length)
+        title = f"{Path(init_from).name}: attention over {ids.size(1)} tokens, " \
+                f"{describe_source(text, temperature, top_k, seed)}"
+        figure = AttentionFigure(attention_probs(model, ids), layer_list, title)
+        write_pictures(figure, head_list, out, duration, png, frame if frame is not None else head_list[0])
 
 
 def write_pictures(figure: AttentionFigure, heads: list[int], gif: str, duration: int, png: Optional[str],

@@ -32,7 +32,7 @@ import time
 from itertools import accumulate
 from typing import TYPE_CHECKING, Iterator, Optional, TextIO
 
-from cli import Terminated, flush_stdout, run_main, signals_held, writing_stdout
+from cli import Terminated, flush_stdout, memory_named, run_main, signals_held, writing_stdout
 from configurator import configure
 from errors import UsageError
 from runtime import (batch_sizes, check_draft, check_sampling, load_draft, load_model, pick_device, prompt_ids,
@@ -218,7 +218,9 @@ def main() -> int:
         dev = pick_device(ranks.device)
         compiled = keep_eager_on_a_cpu(compile, dev)
         model, enc = load_model(init_from, dev, dtype, quantize, tiktoken_file)
-        return batch.sample_prompts(job, model, enc, ranks, compiled)
+        with memory_named(f"lower --batch_size (now {batch_size}) or --kv_cache_mb (now {kv_cache_mb}), or free some "
+                          f"memory; the samples finished are kept: run the same command again to go on"):
+            return batch.sample_prompts(job, model, enc, ranks, compiled)
 
     stdout = prepare_stdout()
     prompt = read_prompt(start)  # before torch's slow import: a mistake here answers at once

@@ -32,7 +32,7 @@ import math
 import sys
 from typing import TYPE_CHECKING, Iterator, Optional
 
-from cli import run_main
+from cli import memory_named, run_main
 from configurator import configure
 from errors import UsageError
 from tokenizer import EOT
@@ -121,7 +121,9 @@ def main() -> int:
     items = batch.read_prompts(texts, "text")  # before the model loads: a bad file answers at once
     ranks = batch.start_ranks(device)
     model, enc = load_model(init_from, pick_device(ranks.device), dtype, quantize, tiktoken_file)
-    return score_file(model, enc, items, texts, out, ranks, stride, batch_size, logits_mb)
+    with memory_named(f"lower --batch_size (now {batch_size}) or --logits_mb (now {logits_mb}), or free some memory; "
+                      f"the scores finished are kept: run the same command again to go on"):
+        return score_file(model, enc, items, texts, out, ranks, stride, batch_size, logits_mb)
 
 
 def score_file(model, enc: tiktoken.Encoding, items: list[batch.Prompt], texts: str, out: str, ranks: batch.Ranks,

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import attention
+from model import GPT
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -96,6 +97,15 @@ def draw(run_script, small_dir, tmp_path):
 def test_attention_settings(draw, tmp_path, args, message):
     refused(draw(*args), "attention.py", message)
     assert not (tmp_path / "a.gif").exists()
+
+
+def test_attention_memory_running_out(draw, monkeypatch):
+    failed = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1827545548 bytes.")
+    monkeypatch.setattr(GPT, "forward_with_attention", lambda self, idx: (_ for _ in ()).throw(failed))
+    status, out, err = draw("--length=16", "--layers=1,2")
+    assert status == 1 and out == "" and "Traceback" not in err
+    assert "attention.py: error: out of memory (an allocation of 1,828 MB failed): lower --length (now 16), or draw " \
+           "fewer --layers and --heads, or free some memory" in err
 
 
 def test_attention_config_file_nan(draw, tmp_path):

@@ -217,6 +217,38 @@ def test_sample_py_under_ulimit_v(small_dir):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# An allocation that fails although the work was planned to fit: one message naming the setting to lower
+
+ALLOCATION_FAILED = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                                 "memory: you tried to allocate 1827545548 bytes. Error code 12 (Cannot allocate "
+                                 "memory)")
+
+
+def test_memory_running_out_in_a_prompts_file(run_script, small_dir, tmp_path, monkeypatch):
+    import batch
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a"}\n{"prompt": "bb cc"}\n')
+    run_slots = batch.run_slots
+
+    def failing_after_the_first_finished(*args):
+        """The slots' steps until some samples have finished and been written, then an allocation that fails."""
+        for finished, busy in run_slots(*args):
+            yield finished, busy
+            if finished:
+                raise ALLOCATION_FAILED
+
+    monkeypatch.setattr(batch, "run_slots", failing_after_the_first_finished)
+    status, out, err = run_script("sample.py", f"--init_from={small_dir}", f"--prompts={prompts}",
+                                  f"--out={tmp_path / 'o.jsonl'}", "--max_new_tokens=2", "--batch_size=4")
+    assert status == 1 and out == "" and "Traceback" not in err
+    assert "sample.py: error: out of memory (an allocation of 1,828 MB failed): lower --batch_size (now 4) or " \
+           "--kv_cache_mb (now 2048), or free some memory; the samples finished are kept: run the same command " \
+           "again to go on" in err
+    assert len((tmp_path / "o.jsonl.rank0-of-1.part").read_text().splitlines()) == 4  # the first four slots' samples
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Prompts that tiktoken's regex engine cannot split by itself
 
 

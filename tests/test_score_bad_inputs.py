@@ -1,0 +1,23 @@
+"""score.py against an allocation that fails: named with the settings to lower (exit status 1, no traceback). Its
+texts files are checked in test_score.py and test_batch.py."""
+
+import pytest
+
+from model import GPT
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ALLOCATION_FAILED = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                                 "memory: you tried to allocate 1827545548 bytes. Error code 12 (Cannot allocate "
+                                 "memory)")
+
+
+def test_memory_running_out(run_script, small_dir, tmp_path, monkeypatch):
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text('{"text": "Hello there"}\n')
+    monkeypatch.setattr(GPT, "forward", lambda self, *args, **kwargs: (_ for _ in ()).throw(ALLOCATION_FAILED))
+    status, out, err = run_script("score.py", f"--init_from={small_dir}", f"--texts={texts}",
+                                  f"--out={tmp_path / 'scores.jsonl'}")
+    assert status == 1 and out == "" and "Traceback" not in err
+    assert "score.py: error: out of memory (an allocation of 1,828 MB failed): lower --batch_size (now 8) or " \
+           "--logits_mb (now 2048), or free some memory; the scores finished are kept: run the same command again " \
+           "to go on" in err
