@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from model import GPT, GPTConfig
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-MEMORY_SHARE = 0.8  # of the memory available, what a batch's KV caches and logits may take
+MEMORY_SHARE = 0.8  # of the memory available, what a batch (KV caches, logits, text) may take: the rest is slack
+TEXT_BYTES_PER_TOKEN = 8  # a sample's text, held as bytes until it is written: about 4 a GPT-2 token, with room
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -381,32 +382,39 @@ def kv_cache_bytes(config: GPTConfig, prompt_len: int, max_new_tokens: int, dtyp
 def bytes_per_sample(config: GPTConfig, prompt_len: int, max_new_tokens: int, dtype_bytes: int,
                      compile: bool = False) -> int:
     """What one sample of a batch takes: its KV cache, a step's logits with the sampling's float32 copies of them,
-    and past the context a window step's activations."""
+    past the context a window step's activations, and its text, held until it is written."""
     logits = 6 * config.vocab_size * 4
     past_context = prompt_len + max_new_tokens > config.block_size
     window = 12 * config.block_size * config.n_embd * dtype_bytes if past_context else 0
-    return kv_cache_bytes(config, prompt_len, max_new_tokens, dtype_bytes, compile) + logits + window
+    text = max_new_tokens * TEXT_BYTES_PER_TOKEN
+    return kv_cache_bytes(config, prompt_len, max_new_tokens, dtype_bytes, compile) + logits + window + text
 
 
 def batch_sizes(config: GPTConfig, dtype_bytes: int, prompt_len: int, max_new_tokens: int, num_samples: int,
-                dev: torch.device, compile: bool = False) -> list[int]:
+                dev: torch.device, compile: bool = False) -> Iterator[int]:
     """sample.py's num_samples in one batch if it fits in the memory available, else in as few even batches as
-    fit, said on stderr. UsageError if not even one sample fits. compile: decoding is compiled (a static cache of
-    the whole context per sample; generation frees one batch's before it takes the next's)."""
+    fit, said on stderr. The sizes come one batch at a time, so that any number of samples starts at once.
+    UsageError if not even one sample fits, with the most max_new_tokens that would. compile: decoding is compiled
+    (a static cache of the whole context per sample; generation frees one batch's before it takes the next's)."""
     per_sample = bytes_per_sample(config, prompt_len, max_new_tokens, dtype_bytes, compile)
     available = available_memory(dev)
     if available is None or num_samples * per_sample <= MEMORY_SHARE * available:
-        return [num_samples]
+        return iter([num_samples])
     fit = int(MEMORY_SHARE * available // per_sample)
     if fit < 1:
-        shorter = (f"use --compile=False (a compiled cache holds all {config.block_size} positions)" if compile
-                   else "lower --max_new_tokens")
-        raise UsageError(f"one sample needs about {per_sample / 1e6:,.0f} MB (KV cache and logits) and {dev} has "
-                         f"{available / 1e6:,.0f} MB available: {shorter}, or use a smaller model, a smaller "
-                         f"--dtype or a device with more memory")
+        # the longest text that fits beside a sample's largest KV cache, logits and window (at the context)
+        full = bytes_per_sample(config, config.block_size, 1, dtype_bytes, compile) - TEXT_BYTES_PER_TOKEN
+        most = int((MEMORY_SHARE * available - full) // TEXT_BYTES_PER_TOKEN)
+        fixes = [f"lower --max_new_tokens (about {most:,} fit)"] if most >= 1 else []
+        if compile:
+            fixes.append(f"use --compile=False (a compiled cache holds all {config.block_size} positions)")
+        fixes.append("use a smaller model, a smaller --dtype or a device with more memory")
+        raise UsageError(f"one sample needs about {per_sample / 1e6:,.0f} MB (its KV cache and logits, and the text of "
+                         f"its {max_new_tokens:,} tokens, held until it is written) and {dev} has "
+                         f"{available / 1e6:,.0f} MB available: {', or '.join(fixes)}")
     n = -(-num_samples // fit)
-    sizes = [num_samples // n + (i < num_samples % n) for i in range(n)]
-    print(f"sample.py: {num_samples} samples need about {num_samples * per_sample / 1e6:,.0f} MB for their KV "
-          f"caches and logits, more than the {available / 1e6:,.0f} MB available on {dev} allow: drawing them in "
-          f"{n} batches of up to {sizes[0]} (one seed's samples then differ from one batch's)", file=sys.stderr)
-    return sizes
+    print(f"sample.py: {num_samples:,} samples need about {num_samples * per_sample / 1e6:,.0f} MB for their KV "
+          f"caches, logits and text, more than the {available / 1e6:,.0f} MB available on {dev} allow: drawing them "
+          f"in {n:,} batches of up to {-(-num_samples // n):,} (one seed's samples then differ from one batch's)",
+          file=sys.stderr)
+    return (num_samples // n + (i < num_samples % n) for i in range(n))

@@ -23,7 +23,7 @@ import runtime
 import sample as sample_module
 from cli import OutputError
 from errors import UsageError
-from model import GPT
+from model import GPT, GPTConfig
 from tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,22 +108,59 @@ def write_samples(folder: Path, out, **settings) -> int:
 
 
 def test_samples_that_do_not_fit_run_in_batches(small_dir, monkeypatch, capsys):
-    per_sample = 2 * 2 * 9 * 64 * 4 + 6 * 50257 * 4  # KV cache of 2 layers x 9 positions x 64 wide, and logits
-    monkeypatch.setattr(runtime, "available_memory", lambda dev: int(2.5 * per_sample / 0.8))
+    per_sample = 2 * 2 * 9 * 64 * 4 + 6 * 50257 * 4 + 8 * 8  # KV cache of 2 layers x 9 positions x 64 wide, logits,
+    monkeypatch.setattr(runtime, "available_memory", lambda dev: int(2.5 * per_sample / 0.8))  # 8 tokens of text
     status = write_samples(small_dir, sys.stdout, num_samples=5, max_new_tokens=8)
     out, err = capsys.readouterr()
     assert status == 0, err
-    assert "sample.py: 5 samples need about 6 MB for their KV caches and logits, more than the 4 MB available on " \
-           "cpu allow: drawing them in 3 batches of up to 2" in err
+    assert "sample.py: 5 samples need about 6 MB for their KV caches, logits and text, more than the 4 MB " \
+           "available on cpu allow: drawing them in 3 batches of up to 2" in err
     assert out == expected_in_batches(small_dir, [2, 2, 1], 8, 1337)
     assert "generated 40 tokens (5 samples in 3 batches)" in err
 
 
 def test_not_even_one_sample_fits(small_dir, monkeypatch, capsys):
     monkeypatch.setattr(runtime, "available_memory", lambda dev: 1000)
-    with pytest.raises(UsageError, match="one sample needs about 1 MB .KV cache and logits. and cpu "
-                                         "has 0 MB available: lower --max_new_tokens"):
+    with pytest.raises(UsageError, match="one sample needs about 1 MB .its KV cache and logits, and the text of its "
+                                         "4 tokens, held until it is written. and cpu has 0 MB available: use a "
+                                         "smaller model"):
         write_samples(small_dir, sys.stdout, max_new_tokens=4)
+
+
+def test_more_samples_than_any_machine_holds_start_at_once(small_dir, monkeypatch):
+    """--num_samples=2**63-1 once hung building the list of batch sizes (a MemoryError under a memory limit): the
+    batches are planned as they are drawn, the writer keeps only the batch's samples, and the run goes on until it
+    is stopped, writing every sample it made."""
+    per_sample = runtime.bytes_per_sample(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=64),
+                                          1, 8, 4)
+    monkeypatch.setattr(runtime, "available_memory", lambda dev: int(2.5 * per_sample / 0.8))  # 2 a batch
+
+    class StopAfterTwoBatches(io.StringIO):
+        stopped = False
+
+        def write(self, text):
+            if self.getvalue().count(SEPARATOR) == 4 and not self.stopped:
+                self.stopped = True
+                raise KeyboardInterrupt  # Ctrl-C, as a user stops an endless run
+            return super().write(text)
+
+    out, err = StopAfterTwoBatches(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    assert write_samples(small_dir, out, num_samples=2 ** 63 - 1, max_new_tokens=8) == 130
+    assert out.getvalue().startswith(expected_in_batches(small_dir, [2, 2], 8, 1337))
+    assert "sample.py: 9,223,372,036,854,775,807 samples need about " in err.getvalue()
+    assert "drawing them in 4,611,686,018,427,387,904 batches of up to 2 " in err.getvalue()
+
+
+def test_more_tokens_than_the_memory_holds_are_refused_with_the_most_that_fit(small_dir, monkeypatch):
+    """A sample's text is held until it is written: max_new_tokens=10**12 can never be, so it is refused at once,
+    saying about how many tokens fit."""
+    monkeypatch.setattr(runtime, "available_memory", lambda dev: 10 ** 9)
+    config = GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=64)
+    most = int((0.8 * 10 ** 9 - runtime.bytes_per_sample(config, 64, 1, 4) + 8) // 8)
+    with pytest.raises(UsageError, match=f"the text of its 1,000,000,000,000 tokens, held until it is written. and "
+                                         f"cpu has 1,000 MB available: lower --max_new_tokens .about {most:,} fit."):
+        write_samples(small_dir, sys.stdout, max_new_tokens=10 ** 12)
 
 
 def test_compile_with_int8_is_refused(sample):
@@ -222,6 +259,29 @@ def test_sample_py_under_ulimit_v(small_dir):
 ALLOCATION_FAILED = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
                                  "memory: you tried to allocate 1827545548 bytes. Error code 12 (Cannot allocate "
                                  "memory)")
+
+
+def test_memory_running_out_while_sampling(sample, small_dir, monkeypatch):
+    """The first batch's samples are written whole, the second's as far as they got, then the message: exit 1, as
+    for a full disk."""
+    per_sample = runtime.bytes_per_sample(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=64),
+                                          1, 4, 4)
+    monkeypatch.setattr(runtime, "available_memory", lambda dev: int(2.5 * per_sample / 0.8))  # 2 a batch
+    calls, sample_steps = [], runtime.sample_steps
+
+    def failing_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ALLOCATION_FAILED
+        return sample_steps(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "sample_steps", failing_second_batch)
+    status, out, err = sample("--num_samples=4", "--max_new_tokens=4")
+    assert status == 1 and "Traceback" not in err
+    assert "sample.py: error: out of memory (an allocation of 1,828 MB failed) while drawing 2 samples at once; each " \
+           "sample above ends where generation stopped. Ask for fewer at once (--num_samples=1) or fewer tokens " \
+           "(--max_new_tokens), or free some memory" in err
+    assert out.startswith(expected_in_batches(small_dir, [2], 4, 1337)) and out.count(SEPARATOR) == 4
 
 
 def test_memory_running_out_in_a_prompts_file(run_script, small_dir, tmp_path, monkeypatch):
@@ -369,10 +429,10 @@ def test_a_closed_stderr_keeps_stdout_clean(small_dir):
 
 
 def test_a_reader_leaving_the_pipe_ends_an_endless_run(small_dir):
-    """Piped, samples are written when complete; with max_new_tokens=10**12 they never are, so the run must notice
+    """Piped, samples are written when complete; with max_new_tokens=10**7 that takes hours, so the run must notice
     that its reader left (`| head`, a closed viewer) rather than generate for nobody."""
     proc = subprocess.Popen([sys.executable, "sample.py", f"--init_from={small_dir}", "--num_samples=2",
-                             "--max_new_tokens=1000000000000"], cwd=ROOT, env=ENV,
+                             "--max_new_tokens=10000000"], cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_until_loaded(proc)
     time.sleep(0.5)
