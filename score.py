@@ -93,14 +93,18 @@ def score_texts(model, texts: list[list[int]], stride: int, batch_size: int,
                 logits_mb: int) -> list[tuple[float, int]]:
     """(summed log-probability, tokens scored) of each text. Windows of one length, from any of the texts, share
     a batch: at most batch_size, and fewer where their logits (three copies: the logits, their log-softmax, a
-    float32 copy) would pass logits_mb."""
+    float32 copy) would pass logits_mb or the memory available."""
+    from runtime import MEMORY_SHARE, available_memory
+
+    available = available_memory(model.transformer.wpe.weight.device)
+    budget = logits_mb * 2 ** 20 if available is None else min(logits_mb * 2 ** 20, MEMORY_SHARE * available)
     block_size, vocab_size = model.config.block_size, model.config.vocab_size
     logprob, count = [0.0] * len(texts), [0] * len(texts)
     spans = sorted(((end - begin, t, begin, first) for t, ids in enumerate(texts)
                     for begin, end, first in windows(len(ids), block_size, stride)), reverse=True)
     while spans:
         length = spans[0][0]
-        rows = max(1, min(batch_size, logits_mb * 2 ** 20 // (3 * length * vocab_size * 4)))
+        rows = max(1, min(batch_size, int(budget // (3 * length * vocab_size * 4))))
         chunk = [span for span in spans[:rows] if span[0] == length]
         spans = spans[len(chunk):]
         sums = score_batch(model, [texts[t][b:b + n] for n, t, b, _ in chunk], [f - b for _, _, b, f in chunk])

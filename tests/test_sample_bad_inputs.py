@@ -64,6 +64,8 @@ def test_numbers_out_of_range(sample, args, message):
     ("temperature = float('nan')", "temperature expects a finite number, got nan"),
     ("top_p = float('inf')", "top_p expects a finite number, got inf"),
     ("seed = 2 ** 70", "seed must be in -2**63..2**64-1"),
+    ("num_samples = 10 ** 5000", "num_samples expects an int of 128 bits at most, got one of 16,610 bits"),  # once a
+    ("max_new_tokens = -10 ** 5000", "max_new_tokens expects an int of 128 bits at most"),  # traceback, printing it
 ])
 def test_config_file_numbers(sample, tmp_path, line, message):
     config = tmp_path / "config.py"
@@ -161,6 +163,48 @@ def test_more_tokens_than_the_memory_holds_are_refused_with_the_most_that_fit(sm
     with pytest.raises(UsageError, match=f"the text of its 1,000,000,000,000 tokens, held until it is written. and "
                                          f"cpu has 1,000 MB available: lower --max_new_tokens .about {most:,} fit."):
         write_samples(small_dir, sys.stdout, max_new_tokens=10 ** 12)
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "a", "num_samples": 9223372036854775807}',
+     "asks for 9,223,372,036,854,775,807 samples, which take about"),
+    ('{"prompt": "a"}\n{"prompt": "b", "max_new_tokens": 1000000000000}',
+     "asks for 20 samples, which take about 160,000,000 MB to keep track of and to merge, more than the 1,000 MB "
+     "available: too long to hold even one (line 2 asks for 10 of 1,000,000,000,000 tokens): lower max_new_tokens"),
+    ('{"prompt": "a", "num_samples": 100000, "max_new_tokens": 1000}',
+     "asks for 100,000 samples, which take about 1,754 MB to keep track of and to merge, more than the 1,000 MB "
+     "available: about 57,025 samples of these lengths fit. Lower num_samples or max_new_tokens (line 1 asks for "
+     "100,000 of 1,000 tokens), or split the file"),
+])
+def test_a_prompts_file_asking_more_than_the_memory_holds(run_script, small_dir, tmp_path, monkeypatch, line,
+                                                          message):
+    """Once a hang enumerating the samples: refused before any model loads. batch.py imports host_memory by name,
+    so its own is patched."""
+    import batch
+
+    monkeypatch.setattr(batch, "host_memory", lambda: 10 ** 9)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(line + "\n")
+    refused(run_script("sample.py", f"--init_from={small_dir}", f"--prompts={prompts}", f"--out={tmp_path / 'o'}"),
+            message)
+
+
+def test_a_prompts_files_slots_fit_the_memory(small_dir, monkeypatch):
+    """batch_size and kv_cache_mb are caps: past the memory, the memory decides the slots (each row's cache and
+    logits, and its sample's new tokens held as Python ints)."""
+    import batch
+
+    model, enc = runtime.load_model(str(small_dir), torch.device("cpu"), "auto", None, None)
+    settings = dict(max_new_tokens=8, temperature=0.8, top_k=200, top_p=None, num_samples=10, stop_at_eot=False,
+                    seed=1)
+    job = batch.SampleJob([batch.Prompt(1, 1, "Hello", settings)], "p", "o", 10 ** 12, 10 ** 12)
+    samples = batch.make_samples(job, enc, model)
+    itemsize = model.transformer.wpe.weight.element_size()
+    per_row = runtime.bytes_per_sample(model.config, len(samples[0].ids) + 8, 0, itemsize) + 8 * batch.ROW_TOKEN_BYTES
+    monkeypatch.setattr(batch, "available_memory", lambda dev: int(3.5 * per_row / 0.8))
+    assert batch.slot_count(samples, job, model, compile=False) == 3
+    monkeypatch.setattr(batch, "available_memory", lambda dev: None)  # not known: the caps alone
+    assert batch.slot_count(samples, job, model, compile=False) == 10
 
 
 def test_compile_with_int8_is_refused(sample):
