@@ -10,12 +10,12 @@ are line numbers, and empty lines are skipped (`<|endoftext|>` alone is a prompt
 
 Batches: continuous batching. A rank runs its samples in a fixed number of slots, the rows of one KV cache
 (batch_size of them, fewer where the cache, every row as long as the longest prompt plus its new tokens, would pass
-kv_cache_mb). Every step each busy row takes a token at its own position, with its own settings and generator; a
-row whose sample has finished (its max_new_tokens, or <|endoftext|> with stop_at_eot) takes the next sample at the
-next step, its prompt prefilled in that step's own pass (generate.Decoder.step), while the others go on. The order
-in which samples take slots is planned so that the slots' work ends together (admission_order). A row's numbers
-are those of a batch of one up to the float rounding of a product over a different number of tokens (measured on
-the trained model: logits within 6e-6).
+kv_cache_mb or the rows would not fit in the memory available). Every step each busy row takes a token at its own
+position, with its own settings and generator; a row whose sample has finished (its max_new_tokens, or <|endoftext|>
+with stop_at_eot) takes the next sample at the next step, its prompt prefilled in that step's own pass
+(generate.Decoder.step), while the others go on. The order in which samples take slots is planned so that the slots'
+work ends together (admission_order). A row's numbers are those of a batch of one up to the float rounding of a
+product over a different number of tokens (measured on the trained model: logits within 6e-6).
 
 Seeds. Sample k of prompt id draws its noise from its own torch.Generator, seeded from a hash of (the seed, id,
 k), where the seed is the prompt's own or the run's. So a sample's text depends on the model, the prompt, its

@@ -26,8 +26,9 @@ roofline is the weight bytes a decode step reads over the read bandwidth measure
 steps per second the memory allows.
 
 Exit status: 0 done, the float32 greedy tokens of (a), (b) and (c) identical; 3 done, but those tokens differ (a
-correctness failure, not a crash); 2 a wrong setting (a one-line message); 1 a crash (with its traceback), or with
---gpu_check a part that failed or ran out of its time; 130 Ctrl-C, 143 SIGTERM.
+correctness failure, not a crash); 2 a wrong setting (a one-line message, sizes past the memory included); 1 a
+crash (with its traceback), memory that ran out (a message), or with --gpu_check a part that failed or ran out of
+its time; 130 Ctrl-C, 143 SIGTERM.
 """
 
 if __name__ == "__main__":  # first, before the imports below: Ctrl-C or SIGTERM while they load ends quietly

@@ -13,7 +13,9 @@ sample is complete. A stdout whose encoding is not UTF-8 gets UTF-8 (a console: 
 samples every prompt of a file to JSONL instead, batched and resumable (batch.py holds that job).
 
 Exit status: 0 done; 2 a mistake in a setting or a file (a one-paragraph message); 130 Ctrl-C and 143 SIGTERM, after
-writing every sample as far as it got; 141 the reader of the pipe left; 1 stdout cannot be written (a full disk).
+writing every sample as far as it got; 141 the reader of the pipe left; 1 stdout cannot be written (a full disk), or
+memory ran out although the batches were planned to fit (after writing every sample as far as it got, a message
+naming the setting to lower).
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ by its label count less one; here every token's log-probability is added up, whi
 Each line of --out holds the text's id, the tokens scored, their summed log-probability (natural log) and the
 perplexity exp(-logprob / tokens) (null for a text of one token, which has nothing to score). The corpus's figures
 (all tokens together) are printed to stdout as one JSON object. Windows of the same length share a batch, at most
-batch_size of them and fewer where their logits would pass logits_mb; the output is resumable and sharded across
-torchrun's ranks as sample.py's prompts files are. A score depends on the batch it was computed in only through
-float rounding (about 1e-7 relative).
+batch_size of them and fewer where their logits would pass logits_mb or the memory available; the output is
+resumable and sharded across torchrun's ranks as sample.py's prompts files are. A score depends on the batch it was
+computed in only through float rounding (about 1e-7 relative).
 """
 
 from __future__ import annotations

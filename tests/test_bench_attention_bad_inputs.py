@@ -243,6 +243,8 @@ def test_a_stop_while_starting(script, script_args, tmp_path):
         out, err = proc.communicate(timeout=120)
         word, status = ("interrupted", 130) if name == "SIGINT" else ("terminated", 143)
         assert proc.returncode == status, (when, name, err[-3000:])
-        assert f"{script}: {word}" in err and "Traceback" not in err and "Exception ignored" not in err, (when, err)
-        if isinstance(when, str):
-            assert out == ""  # stopped before any work
+        assert "Traceback" not in err and "Exception ignored" not in err, (when, err)
+        if isinstance(when, str):  # stopped before any work
+            assert f"{script}: {word}" in err and out == ""
+        else:  # on a fast machine perhaps at work already, which says so in its own words
+            assert word in err
