@@ -38,11 +38,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MultipleLocator
 from PIL import Image
 
-from cli import run_main
+from cli import memory_named, run_main
 from configurator import configure
 from errors import UsageError
-from model import GPT
-from runtime import check_sampling, model_from, open_checkpoint
+from model import GPT, GPTConfig
+from runtime import MEMORY_SHARE, available_memory, check_sampling, model_from, open_checkpoint
 from tokenizer import EOT, EOT_ID, load_tokenizer
 
 if TYPE_CHECKING:
@@ -227,19 +227,34 @@ def main() -> None:
     if not 1 <= length <= config.block_size:
         raise UsageError(f"--length={length} is outside this model's context: use a length from 1 to "
                          f"{config.block_size} (its block_size)")
+    check_memory(config, length, available_memory(torch.device("cpu")))
     layer_list = check_indices("layers", layer_list, config.n_layer)
     head_list = check_indices("heads", head_list, config.n_head)
     if frame is not None and not 1 <= frame <= config.n_head:
         raise UsageError(f"--frame={frame} is not a head of this model: it has {config.n_head} heads, numbered 1 "
                          f"to {config.n_head}")
-    if text is None:
-        ids = model.generate(torch.tensor([[EOT_ID]]), length - 1, temperature=temperature, top_k=top_k, seed=seed)
-    else:
-        ids = text_ids(load_tokenizer(checkpoint, tiktoken_file), text, length)
-    title = f"{Path(init_from).name}: attention over {ids.size(1)} tokens, " \
-            f"{describe_source(text, temperature, top_k, seed)}"
-    figure = AttentionFigure(attention_probs(model, ids), layer_list, title)
-    write_pictures(figure, head_list, out, duration, png, frame if frame is not None else head_list[0])
+    with memory_named(f"lower --length (now {length}), or draw fewer --layers and --heads, or free some memory"):
+        if text is None:
+            ids = model.generate(torch.tensor([[EOT_ID]]), length - 1, temperature=temperature, top_k=top_k,
+                                 seed=seed)
+        else:
+            ids = text_ids(load_tokenizer(checkpoint, tiktoken_file), text, length)
+        title = f"{Path(init_from).name}: attention over {ids.size(1)} tokens, " \
+                f"{describe_source(text, temperature, top_k, seed)}"
+        figure = AttentionFigure(attention_probs(model, ids), layer_list, title)
+        write_pictures(figure, head_list, out, duration, png, frame if frame is not None else head_list[0])
+
+
+def check_memory(config: GPTConfig, length: int, available: Optional[int]) -> None:
+    """UsageError, before anything runs, for a length whose attention probabilities (every layer's and head's, held
+    twice while they are stacked) do not fit in the memory available, with the longest that would."""
+    per_pair = 2 * config.n_layer * config.n_head * 4  # bytes for one (query, key) pair, float32
+    if available is None or per_pair * length ** 2 <= MEMORY_SHARE * available:
+        return
+    most = math.isqrt(int(MEMORY_SHARE * available // per_pair))
+    raise UsageError(f"--length={length}: the attention probabilities of all {config.n_layer} layers and "
+                     f"{config.n_head} heads over {length} tokens take about {per_pair * length ** 2 / 1e6:,.0f} MB, "
+                     f"more than the {available / 1e6:,.0f} MB available: use --length={most} or less")
 
 
 def write_pictures(figure: AttentionFigure, heads: list[int], gif: str, duration: int, png: Optional[str],

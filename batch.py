@@ -10,12 +10,12 @@ are line numbers, and empty lines are skipped (`<|endoftext|>` alone is a prompt
 
 Batches: continuous batching. A rank runs its samples in a fixed number of slots, the rows of one KV cache
 (batch_size of them, fewer where the cache, every row as long as the longest prompt plus its new tokens, would pass
-kv_cache_mb). Every step each busy row takes a token at its own position, with its own settings and generator; a
-row whose sample has finished (its max_new_tokens, or <|endoftext|> with stop_at_eot) takes the next sample at the
-next step, its prompt prefilled in that step's own pass (generate.Decoder.step), while the others go on. The order
-in which samples take slots is planned so that the slots' work ends together (admission_order). A row's numbers
-are those of a batch of one up to the float rounding of a product over a different number of tokens (measured on
-the trained model: logits within 6e-6).
+kv_cache_mb or the rows would not fit in the memory available). Every step each busy row takes a token at its own
+position, with its own settings and generator; a row whose sample has finished (its max_new_tokens, or <|endoftext|>
+with stop_at_eot) takes the next sample at the next step, its prompt prefilled in that step's own pass
+(generate.Decoder.step), while the others go on. The order in which samples take slots is planned so that the slots'
+work ends together (admission_order). A row's numbers are those of a batch of one up to the float rounding of a
+product over a different number of tokens (measured on the trained model: logits within 6e-6).
 
 Seeds. Sample k of prompt id draws its noise from its own torch.Generator, seeded from a hash of (the seed, id,
 k), where the seed is the prompt's own or the run's. So a sample's text depends on the model, the prompt, its
@@ -55,7 +55,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
 
 from configurator import Setting, convert
 from errors import UsageError
-from runtime import check_sampling, kv_cache_bytes, prompt_ids, token_bytes
+from runtime import (MEMORY_SHARE, TEXT_BYTES_PER_TOKEN, available_memory, bytes_per_sample, check_sampling,
+                     host_memory, kv_cache_bytes, prompt_ids, token_bytes)
 from tokenizer import EOT_ID
 
 if TYPE_CHECKING:
@@ -75,6 +76,10 @@ PER_PROMPT = {s.name: s for s in (
     Setting("seed", int, True, "the seed of the prompt's samples (null is refused)"),
 )}
 FSYNC_SECONDS = 10.0  # flushed lines survive a killed process at once; fsync guards them against a machine crash
+# What each sample of a prompts file holds in memory by the end of a run: its bookkeeping (measured: about 0.5 KB)
+# and its line at the merge (about 1 KB as a string and a parsed record, and so its text twice)
+SAMPLE_BYTES, MERGED_TEXT_COPIES = 1536, 2
+ROW_TOKEN_BYTES = 36  # a slot's new tokens, a list of Python ints until its sample ends: 8 B a pointer, 28 an int
 
 Key = tuple  # what identifies a line: (id as JSON, sample index) for samples, (id as JSON,) for scores
 
@@ -513,7 +518,28 @@ class SampleJob:
         d = defaults  # the run's settings are checked as a line's are, but named as the settings they are
         check_sampling(d["max_new_tokens"], d["temperature"], d["top_k"], d["top_p"], d["num_samples"])
         prompts = read_prompts(path, "prompt", PER_PROMPT, defaults, check_line)
+        check_held(prompts, path, host_memory())
         return cls(prompts, path, out, batch_size, kv_cache_mb)
+
+
+def check_held(prompts: list[Prompt], path: str, available: Optional[int]) -> None:
+    """UsageError, before any model loads, for a file whose samples could not all be held in the memory available
+    (estimated, so only what surely cannot be held is refused): a run keeps every sample's bookkeeping, and rank 0
+    the text of all of them at the merge. The message says about how many samples of the file's lengths fit."""
+    if available is None:
+        return
+    total = sum(p.settings["num_samples"] for p in prompts)
+    need = sum(p.settings["num_samples"] * (SAMPLE_BYTES + MERGED_TEXT_COPIES * TEXT_BYTES_PER_TOKEN *
+                                              p.settings["max_new_tokens"]) for p in prompts)
+    if need > available:
+        most = int(total * available // need)
+        line = max(prompts, key=lambda p: p.settings["num_samples"] * p.settings["max_new_tokens"])
+        asks = f"line {line.line} asks for {line.settings['num_samples']:,} of {line.settings['max_new_tokens']:,}"
+        raise UsageError(f"{path} asks for {total:,} samples, which take about {need / 1e6:,.0f} MB to keep track of "
+                         f"and to merge, more than the {available / 1e6:,.0f} MB available: " +
+                         (f"about {most:,} samples of these lengths fit. Lower num_samples or max_new_tokens ({asks} "
+                          f"tokens), or split the file" if most else
+                          f"too long to hold even one ({asks} tokens): lower max_new_tokens"))
 
 
 def check_line(settings: dict) -> None:
@@ -546,10 +572,17 @@ def make_samples(job: SampleJob, enc: tiktoken.Encoding, model: GPT) -> list[Sam
 def slot_count(samples: list[Sample], job: SampleJob, model: GPT, compile: bool) -> int:
     """The rows of the KV cache: batch_size, fewer where the cache would pass kv_cache_mb (each row holds the
     positions of the longest prompt plus its new tokens, up to the context; compile: a static cache of the whole
-    context per row), and no more than there are samples."""
+    context per row) or where the rows would not fit in the memory available, and no more than there are
+    samples."""
     config, itemsize = model.config, model.transformer.wpe.weight.element_size()
-    row_bytes = kv_cache_bytes(config, max(len(s.ids) + s.steps for s in samples), 0, itemsize, compile)
-    return max(1, min(job.batch_size, job.kv_cache_mb * 2 ** 20 // row_bytes, len(samples)))
+    longest = max(len(s.ids) + s.steps for s in samples)
+    row_bytes = kv_cache_bytes(config, longest, 0, itemsize, compile)
+    # A row in memory: its cache, a step's logits (and a window step's activations past the context), and the new
+    # tokens of its longest sample
+    row_held = bytes_per_sample(config, longest, 0, itemsize, compile) + max(s.steps for s in samples) * ROW_TOKEN_BYTES
+    available = available_memory(model.transformer.wpe.weight.device)
+    in_memory = job.batch_size if available is None else int(MEMORY_SHARE * available // row_held)
+    return max(1, min(job.batch_size, job.kv_cache_mb * 2 ** 20 // row_bytes, in_memory, len(samples)))
 
 
 def admission_order(samples: list[Sample], slots: int) -> list[Sample]:

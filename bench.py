@@ -26,8 +26,9 @@ roofline is the weight bytes a decode step reads over the read bandwidth measure
 steps per second the memory allows.
 
 Exit status: 0 done, the float32 greedy tokens of (a), (b) and (c) identical; 3 done, but those tokens differ (a
-correctness failure, not a crash); 2 a wrong setting (a one-line message); 1 a crash (with its traceback), or with
---gpu_check a part that failed or ran out of its time; 130 Ctrl-C, 143 SIGTERM.
+correctness failure, not a crash); 2 a wrong setting (a one-line message, sizes past the memory included); 1 a
+crash (with its traceback), memory that ran out (a message), or with --gpu_check a part that failed or ran out of
+its time; 130 Ctrl-C, 143 SIGTERM.
 """
 
 if __name__ == "__main__":  # first, before the imports below: Ctrl-C or SIGTERM while they load ends quietly
@@ -60,10 +61,10 @@ from cli import run_main
 from configurator import configure, read_settings
 from errors import UsageError
 from linear import decode_bytes
-from load import CONV1D_WEIGHTS
+from load import CONV1D_WEIGHTS, config_from_hf
 from model import GPT, GPTConfig
 from peers import missing, open_peers
-from runtime import native_bf16, pick_device, prompt_ids
+from runtime import MEMORY_SHARE, available_memory, bytes_per_sample, native_bf16, pick_device, prompt_ids
 
 # -----------------------------------------------------------------------------
 init_from: str | None = None  # a checkpoint (hub name, folder, nanoGPT ckpt.pt); None: random weights shaped below
@@ -968,8 +969,11 @@ def check_settings(s: SimpleNamespace) -> tuple[list[int], list[int], list[str],
         if getattr(s, name) < low:
             why = " (decode speed is timed from the second token on)" if name == "new_tokens" else ""
             raise UsageError(f"--{name}={getattr(s, name)}: it must be at least {low}{why}")
-    if s.threads is not None and s.threads < 1:
-        raise UsageError(f"--threads={s.threads}: give at least 1 thread, or None for torch's default")
+    cpus = os.cpu_count() or 1
+    if s.threads is not None and not 1 <= s.threads <= cpus:
+        raise UsageError(f"--threads={s.threads}: give from 1 to this machine's {cpus} CPUs, or None for torch's "
+                         f"default (more threads than CPUs only take turns on them, and tens of thousands crash "
+                         f"torch's thread pool)")
     if s.max_seconds <= 0:
         raise UsageError(f"--max_seconds={s.max_seconds}: give a time limit above 0 seconds")
     if s.n_embd % s.n_head:
@@ -1003,7 +1007,59 @@ def check_settings(s: SimpleNamespace) -> tuple[list[int], list[int], list[str],
         raise UsageError(f"draft must be int8, fp16, int8,fp16 or None, got '{s.draft}'")
     if s.draft_tokens is not None and s.draft_tokens < 1:
         raise UsageError(f"--draft_tokens={s.draft_tokens}: a draft proposes at least 1 token a round")
+    check_memory(s, batches, len(dtypes) - 1 + len(quantized), len(drafts) if dev.type == "cpu" else 0,
+                 available_memory(dev))
     return batches, slow, dtypes, quantized, drafts
+
+
+def parameter_count(c: GPTConfig) -> int:
+    """GPT-2's parameters at shape c: the token and position tables, each layer's attention, MLP and two layer
+    norms, and the final layer norm."""
+    return (c.vocab_size + c.block_size) * c.n_embd + c.n_layer * (12 * c.n_embd ** 2 + 13 * c.n_embd) + 2 * c.n_embd
+
+
+def check_memory(s: SimpleNamespace, batches: list[int], variants: int, drafts: int,
+                 available: Optional[int]) -> None:
+    """UsageError, before anything is built, for sizes the memory available cannot hold: the random weights in
+    every copy bench.py keeps (ours and transformers' in float32, 4 bytes a parameter more for each other dtype or
+    quantized variant, which starts from a float32 copy, and 2 for each draft, int8 or fp16 weights beside the
+    float32 model), then beside them the largest batch (ours' and transformers' KV caches and logits), (d)'s batch,
+    (f)'s on the trained model, and the buffer read for the bandwidth. Each message says the most that fits. A
+    checkpoint (init_from) is measured as it loads; (e) alone (--prompts_file_bench) builds none of these."""
+    if available is None or s.prompts_file_bench:
+        return
+    room = MEMORY_SHARE * available
+    mb = f"MB available on {s.device}"
+    shape = GPTConfig(block_size=s.block_size, vocab_size=s.vocab_size, n_layer=s.n_layer, n_head=s.n_head,
+                      n_embd=s.n_embd)
+    weights = 0 if s.init_from else parameter_count(shape) * (8 + 4 * variants + 2 * drafts)
+    if weights > room:
+        raise UsageError(f"random weights of {parameter_count(shape):,} parameters (--n_layer, --n_embd, --vocab_size, "
+                         f"--block_size), in every copy bench.py compares, take about {weights / 1e6:,.0f} MB, more "
+                         f"than the {available / 1e6:,.0f} {mb}: make the model smaller, or compare fewer --dtype, "
+                         f"--quantize and --draft variants")
+    room -= weights
+    row = 2 * bytes_per_sample(shape, s.prompt_len, s.new_tokens, 4)
+    if not s.init_from and max(batches) * row > room:
+        raise UsageError(f"--batch_sizes={s.batch_sizes}: a batch of {max(batches):,} rows takes about "
+                         f"{max(batches) * row / 1e6:,.0f} MB beside the model's {weights / 1e6:,.0f} MB, more than "
+                         f"the {available / 1e6:,.0f} {mb} allow: at most {int(room // row):,} rows fit")
+    workloads = [("(d)", "workload", s.workload and not s.init_from, shape, s.workload_samples, s.workload_tokens)]
+    config = trained_folder(s.fidelity_model) / "config.json"
+    if s.busy_core and s.device == "cpu" and config.is_file():  # (f) runs the trained model, whatever the shape
+        workloads.append(("(f)", "busy", True, GPTConfig(**config_from_hf(config)), s.busy_samples, s.busy_tokens))
+    for part, prefix, runs, model_shape, samples, tokens in workloads:
+        sample = bytes_per_sample(model_shape, 1, tokens, 4)
+        if runs and samples * sample > room:
+            most = int(room // sample)
+            setting = f"--{prefix}_samples={samples}" if most else f"--{prefix}_tokens={tokens}"
+            raise UsageError(f"{setting}: {part}'s {samples:,} samples of {tokens:,} tokens take about "
+                             f"{samples * sample / 1e6:,.0f} MB beside the model's {weights / 1e6:,.0f} MB, more than "
+                             f"the {available / 1e6:,.0f} {mb} allow: "
+                             + (f"at most {most:,} samples fit" if most else "not one sample fits: fewer tokens"))
+    if s.bandwidth_mb * 2 ** 20 > room:
+        raise UsageError(f"--bandwidth_mb={s.bandwidth_mb}: the buffer read to measure bandwidth does not fit beside "
+                         f"the model in the {available / 1e6:,.0f} {mb}: at most {int(room // 2 ** 20):,}")
 
 
 def trained_folder(name: str) -> Path:

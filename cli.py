@@ -4,12 +4,14 @@ How a script runs as a command: its exit statuses, its signals, and stdout's fau
 A script calls startup.quiet_startup() first thing (before torch's slow import), then, once configurator.configure
 has read its settings, run_main(main), which runs the script and turns what ends it into one line and an exit status:
 a UsageError 2, Ctrl-C 130, SIGTERM 143 (both raised in the main thread, so a script can catch them and keep its
-work first), a reader leaving the pipe 141, a full disk 1. signals_held keeps a stop signal back while a block
-writes, and writing_stdout names what could not be written.
+work first), a reader leaving the pipe 141, a full disk or memory that ran out 1. signals_held keeps a stop signal
+back while a block writes, writing_stdout names what could not be written, and memory_named the setting to lower
+when an allocation fails.
 """
 
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -36,6 +38,12 @@ class Terminated(BaseException):
 class OutputError(Exception):
     """stdout does not take what is written to it (a full disk, say): run_main reports it and exits with status 1,
     as `cat` does."""
+
+
+class OutOfMemory(Exception):
+    """An allocation failed although the work was planned to fit the memory available (another program took some
+    meanwhile, or a limit that could not be read): run_main reports it, with the setting to lower, and exits with
+    status 1, as for a full disk."""
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -116,6 +124,15 @@ def run_main(main: Callable[[], Optional[int]]) -> NoReturn:
         print(f"{prog}: error: {e}", file=sys.stderr)
         discard_stdout()
         sys.exit(1)
+    except OutOfMemory as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except (MemoryError, RuntimeError) as e:  # an allocation that no script's memory_named block named
+        if not out_of_memory(e):
+            raise
+        print(f"{prog}: error: {memory_failure(e)}: lower the sizes the settings ask for, or free some memory",
+              file=sys.stderr)
+        sys.exit(1)
     finally:
         # Restored for a caller that goes on (a test running the script in process), unless a stop signal came:
         # then later ones are ignored to the very end (while Python shuts down it restores the default handlers,
@@ -136,6 +153,34 @@ def writing_stdout(what: str = "") -> Iterator[None]:
         raise
     except OSError as e:
         raise OutputError(f"cannot write {what}to stdout: {e.strerror or e}") from None
+
+
+@contextmanager
+def memory_named(advice: str) -> Iterator[None]:
+    """An allocation that fails in the block (Python's, or torch's on the CPU, a GPU or MPS) becomes an OutOfMemory
+    saying what failed, then advice: the setting to lower."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        raise OutOfMemory(f"{memory_failure(e)}: {advice}") from None
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether error is an allocation that failed: MemoryError, or torch's allocators' RuntimeError ("can't allocate
+    memory" on the CPU, "out of memory" on CUDA, where it is torch.OutOfMemoryError, and on MPS)."""
+    text = str(error)
+    return isinstance(error, MemoryError) or "can't allocate memory" in text or "out of memory" in text
+
+
+def memory_failure(error: BaseException) -> str:
+    """What ran out, in a few words: torch's CPU allocator says how much it asked for, in bytes."""
+    asked = re.search(r"allocate (\d+) bytes", str(error))
+    if asked:
+        return f"out of memory (an allocation of {int(asked[1]) / 1e6:,.0f} MB failed)"
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    return f"out of memory ({first})"
 
 
 def flush_stdout() -> None:

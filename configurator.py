@@ -110,6 +110,9 @@ def convert(setting: Setting, value: Any, shown: Any = None) -> Any:
             return float(value)
     elif setting.kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if value.bit_length() > 128:  # past any count or size, and perhaps past what Python prints (4,300 digits)
+                raise UsageError(f"{setting.name} expects an int of 128 bits at most, got one of "
+                                 f"{value.bit_length():,} bits")
             return value
     elif isinstance(value, setting.kind):
         return value

@@ -10,23 +10,24 @@ before its slow import.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional, Union
 
 from errors import UsageError
 from tokenizer import EOT, EOT_ID, load_tokenizer
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     import tiktoken
     import torch
 
     from model import GPT, GPTConfig
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-MEMORY_SHARE = 0.8  # of the memory available, what a batch's KV caches and logits may take
+MEMORY_SHARE = 0.8  # of the memory available, what a batch (KV caches, logits, text) may take: the rest is slack
+TEXT_BYTES_PER_TOKEN = 8  # a sample's text, held as bytes until it is written: about 4 a GPT-2 token, with room
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -256,22 +257,118 @@ def sample_steps(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature
 
 
 def available_memory(dev: torch.device) -> Optional[int]:
-    """Bytes that dev can still allocate: CUDA's free memory plus what torch holds unused, or Linux's MemAvailable
-    for the CPU; None where it is not known."""
+    """Bytes that dev can still allocate: CUDA's free memory plus what torch holds unused, what Metal recommends less
+    what it holds for MPS, or for the CPU the host's (host_memory); None where it is not known."""
     import torch
 
     if dev.type == "cuda":
         free, _ = torch.cuda.mem_get_info(dev)
         return free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+    if dev.type == "mps":
+        return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
     if dev.type == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024  # given in kB
-        except (OSError, ValueError, IndexError):
-            pass
+        return host_memory()
     return None
+
+
+def host_memory(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> Optional[int]:
+    """Bytes this process can still allocate on the host: the least of what the machine has available (Linux's
+    MemAvailable), the room its control groups leave (a container's limit, which MemAvailable does not show) and
+    the room its own limits leave (ulimit -v and -d). proc and cgroups: where /proc and the cgroup file system are.
+    None where none of them is known (no /proc, as on Windows)."""
+    rooms = [machine_memory(proc / "meminfo"), cgroup_room(proc / "self" / "cgroup", cgroups),
+             rlimit_room(proc / "self" / "status")]
+    known = [room for room in rooms if room is not None]
+    return max(0, min(known)) if known else None
+
+
+def machine_memory(meminfo: Path) -> Optional[int]:
+    """MemAvailable (memory free, plus the caches the kernel can drop); where there is no /proc/meminfo (macOS), the
+    free physical pages, or all of them where that is not known."""
+    fields = read_fields(meminfo)
+    if "MemAvailable" in fields:
+        return fields["MemAvailable"] * 1024  # given in kB
+    for pages in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):
+        try:
+            return os.sysconf(pages) * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or not that name
+            continue
+    return None
+
+
+def cgroup_room(self_cgroup: Path, cgroups: Path) -> Optional[int]:
+    """The least room the process's control groups leave it: at its own group and at each one above it (a limit
+    set on a parent holds its children), the limit less what the group uses, not counting the file cache the
+    kernel can drop first. cgroup v2 (memory.max, memory.current) and v1 (memory.limit_in_bytes,
+    memory.usage_in_bytes, under cgroups/memory); a group not found under cgroups (a container sees its own group as
+    the root) is looked for from its nearest folder that is there. None where no group sets a limit."""
+    try:
+        lines = self_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    rooms = []
+    for line in lines:
+        parts = line.split(":", 2)  # hierarchy:controllers:path
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":  # v2: one hierarchy for every controller
+            rooms += group_rooms(cgroups, path, "memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):
+            rooms += group_rooms(cgroups / "memory", path, "memory.limit_in_bytes", "memory.usage_in_bytes",
+                                 "total_inactive_file")
+    return min(rooms) if rooms else None
+
+
+def group_rooms(root: Path, path: str, limit_file: str, usage_file: str, cache_field: str) -> list[int]:
+    """limit - (usage - droppable cache) of the group at path under root and of every group above it that sets a
+    limit."""
+    folder = root / path.strip("/")
+    while folder != root and not folder.is_dir():
+        folder = folder.parent
+    rooms = []
+    while True:
+        try:
+            limit = (folder / limit_file).read_text().strip()
+            if limit != "max" and int(limit) < 2 ** 60:  # v1 writes "no limit" as a number near 2**63
+                usage = int((folder / usage_file).read_text())
+                cache = read_fields(folder / "memory.stat", separator=" ").get(cache_field, 0)
+                rooms.append(int(limit) - (usage - cache))
+        except (OSError, ValueError):
+            pass
+        if folder == root or root not in folder.parents:
+            return rooms
+        folder = folder.parent
+
+
+def rlimit_room(status: Path) -> Optional[int]:
+    """What the process's own limits leave it: RLIMIT_AS (ulimit -v) less its address space (VmSize), RLIMIT_DATA
+    (ulimit -d) less its data (VmData). None where neither is set."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    used = read_fields(status)
+    rooms = []
+    for limit, field in ((resource.RLIMIT_AS, "VmSize"), (resource.RLIMIT_DATA, "VmData")):
+        soft, _ = resource.getrlimit(limit)
+        if soft != resource.RLIM_INFINITY:
+            rooms.append(soft - used.get(field, 0) * 1024)  # given in kB
+    return min(rooms) if rooms else None
+
+
+def read_fields(file: Path, separator: str = ":") -> dict[str, int]:
+    """A /proc or cgroup file of `name<separator> number ...` lines as {name: number}; {} where it cannot be read."""
+    fields = {}
+    try:
+        for line in file.read_text().splitlines():
+            name, _, rest = line.partition(separator)
+            value = rest.split()
+            if value and value[0].isdigit():
+                fields[name.strip()] = int(value[0])
+    except OSError:
+        pass
+    return fields
 
 
 def kv_cache_bytes(config: GPTConfig, prompt_len: int, max_new_tokens: int, dtype_bytes: int,
@@ -285,32 +382,39 @@ def kv_cache_bytes(config: GPTConfig, prompt_len: int, max_new_tokens: int, dtyp
 def bytes_per_sample(config: GPTConfig, prompt_len: int, max_new_tokens: int, dtype_bytes: int,
                      compile: bool = False) -> int:
     """What one sample of a batch takes: its KV cache, a step's logits with the sampling's float32 copies of them,
-    and past the context a window step's activations."""
+    past the context a window step's activations, and its text, held until it is written."""
     logits = 6 * config.vocab_size * 4
     past_context = prompt_len + max_new_tokens > config.block_size
     window = 12 * config.block_size * config.n_embd * dtype_bytes if past_context else 0
-    return kv_cache_bytes(config, prompt_len, max_new_tokens, dtype_bytes, compile) + logits + window
+    text = max_new_tokens * TEXT_BYTES_PER_TOKEN
+    return kv_cache_bytes(config, prompt_len, max_new_tokens, dtype_bytes, compile) + logits + window + text
 
 
 def batch_sizes(config: GPTConfig, dtype_bytes: int, prompt_len: int, max_new_tokens: int, num_samples: int,
-                dev: torch.device, compile: bool = False) -> list[int]:
+                dev: torch.device, compile: bool = False) -> Iterator[int]:
     """sample.py's num_samples in one batch if it fits in the memory available, else in as few even batches as
-    fit, said on stderr. UsageError if not even one sample fits. compile: decoding is compiled (a static cache of
-    the whole context per sample; generation frees one batch's before it takes the next's)."""
+    fit, said on stderr. The sizes come one batch at a time, so that any number of samples starts at once.
+    UsageError if not even one sample fits, with the most max_new_tokens that would. compile: decoding is compiled
+    (a static cache of the whole context per sample; generation frees one batch's before it takes the next's)."""
     per_sample = bytes_per_sample(config, prompt_len, max_new_tokens, dtype_bytes, compile)
     available = available_memory(dev)
     if available is None or num_samples * per_sample <= MEMORY_SHARE * available:
-        return [num_samples]
+        return iter([num_samples])
     fit = int(MEMORY_SHARE * available // per_sample)
     if fit < 1:
-        shorter = (f"use --compile=False (a compiled cache holds all {config.block_size} positions)" if compile
-                   else "lower --max_new_tokens")
-        raise UsageError(f"one sample needs about {per_sample / 1e6:,.0f} MB (KV cache and logits) and {dev} has "
-                         f"{available / 1e6:,.0f} MB available: {shorter}, or use a smaller model, a smaller "
-                         f"--dtype or a device with more memory")
+        # the longest text that fits beside a sample's largest KV cache, logits and window (at the context)
+        full = bytes_per_sample(config, config.block_size, 1, dtype_bytes, compile) - TEXT_BYTES_PER_TOKEN
+        most = int((MEMORY_SHARE * available - full) // TEXT_BYTES_PER_TOKEN)
+        fixes = [f"lower --max_new_tokens (about {most:,} fit)"] if most >= 1 else []
+        if compile:
+            fixes.append(f"use --compile=False (a compiled cache holds all {config.block_size} positions)")
+        fixes.append("use a smaller model, a smaller --dtype or a device with more memory")
+        raise UsageError(f"one sample needs about {per_sample / 1e6:,.0f} MB (its KV cache and logits, and the text of "
+                         f"its {max_new_tokens:,} tokens, held until it is written) and {dev} has "
+                         f"{available / 1e6:,.0f} MB available: {', or '.join(fixes)}")
     n = -(-num_samples // fit)
-    sizes = [num_samples // n + (i < num_samples % n) for i in range(n)]
-    print(f"sample.py: {num_samples} samples need about {num_samples * per_sample / 1e6:,.0f} MB for their KV "
-          f"caches and logits, more than the {available / 1e6:,.0f} MB available on {dev} allow: drawing them in "
-          f"{n} batches of up to {sizes[0]} (one seed's samples then differ from one batch's)", file=sys.stderr)
-    return sizes
+    print(f"sample.py: {num_samples:,} samples need about {num_samples * per_sample / 1e6:,.0f} MB for their KV "
+          f"caches, logits and text, more than the {available / 1e6:,.0f} MB available on {dev} allow: drawing them "
+          f"in {n:,} batches of up to {-(-num_samples // n):,} (one seed's samples then differ from one batch's)",
+          file=sys.stderr)
+    return (num_samples // n + (i < num_samples % n) for i in range(n))

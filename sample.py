@@ -13,7 +13,9 @@ sample is complete. A stdout whose encoding is not UTF-8 gets UTF-8 (a console: 
 samples every prompt of a file to JSONL instead, batched and resumable (batch.py holds that job).
 
 Exit status: 0 done; 2 a mistake in a setting or a file (a one-paragraph message); 130 Ctrl-C and 143 SIGTERM, after
-writing every sample as far as it got; 141 the reader of the pipe left; 1 stdout cannot be written (a full disk).
+writing every sample as far as it got; 141 the reader of the pipe left; 1 stdout cannot be written (a full disk), or
+memory ran out although the batches were planned to fit (after writing every sample as far as it got, a message
+naming the setting to lower).
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ import select
 import stat
 import sys
 import time
-from itertools import accumulate
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Optional, TextIO
 
-from cli import Terminated, flush_stdout, run_main, signals_held, writing_stdout
+from cli import (OutOfMemory, Terminated, flush_stdout, memory_failure, memory_named, out_of_memory, run_main,
+                 signals_held, writing_stdout)
 from configurator import configure
 from errors import UsageError
 from runtime import (batch_sizes, check_draft, check_sampling, load_draft, load_model, pick_device, prompt_ids,
@@ -136,58 +139,69 @@ def pipe_watch(out: TextIO) -> Optional[select.poll]:
     return poller
 
 
+@dataclass
+class SampleText:
+    """A sample begun and not yet completely written: its bytes not yet written, its own UTF-8 decoder (a character
+    split over two tokens is written only when whole), and whether it has ended."""
+    data: bytearray
+    decoder: codecs.IncrementalDecoder
+    ended: bool = False
+
+
 class SampleWriter:
     """Writes the samples to out in order, each one its text (prompt included) and a line of dashes.
 
-    Tokens arrive a step at a time for every sample at once. live=True writes the first unfinished sample as
-    its text grows, flushing each step; the others wait in memory until their turn. Either way the bytes are
-    the same. Each sample's bytes go through its own incremental UTF-8 decoder, so a character split over two
-    tokens is written only when whole.
+    Samples begin a batch at a time, and tokens arrive a step at a time for every sample of the batch. live=True
+    writes the first unfinished sample as its text grows, flushing each step; the others' bytes wait in memory until
+    their turn. Either way the bytes are the same. Only the samples begun and not yet written are kept, so the
+    memory holds one batch's text however many samples are asked for.
     """
 
-    def __init__(self, enc: tiktoken.Encoding, prompt: list[int], num_samples: int, stop_at_eot: bool,
-                 live: bool, out: TextIO):
+    def __init__(self, enc: tiktoken.Encoding, prompt: list[int], stop_at_eot: bool, live: bool, out: TextIO):
         self.enc, self.stop_at_eot, self.live, self.out = enc, stop_at_eot, live, out
-        self.decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(num_samples)]
-        prompt_bytes = token_bytes(enc, prompt)
-        self.unwritten = [[d.decode(prompt_bytes)] for d in self.decoders]  # text per sample, not yet written
-        self.ended = [False] * num_samples
+        self.prompt = token_bytes(enc, prompt)
+        self.samples: dict[int, SampleText] = {}  # by index, from self.current on
+        self.begun = 0  # samples begun so far
         self.current = 0  # the first sample not completely written
+
+    def begin(self, count: int) -> None:
+        """The next count samples (a batch's) start, each from the prompt's text."""
+        for i in range(self.begun, self.begun + count):
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            self.samples[i] = SampleText(bytearray(self.prompt), decoder)
+        self.begun += count
 
     def add(self, tokens: list[int], first: int = 0) -> None:
         """One step's tokens, one per sample, for the samples from `first` on (a batch's)."""
         with signals_held():  # a Ctrl-C waits until the step is written: no text written twice or lost
             for i, token in enumerate(tokens, first):
-                if self.ended[i]:
+                sample = self.samples.get(i)
+                if sample is None or sample.ended:  # ended, and perhaps written already
                     continue
                 if self.stop_at_eot and token == EOT_ID:
-                    self._end(i)
+                    sample.ended = True
                 else:
-                    self.unwritten[i].append(self.decoders[i].decode(token_bytes(self.enc, [token])))
+                    sample.data += token_bytes(self.enc, [token])
             self._write()
 
     def finish(self) -> None:
-        """Every sample is as long as it will get (generation ended or was interrupted): write them all."""
+        """Every sample begun is as long as it will get (its batch ended, or generation was stopped): write them."""
         with signals_held():
-            for i, ended in enumerate(self.ended):
-                if not ended:
-                    self._end(i)
+            for sample in self.samples.values():
+                sample.ended = True
             self._write()
-
-    def _end(self, i: int) -> None:
-        self.unwritten[i].append(self.decoders[i].decode(b"", final=True))
-        self.ended[i] = True
 
     def _write(self) -> None:
         with writing_stdout("the samples "):
-            while self.current < len(self.ended):
-                i = self.current
-                if self.live or self.ended[i]:
-                    self.out.write("".join(self.unwritten[i]))
-                    self.unwritten[i].clear()
-                if not self.ended[i]:
+            while self.current < self.begun:
+                sample = self.samples[self.current]
+                if self.live or sample.ended:
+                    self.out.write(sample.decoder.decode(bytes(sample.data), final=sample.ended))
+                    sample.data.clear()
+                if not sample.ended:
                     break
                 self.out.write(f"\n{SEPARATOR}\n")
+                del self.samples[self.current]
                 self.current += 1
             if self.live:
                 self.out.flush()
@@ -218,7 +232,9 @@ def main() -> int:
         dev = pick_device(ranks.device)
         compiled = keep_eager_on_a_cpu(compile, dev)
         model, enc = load_model(init_from, dev, dtype, quantize, tiktoken_file)
-        return batch.sample_prompts(job, model, enc, ranks, compiled)
+        with memory_named(f"lower --batch_size (now {batch_size}) or --kv_cache_mb (now {kv_cache_mb}), or free some "
+                          f"memory; the samples finished are kept: run the same command again to go on"):
+            return batch.sample_prompts(job, model, enc, ranks, compiled)
 
     stdout = prepare_stdout()
     prompt = read_prompt(start)  # before torch's slow import: a mistake here answers at once
@@ -249,8 +265,8 @@ def write_samples(model: GPT, enc: tiktoken.Encoding, prompt: str, out: TextIO, 
                   speculation: Optional[dict] = None) -> int:
     """num_samples samples of the prompt written to out as they are made (live) or once each is complete, then
     a line of speed on stderr; the exit status: 0, or 130 and 143 when Ctrl-C or SIGTERM stopped generation, after
-    every sample is written as far as it got. speculation: generate_stream's draft, draft_tokens and stats, whose
-    counts are said after the speed."""
+    every sample is written as far as it got. OutOfMemory, after the same, if memory ran out. speculation:
+    generate_stream's draft, draft_tokens and stats, whose counts are said after the speed."""
     import torch
 
     ids, length = prompt_ids(enc, prompt, model.config, "the prompt")
@@ -264,32 +280,44 @@ def write_samples(model: GPT, enc: tiktoken.Encoding, prompt: str, out: TextIO, 
     idx = torch.tensor([ids], dtype=torch.long, device=dev)
     sizes = batch_sizes(model.config, model.transformer.wpe.weight.element_size(), idx.size(1), max_new_tokens,
                         num_samples, dev, compile)
-    writer = SampleWriter(enc, ids if prompt else [], num_samples, stop_at_eot, live, out)  # "" prints as ""
+    writer = SampleWriter(enc, ids if prompt else [], stop_at_eot, live, out)  # "" prints as ""
     generator = None if seed is None else torch.Generator(device=dev).manual_seed(seed)  # shared by the batches
-    steps, first_step, status = [], 0.0, 0  # steps: how many each batch made
+    steps, done, first_step, status, failure = [], [], 0.0, 0, None  # each finished batch's steps and samples
     t0 = time.perf_counter()
     try:
-        for first, count in zip(accumulate([0] + sizes), sizes):
+        for count in sizes:
+            writer.begin(count)
             stream = sample_steps(model, idx, max_new_tokens, temperature, top_k, top_p, stop_at_eot, compile,
                                   num_samples=count, generator=generator, **(speculation or {}))
-            n_steps, step_time = write_batch(stream, writer, first, live, dev)
+            n_steps, step_time = write_batch(stream, writer, writer.begun - count, live, dev)
             steps.append(n_steps)
+            done.append(count)
             first_step = first_step or step_time
+            writer.finish()  # the batch's samples are complete (a Ctrl-C while they are written stops after them)
     except KeyboardInterrupt:
         status = 130
     except Terminated:
         status = 143
+    except (MemoryError, RuntimeError) as e:  # planned to fit, but the memory was not there when asked for
+        if not out_of_memory(e):
+            raise
+        status, failure = 1, OutOfMemory(
+            f"{memory_failure(e)} while drawing {count:,} samples at once; each sample above ends where generation "
+            f"stopped. Ask for fewer at once (--num_samples={max(1, count // 2)}) or fewer tokens (--max_new_tokens), "
+            f"or free some memory")
     with signals_held():  # from here a Ctrl-C waits until every sample is written
         elapsed = time.perf_counter() - t0
         writer.finish()
         flush_stdout()
         if any(steps):
-            report_speed(steps, sizes, elapsed, first_step, compile)
+            report_speed(steps, done, elapsed, first_step, compile)
         if speculation and speculation["stats"].get("rounds"):
-            report_speculation(speculation["stats"], sum(sizes))
-        if status:
+            report_speculation(speculation["stats"], writer.begun)
+        if status in (130, 143):
             print(f"{'interrupted' if status == 130 else 'terminated'}: each sample above ends where generation "
                   f"stopped", file=sys.stderr)
+    if failure is not None:
+        raise failure
     return status
 
 
@@ -297,7 +325,7 @@ def write_batch(stream: Iterator[torch.Tensor], writer: SampleWriter, first: int
                 dev: torch.device) -> tuple[int, float]:
     """Hand the writer every step of one batch's stream (its samples are the writer's from `first` on), even when
     stopped by Ctrl-C or SIGTERM; the steps made and the first step's time (prompt and compilation)."""
-    steps = []  # unless live, tokens stay on the device until the end, so a GPU never waits for the host
+    steps = []  # unless live, a GPU's tokens stay there until the end, so that it never waits for the host
     in_flight = None  # live on a GPU: the last step's tokens, copying to the host while the next step runs
     watch = None if live else pipe_watch(writer.out)
     n_steps, first_step, t0 = 0, 0.0, time.perf_counter()
@@ -307,11 +335,11 @@ def write_batch(stream: Iterator[torch.Tensor], writer: SampleWriter, first: int
             if n_steps == 1:
                 tokens.cpu()  # waits for the device, so the time is the first step's (prompt, compilation)
                 first_step = time.perf_counter() - t0
-            if not live:
+            if watch is not None and watch.poll(0):
+                raise BrokenPipeError("the reader of stdout has gone")
+            if not live and dev.type != "cpu":
                 steps.append(tokens)
-                if watch is not None and watch.poll(0):
-                    raise BrokenPipeError("the reader of stdout has gone")
-            elif dev.type != "cuda":
+            elif dev.type != "cuda":  # a CPU's at once: kept as tensors, they held freed memory back (70-160 KB a step)
                 writer.add(tokens.tolist(), first)
             else:
                 if in_flight is not None:  # written one step late: by now its copy has landed

@@ -15,9 +15,9 @@ by its label count less one; here every token's log-probability is added up, whi
 Each line of --out holds the text's id, the tokens scored, their summed log-probability (natural log) and the
 perplexity exp(-logprob / tokens) (null for a text of one token, which has nothing to score). The corpus's figures
 (all tokens together) are printed to stdout as one JSON object. Windows of the same length share a batch, at most
-batch_size of them and fewer where their logits would pass logits_mb; the output is resumable and sharded across
-torchrun's ranks as sample.py's prompts files are. A score depends on the batch it was computed in only through
-float rounding (about 1e-7 relative).
+batch_size of them and fewer where their logits would pass logits_mb or the memory available; the output is
+resumable and sharded across torchrun's ranks as sample.py's prompts files are. A score depends on the batch it was
+computed in only through float rounding (about 1e-7 relative).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import math
 import sys
 from typing import TYPE_CHECKING, Iterator, Optional
 
-from cli import run_main
+from cli import memory_named, run_main
 from configurator import configure
 from errors import UsageError
 from tokenizer import EOT
@@ -93,14 +93,18 @@ def score_texts(model, texts: list[list[int]], stride: int, batch_size: int,
                 logits_mb: int) -> list[tuple[float, int]]:
     """(summed log-probability, tokens scored) of each text. Windows of one length, from any of the texts, share
     a batch: at most batch_size, and fewer where their logits (three copies: the logits, their log-softmax, a
-    float32 copy) would pass logits_mb."""
+    float32 copy) would pass logits_mb or the memory available."""
+    from runtime import MEMORY_SHARE, available_memory
+
+    available = available_memory(model.transformer.wpe.weight.device)
+    budget = logits_mb * 2 ** 20 if available is None else min(logits_mb * 2 ** 20, MEMORY_SHARE * available)
     block_size, vocab_size = model.config.block_size, model.config.vocab_size
     logprob, count = [0.0] * len(texts), [0] * len(texts)
     spans = sorted(((end - begin, t, begin, first) for t, ids in enumerate(texts)
                     for begin, end, first in windows(len(ids), block_size, stride)), reverse=True)
     while spans:
         length = spans[0][0]
-        rows = max(1, min(batch_size, logits_mb * 2 ** 20 // (3 * length * vocab_size * 4)))
+        rows = max(1, min(batch_size, int(budget // (3 * length * vocab_size * 4))))
         chunk = [span for span in spans[:rows] if span[0] == length]
         spans = spans[len(chunk):]
         sums = score_batch(model, [texts[t][b:b + n] for n, t, b, _ in chunk], [f - b for _, _, b, f in chunk])
@@ -121,7 +125,9 @@ def main() -> int:
     items = batch.read_prompts(texts, "text")  # before the model loads: a bad file answers at once
     ranks = batch.start_ranks(device)
     model, enc = load_model(init_from, pick_device(ranks.device), dtype, quantize, tiktoken_file)
-    return score_file(model, enc, items, texts, out, ranks, stride, batch_size, logits_mb)
+    with memory_named(f"lower --batch_size (now {batch_size}) or --logits_mb (now {logits_mb}), or free some memory; "
+                      f"the scores finished are kept: run the same command again to go on"):
+        return score_file(model, enc, items, texts, out, ranks, stride, batch_size, logits_mb)
 
 
 def score_file(model, enc: tiktoken.Encoding, items: list[batch.Prompt], texts: str, out: str, ranks: batch.Ranks,

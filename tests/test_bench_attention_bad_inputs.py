@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 
 import attention
+import runtime
+from errors import UsageError
+from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,7 +43,8 @@ def refused(result: tuple[int, str, str], script: str, message: str) -> None:
     (["--bandwidth_mb=0"], "--bandwidth_mb=0: it must be at least 1"),
     (["--n_layer=0"], "--n_layer=0: it must be at least 1"),
     (["--n_embd=100"], "--n_embd=100 is not a multiple of --n_head=12"),
-    (["--threads=0"], "--threads=0: give at least 1 thread"),
+    (["--threads=0"], f"--threads=0: give from 1 to this machine's {os.cpu_count()} CPUs"),
+    (["--threads=100000"], "--threads=100000: give from 1 to"),  # once a segmentation fault in torch's thread pool
     (["--max_seconds=0"], "--max_seconds=0.0: give a time limit above 0 seconds"),
     (["--max_seconds=1e999"], "max_seconds expects a finite number, got inf"),
     (["--seed=-1"], "--seed=-1: give a seed from 0 to 2**64-1"),
@@ -53,6 +57,30 @@ def refused(result: tuple[int, str, str], script: str, message: str) -> None:
 ])
 def test_bench_settings(run_script, args, message):
     refused(run_script("bench.py", *args), "bench.py", message)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n_layer=100000"], "random weights of 708,826,585,344 parameters (--n_layer, --n_embd, --vocab_size, "
+                           "--block_size), in every copy bench.py compares, take about"),
+    (["--vocab_size=9223372036854775807"], "in every copy bench.py compares, take about"),
+    (["--batch_sizes=1,9223372036854775807"], "--batch_sizes=1,9223372036854775807: a batch of "
+                                              "9,223,372,036,854,775,807 rows takes about"),
+    (["--workload_samples=9223372036854775807"], "--workload_samples=9223372036854775807: (d)'s "
+                                                 "9,223,372,036,854,775,807 samples of 500 tokens take about"),
+    (["--workload_tokens=9223372036854775807"], "--workload_tokens=9223372036854775807: (d)'s 10 samples of "
+                                                "9,223,372,036,854,775,807 tokens take about"),
+    (["--busy_core=True", "--busy_samples=9223372036854775807"], "--busy_samples=9223372036854775807: (f)'s "
+                                                                 "9,223,372,036,854,775,807 samples of 300 tokens"),
+    (["--bandwidth_mb=9223372036854775807"], "--bandwidth_mb=9223372036854775807: the buffer read to measure "
+                                             "bandwidth does not fit beside the model"),
+])
+def test_bench_sizes_no_machine_holds(run_script, monkeypatch, args, message):
+    """Each size setting past what the memory holds is refused at once, saying the most that fits (16 GB here)."""
+    monkeypatch.setattr(runtime, "available_memory", lambda dev: 16 * 10 ** 9)
+    result = run_script("bench.py", *args)
+    refused(result, "bench.py", message)
+    assert "16,000 MB available on cpu" in result[2]
+    assert any(most in result[2] for most in ("at most", "make the model smaller", "fewer tokens"))
 
 
 def test_bench_token_mismatch_has_its_own_status(run_script, monkeypatch):
@@ -96,6 +124,29 @@ def draw(run_script, small_dir, tmp_path):
 def test_attention_settings(draw, tmp_path, args, message):
     refused(draw(*args), "attention.py", message)
     assert not (tmp_path / "a.gif").exists()
+
+
+def test_attention_longer_than_the_memory_holds(draw, monkeypatch):
+    """Every layer's and head's probabilities are held at once: a length past the memory is refused at once, saying
+    the longest that fits."""
+    config = GPTConfig(block_size=1024, vocab_size=50257, n_layer=48, n_head=25, n_embd=1600)  # gpt2-xl's shape
+    with pytest.raises(UsageError, match=r"^--length=1024: the attention probabilities of all 48 layers and 25 heads "
+                                         r"over 1024 tokens take about 10,066 MB, more than the 8,000 MB available: "
+                                         r"use --length=816 or less$"):
+        attention.check_memory(config, 1024, 8 * 10 ** 9)
+    attention.check_memory(config, 816, 8 * 10 ** 9)
+    monkeypatch.setattr(runtime, "available_memory", lambda dev: 100_000)
+    refused(draw("--length=64"), "attention.py", "--length=64: the attention probabilities of all 2 layers and 2 "
+                                                 "heads over 64 tokens take about")
+
+
+def test_attention_memory_running_out(draw, monkeypatch):
+    failed = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1827545548 bytes.")
+    monkeypatch.setattr(GPT, "forward_with_attention", lambda self, idx: (_ for _ in ()).throw(failed))
+    status, out, err = draw("--length=16", "--layers=1,2")
+    assert status == 1 and out == "" and "Traceback" not in err
+    assert "attention.py: error: out of memory (an allocation of 1,828 MB failed): lower --length (now 16), or draw " \
+           "fewer --layers and --heads, or free some memory" in err
 
 
 def test_attention_config_file_nan(draw, tmp_path):
@@ -192,6 +243,8 @@ def test_a_stop_while_starting(script, script_args, tmp_path):
         out, err = proc.communicate(timeout=120)
         word, status = ("interrupted", 130) if name == "SIGINT" else ("terminated", 143)
         assert proc.returncode == status, (when, name, err[-3000:])
-        assert f"{script}: {word}" in err and "Traceback" not in err and "Exception ignored" not in err, (when, err)
-        if isinstance(when, str):
-            assert out == ""  # stopped before any work
+        assert "Traceback" not in err and "Exception ignored" not in err, (when, err)
+        if isinstance(when, str):  # stopped before any work
+            assert f"{script}: {word}" in err and out == ""
+        else:  # on a fast machine perhaps at work already, which says so in its own words
+            assert word in err

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from cli import OutputError, Terminated, run_main, signals_held, writing_stdout
+from cli import OutOfMemory, OutputError, Terminated, memory_named, run_main, signals_held, writing_stdout
 from errors import UsageError
 
 
@@ -46,9 +46,35 @@ def raising(error: BaseException):
     (BrokenPipeError(), 141, ""),
     (OutputError("cannot write the samples to stdout: No space left on device"), 1,
      "script.py: error: cannot write the samples to stdout: No space left on device\n"),
+    (OutOfMemory("out of memory (an allocation of 5 MB failed): lower --x"), 1,
+     "script.py: error: out of memory (an allocation of 5 MB failed): lower --x\n"),
+    # an allocation that no memory_named block names: Python's own, torch's on the CPU and on CUDA
+    (MemoryError(), 1, "script.py: error: out of memory (MemoryError): lower the sizes the settings ask for, or free "
+                       "some memory\n"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                  "tried to allocate 1827545548 bytes. Error code 12 (Cannot allocate memory)"), 1,
+     "script.py: error: out of memory (an allocation of 1,828 MB failed): lower the sizes the settings ask for, or "
+     "free some memory\n"),
+    (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.15 GiB total capacity)\nmore"), 1,
+     "script.py: error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.15 GiB total "
+     "capacity)): lower the sizes the settings ask for, or free some memory\n"),
 ])
 def test_each_ending_has_its_status_and_line(ends, error, status, err):
     assert ends(raising(error)) == (status, err)
+
+
+def test_other_runtime_errors_pass_on(ends):
+    with pytest.raises(RuntimeError, match="a bug"):
+        ends(raising(RuntimeError("a bug")))
+
+
+def test_memory_named_says_the_setting_to_lower():
+    with pytest.raises(OutOfMemory, match=r"^out of memory \(MemoryError\): lower --length$"):
+        with memory_named("lower --length"):
+            raise MemoryError
+    with pytest.raises(ValueError):
+        with memory_named("lower --length"):
+            raise ValueError("not memory")
 
 
 def test_main_returns_its_status(ends):

@@ -75,9 +75,9 @@ def test_compiled_batches_are_planned_for_a_static_cache_of_the_whole_context(mo
     compiled, each sample's cache holds 1024 positions, so the samples run in batches that fit."""
     monkeypatch.setattr(runtime, "available_memory", lambda dev: 2 * 10 ** 9)
     config = GPTConfig(vocab_size=50257)
-    assert runtime.batch_sizes(config, 2, 1, 20, 100, torch.device("cuda")) == [100]
-    sizes = runtime.batch_sizes(config, 2, 1, 20, 100, torch.device("cuda"), compile=True)
-    per_sample = 2 * 12 * 1024 * 768 * 2 + 6 * 50257 * 4
+    assert list(runtime.batch_sizes(config, 2, 1, 20, 100, torch.device("cuda"))) == [100]
+    sizes = list(runtime.batch_sizes(config, 2, 1, 20, 100, torch.device("cuda"), compile=True))
+    per_sample = 2 * 12 * 1024 * 768 * 2 + 6 * 50257 * 4 + 20 * 8  # a static cache, logits and the text
     assert sum(sizes) == 100 and max(sizes) <= int(0.8 * 2e9 // per_sample) < 100
     assert "batches of up to" in capsys.readouterr().err
     monkeypatch.setattr(runtime, "available_memory", lambda dev: 10 ** 6)
@@ -89,13 +89,13 @@ def test_batch_sizes_for_a_hundred_thousand_samples(monkeypatch, capsys):
     """--num_samples=100000 on GPT-2 124M with 8 GB free: even batches that each fit, said in one line."""
     monkeypatch.setattr(runtime, "available_memory", lambda dev: 8 * 10 ** 9)
     config = GPTConfig(vocab_size=50257)
-    sizes = runtime.batch_sizes(config, 4, 1, 500, 100000, torch.device("cpu"))
-    per_sample = 2 * 12 * 501 * 768 * 4 + 6 * 50257 * 4  # the KV cache of 501 positions, and logits
+    sizes = list(runtime.batch_sizes(config, 4, 1, 500, 100000, torch.device("cpu")))
+    per_sample = 2 * 12 * 501 * 768 * 4 + 6 * 50257 * 4 + 500 * 8  # the KV cache of 501 positions, logits, text
     fit = int(0.8 * 8e9 // per_sample)
     assert sum(sizes) == 100000 and max(sizes) <= fit and len(sizes) == -(-100000 // fit)
     assert max(sizes) - min(sizes) <= 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"drawing them in {len(sizes)} batches of up to {max(sizes)}" in err
+    assert err.count("\n") == 1 and f"drawing them in {len(sizes)} batches of up to {max(sizes):,}" in err
 
 
 @pytest.mark.gpu

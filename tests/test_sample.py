@@ -344,7 +344,8 @@ def test_a_character_split_over_tokens_is_written_whole(trained_dir):
     tokens = enc.encode(text)
     assert len(tokens) > len(text.split())  # some characters do span several tokens
     out = Recorder()
-    writer = SampleWriter(enc, [198], 1, stop_at_eot=False, live=True, out=out)
+    writer = SampleWriter(enc, [198], stop_at_eot=False, live=True, out=out)
+    writer.begin(1)
     for token in tokens:
         writer.add([token])
     writer.finish()
@@ -359,7 +360,8 @@ def test_live_writer_streams_the_first_unfinished_sample(trained_dir):
     enc = load_tokenizer(trained_dir)
     a, b, c = enc.encode(" a"), enc.encode(" b"), enc.encode(" c")
     out = Recorder()
-    writer = SampleWriter(enc, enc.encode("P"), 2, stop_at_eot=True, live=True, out=out)
+    writer = SampleWriter(enc, enc.encode("P"), stop_at_eot=True, live=True, out=out)
+    writer.begin(2)
     writer.add([a[0], b[0]])
     assert "".join(out.writes) == "P a"  # the first sample as it grows; the second waits
     writer.add([EOT_ID, c[0]])

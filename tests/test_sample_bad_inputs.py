@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pty
+import re
 import select
 import signal
 import subprocess
@@ -22,7 +23,7 @@ import runtime
 import sample as sample_module
 from cli import OutputError
 from errors import UsageError
-from model import GPT
+from model import GPT, GPTConfig
 from tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,6 +64,8 @@ def test_numbers_out_of_range(sample, args, message):
     ("temperature = float('nan')", "temperature expects a finite number, got nan"),
     ("top_p = float('inf')", "top_p expects a finite number, got inf"),
     ("seed = 2 ** 70", "seed must be in -2**63..2**64-1"),
+    ("num_samples = 10 ** 5000", "num_samples expects an int of 128 bits at most, got one of 16,610 bits"),  # once a
+    ("max_new_tokens = -10 ** 5000", "max_new_tokens expects an int of 128 bits at most"),  # traceback, printing it
 ])
 def test_config_file_numbers(sample, tmp_path, line, message):
     config = tmp_path / "config.py"
@@ -107,26 +110,246 @@ def write_samples(folder: Path, out, **settings) -> int:
 
 
 def test_samples_that_do_not_fit_run_in_batches(small_dir, monkeypatch, capsys):
-    per_sample = 2 * 2 * 9 * 64 * 4 + 6 * 50257 * 4  # KV cache of 2 layers x 9 positions x 64 wide, and logits
-    monkeypatch.setattr(runtime, "available_memory", lambda dev: int(2.5 * per_sample / 0.8))
+    per_sample = 2 * 2 * 9 * 64 * 4 + 6 * 50257 * 4 + 8 * 8  # KV cache of 2 layers x 9 positions x 64 wide, logits,
+    monkeypatch.setattr(runtime, "available_memory", lambda dev: int(2.5 * per_sample / 0.8))  # 8 tokens of text
     status = write_samples(small_dir, sys.stdout, num_samples=5, max_new_tokens=8)
     out, err = capsys.readouterr()
     assert status == 0, err
-    assert "sample.py: 5 samples need about 6 MB for their KV caches and logits, more than the 4 MB available on " \
-           "cpu allow: drawing them in 3 batches of up to 2" in err
+    assert "sample.py: 5 samples need about 6 MB for their KV caches, logits and text, more than the 4 MB " \
+           "available on cpu allow: drawing them in 3 batches of up to 2" in err
     assert out == expected_in_batches(small_dir, [2, 2, 1], 8, 1337)
     assert "generated 40 tokens (5 samples in 3 batches)" in err
 
 
 def test_not_even_one_sample_fits(small_dir, monkeypatch, capsys):
     monkeypatch.setattr(runtime, "available_memory", lambda dev: 1000)
-    with pytest.raises(UsageError, match="one sample needs about 1 MB .KV cache and logits. and cpu "
-                                         "has 0 MB available: lower --max_new_tokens"):
+    with pytest.raises(UsageError, match="one sample needs about 1 MB .its KV cache and logits, and the text of its "
+                                         "4 tokens, held until it is written. and cpu has 0 MB available: use a "
+                                         "smaller model"):
         write_samples(small_dir, sys.stdout, max_new_tokens=4)
+
+
+def test_more_samples_than_any_machine_holds_start_at_once(small_dir, monkeypatch):
+    """--num_samples=2**63-1 once hung building the list of batch sizes (a MemoryError under a memory limit): the
+    batches are planned as they are drawn, the writer keeps only the batch's samples, and the run goes on until it
+    is stopped, writing every sample it made."""
+    per_sample = runtime.bytes_per_sample(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=64),
+                                          1, 8, 4)
+    monkeypatch.setattr(runtime, "available_memory", lambda dev: int(2.5 * per_sample / 0.8))  # 2 a batch
+
+    class StopAfterTwoBatches(io.StringIO):
+        stopped = False
+
+        def write(self, text):
+            if self.getvalue().count(SEPARATOR) == 4 and not self.stopped:
+                self.stopped = True
+                raise KeyboardInterrupt  # Ctrl-C, as a user stops an endless run
+            return super().write(text)
+
+    out, err = StopAfterTwoBatches(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    assert write_samples(small_dir, out, num_samples=2 ** 63 - 1, max_new_tokens=8) == 130
+    assert out.getvalue().startswith(expected_in_batches(small_dir, [2, 2], 8, 1337))
+    assert "sample.py: 9,223,372,036,854,775,807 samples need about " in err.getvalue()
+    assert "drawing them in 4,611,686,018,427,387,904 batches of up to 2 " in err.getvalue()
+
+
+def test_more_tokens_than_the_memory_holds_are_refused_with_the_most_that_fit(small_dir, monkeypatch):
+    """A sample's text is held until it is written: max_new_tokens=10**12 can never be, so it is refused at once,
+    saying about how many tokens fit."""
+    monkeypatch.setattr(runtime, "available_memory", lambda dev: 10 ** 9)
+    config = GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=64)
+    most = int((0.8 * 10 ** 9 - runtime.bytes_per_sample(config, 64, 1, 4) + 8) // 8)
+    with pytest.raises(UsageError, match=f"the text of its 1,000,000,000,000 tokens, held until it is written. and "
+                                         f"cpu has 1,000 MB available: lower --max_new_tokens .about {most:,} fit."):
+        write_samples(small_dir, sys.stdout, max_new_tokens=10 ** 12)
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "a", "num_samples": 9223372036854775807}',
+     "asks for 9,223,372,036,854,775,807 samples, which take about"),
+    ('{"prompt": "a"}\n{"prompt": "b", "max_new_tokens": 1000000000000}',
+     "asks for 20 samples, which take about 160,000,000 MB to keep track of and to merge, more than the 1,000 MB "
+     "available: too long to hold even one (line 2 asks for 10 of 1,000,000,000,000 tokens): lower max_new_tokens"),
+    ('{"prompt": "a", "num_samples": 100000, "max_new_tokens": 1000}',
+     "asks for 100,000 samples, which take about 1,754 MB to keep track of and to merge, more than the 1,000 MB "
+     "available: about 57,025 samples of these lengths fit. Lower num_samples or max_new_tokens (line 1 asks for "
+     "100,000 of 1,000 tokens), or split the file"),
+])
+def test_a_prompts_file_asking_more_than_the_memory_holds(run_script, small_dir, tmp_path, monkeypatch, line,
+                                                          message):
+    """Once a hang enumerating the samples: refused before any model loads. batch.py imports host_memory by name,
+    so its own is patched."""
+    import batch
+
+    monkeypatch.setattr(batch, "host_memory", lambda: 10 ** 9)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(line + "\n")
+    refused(run_script("sample.py", f"--init_from={small_dir}", f"--prompts={prompts}", f"--out={tmp_path / 'o'}"),
+            message)
+
+
+def test_a_prompts_files_slots_fit_the_memory(small_dir, monkeypatch):
+    """batch_size and kv_cache_mb are caps: past the memory, the memory decides the slots (each row's cache and
+    logits, and its sample's new tokens held as Python ints)."""
+    import batch
+
+    model, enc = runtime.load_model(str(small_dir), torch.device("cpu"), "auto", None, None)
+    settings = dict(max_new_tokens=8, temperature=0.8, top_k=200, top_p=None, num_samples=10, stop_at_eot=False,
+                    seed=1)
+    job = batch.SampleJob([batch.Prompt(1, 1, "Hello", settings)], "p", "o", 10 ** 12, 10 ** 12)
+    samples = batch.make_samples(job, enc, model)
+    itemsize = model.transformer.wpe.weight.element_size()
+    per_row = runtime.bytes_per_sample(model.config, len(samples[0].ids) + 8, 0, itemsize) + 8 * batch.ROW_TOKEN_BYTES
+    monkeypatch.setattr(batch, "available_memory", lambda dev: int(3.5 * per_row / 0.8))
+    assert batch.slot_count(samples, job, model, compile=False) == 3
+    monkeypatch.setattr(batch, "available_memory", lambda dev: None)  # not known: the caps alone
+    assert batch.slot_count(samples, job, model, compile=False) == 10
 
 
 def test_compile_with_int8_is_refused(sample):
     refused(sample("--compile=True", "--quantize=int8"), "--compile=True does not take --quantize")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory limits that /proc/meminfo does not show: a container's control group, ulimit -v and -d
+
+GB = 10 ** 9
+
+
+def fake_system(tmp_path: Path, cgroup: str, groups: dict[str, dict[str, object]], available: int = 10 * GB) -> Path:
+    """A /proc (MemAvailable, the process's cgroup line) and a cgroup file system holding `groups`, each a folder
+    under tmp_path/cgroup with its files."""
+    proc = tmp_path / "proc"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text(f"MemTotal: {4 * available // 1024} kB\nMemAvailable: {available // 1024} kB\n")
+    (proc / "self" / "cgroup").write_text(cgroup)
+    (proc / "self" / "status").write_text("VmSize:\t  100000 kB\nVmData:\t  50000 kB\n")
+    for folder, files in groups.items():
+        (tmp_path / "cgroup" / folder).mkdir(parents=True, exist_ok=True)
+        for name, content in files.items():
+            (tmp_path / "cgroup" / folder / name).write_text(f"{content}\n")
+    return proc
+
+
+@pytest.mark.parametrize("cgroup, groups, room", [
+    # cgroup v2: the group's limit less what it uses, not counting the file cache the kernel drops first
+    ("0::/kubepods/pod1\n", {"kubepods/pod1": {"memory.max": 3 * GB, "memory.current": 2 * GB,
+                                               "memory.stat": f"anon {GB}\ninactive_file {GB // 2}"},
+                             "kubepods": {"memory.max": "max", "memory.current": 5 * GB}}, 3 * GB - 3 * GB // 2),
+    # a parent's limit holds its children
+    ("0::/a/b\n", {"a/b": {"memory.max": "max", "memory.current": GB},
+                   "a": {"memory.max": 2 * GB, "memory.current": GB + GB // 4}}, 3 * GB // 4),
+    # a container sees its own group as the root, whatever /proc/self/cgroup names
+    ("0::/system.slice/docker-1.scope\n", {".": {"memory.max": 2 * GB, "memory.current": GB // 2}}, 3 * GB // 2),
+    # no limit anywhere: the machine's MemAvailable
+    ("0::/\n", {".": {"memory.max": "max", "memory.current": GB}}, 10 * GB),
+    # cgroup v1, the memory controller's own hierarchy
+    ("12:memory:/docker/abc\n5:cpu,cpuacct:/docker/abc\n",
+     {"memory": {"memory.limit_in_bytes": 2 * GB, "memory.usage_in_bytes": GB,
+                 "memory.stat": f"cache 1\ntotal_inactive_file {GB // 4}"}}, 5 * GB // 4),
+    # v1 without a limit writes a number near 2**63
+    ("4:memory:/\n", {"memory": {"memory.limit_in_bytes": 9223372036854771712, "memory.usage_in_bytes": GB}}, 10 * GB),
+    # a limit above what the machine has available: the machine's
+    ("0::/\n", {".": {"memory.max": 64 * GB, "memory.current": GB}}, 10 * GB),
+])
+def test_a_containers_memory_limit_is_read(tmp_path, cgroup, groups, room):
+    """Once ignored: the planner read MemAvailable alone, the machine's, and a container's batch failed with
+    'RuntimeError: [enforce fail at alloc_cpu.cpp]'."""
+    proc = fake_system(tmp_path, cgroup, groups)
+    own_limits = runtime.rlimit_room(proc / "self" / "status")  # this process's ulimits, if it has any
+    assert runtime.host_memory(proc, tmp_path / "cgroup") == min(room, own_limits if own_limits is not None else room)
+
+
+@pytest.mark.parametrize("limit, field", [("RLIMIT_AS", "VmSize"), ("RLIMIT_DATA", "VmData")])
+def test_ulimit_is_read(limit, field):
+    """ulimit -v (the address space) and -d (the data segment), less what the process already has of each."""
+    import resource
+
+    code = ("from pathlib import Path; import runtime; room = runtime.rlimit_room(Path('/proc/self/status')); "
+            f"used = runtime.read_fields(Path('/proc/self/status'))['{field}'] * 1024; "
+            "print(room, used, runtime.host_memory())")
+    cap = 2 * GB
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         preexec_fn=lambda: resource.setrlimit(getattr(resource, limit), (cap, cap)))
+    assert run.returncode == 0, run.stderr
+    room, used, total = map(int, run.stdout.split())
+    assert abs(room - (cap - used)) < 2 ** 20 and 0 < total <= room
+
+
+def test_sample_py_under_ulimit_v(small_dir):
+    """3,000 samples under ulimit -v: once 'RuntimeError: [enforce fail at alloc_cpu.cpp:127] ... you tried to allocate
+    603084000 bytes' and a traceback, as the planner saw only MemAvailable and drew them in one batch. Now it sees
+    the limit and draws batches that fit under it."""
+    import resource
+
+    baseline = subprocess.run([sys.executable, "-c", "import sample, torch, runtime, model; print(next(int(line.split()"
+                               "[1]) for line in open('/proc/self/status') if line.startswith('VmSize')) * 1024)"],
+                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    cap = int(baseline.stdout) + GB // 2  # the address space of a started sample.py, and 500 MB
+    run = subprocess.run([sys.executable, "sample.py", f"--init_from={small_dir}", "--num_samples=3000",
+                          "--max_new_tokens=1", "--device=cpu"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                         timeout=300, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (cap, cap)))
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    planned = re.search(r"more than the ([\d,]+) MB available on cpu allow: drawing them in ([\d,]+) batches",
+                        run.stderr)  # about 1.2 MB a sample, the logits of a 50,257-token vocabulary
+    assert planned and int(planned[1].replace(",", "")) < GB // 2 / 10 ** 6 and int(planned[2].replace(",", "")) > 1
+    assert run.stdout.count(SEPARATOR) == 3000
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# An allocation that fails although the work was planned to fit: one message naming the setting to lower
+
+ALLOCATION_FAILED = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                                 "memory: you tried to allocate 1827545548 bytes. Error code 12 (Cannot allocate "
+                                 "memory)")
+
+
+def test_memory_running_out_while_sampling(sample, small_dir, monkeypatch):
+    """The first batch's samples are written whole, the second's as far as they got, then the message: exit 1, as
+    for a full disk."""
+    per_sample = runtime.bytes_per_sample(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=64),
+                                          1, 4, 4)
+    monkeypatch.setattr(runtime, "available_memory", lambda dev: int(2.5 * per_sample / 0.8))  # 2 a batch
+    calls, sample_steps = [], runtime.sample_steps
+
+    def failing_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ALLOCATION_FAILED
+        return sample_steps(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "sample_steps", failing_second_batch)
+    status, out, err = sample("--num_samples=4", "--max_new_tokens=4")
+    assert status == 1 and "Traceback" not in err
+    assert "sample.py: error: out of memory (an allocation of 1,828 MB failed) while drawing 2 samples at once; each " \
+           "sample above ends where generation stopped. Ask for fewer at once (--num_samples=1) or fewer tokens " \
+           "(--max_new_tokens), or free some memory" in err
+    assert out.startswith(expected_in_batches(small_dir, [2], 4, 1337)) and out.count(SEPARATOR) == 4
+
+
+def test_memory_running_out_in_a_prompts_file(run_script, small_dir, tmp_path, monkeypatch):
+    import batch
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a"}\n{"prompt": "bb cc"}\n')
+    run_slots = batch.run_slots
+
+    def failing_after_the_first_finished(*args):
+        """The slots' steps until some samples have finished and been written, then an allocation that fails."""
+        for finished, busy in run_slots(*args):
+            yield finished, busy
+            if finished:
+                raise ALLOCATION_FAILED
+
+    monkeypatch.setattr(batch, "run_slots", failing_after_the_first_finished)
+    status, out, err = run_script("sample.py", f"--init_from={small_dir}", f"--prompts={prompts}",
+                                  f"--out={tmp_path / 'o.jsonl'}", "--max_new_tokens=2", "--batch_size=4")
+    assert status == 1 and out == "" and "Traceback" not in err
+    assert "sample.py: error: out of memory (an allocation of 1,828 MB failed): lower --batch_size (now 4) or " \
+           "--kv_cache_mb (now 2048), or free some memory; the samples finished are kept: run the same command " \
+           "again to go on" in err
+    assert len((tmp_path / "o.jsonl.rank0-of-1.part").read_text().splitlines()) == 4  # the first four slots' samples
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -250,10 +473,10 @@ def test_a_closed_stderr_keeps_stdout_clean(small_dir):
 
 
 def test_a_reader_leaving_the_pipe_ends_an_endless_run(small_dir):
-    """Piped, samples are written when complete; with max_new_tokens=10**12 they never are, so the run must notice
+    """Piped, samples are written when complete; with max_new_tokens=10**7 that takes hours, so the run must notice
     that its reader left (`| head`, a closed viewer) rather than generate for nobody."""
     proc = subprocess.Popen([sys.executable, "sample.py", f"--init_from={small_dir}", "--num_samples=2",
-                             "--max_new_tokens=1000000000000"], cwd=ROOT, env=ENV,
+                             "--max_new_tokens=10000000"], cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_until_loaded(proc)
     time.sleep(0.5)
