@@ -60,6 +60,7 @@ import torch.nn as nn
 from cli import run_main
 from configurator import configure, read_settings
 from errors import UsageError
+from generate import DRAFT_TOKENS_LIMIT
 from linear import decode_bytes
 from load import CONV1D_WEIGHTS, config_from_hf
 from model import GPT, GPTConfig
@@ -1005,8 +1006,8 @@ def check_settings(s: SimpleNamespace) -> tuple[list[int], list[int], list[str],
     drafts = [d for d in (s.draft or "").split(",") if d]
     if not set(drafts) <= {"int8", "fp16"}:
         raise UsageError(f"draft must be int8, fp16, int8,fp16 or None, got '{s.draft}'")
-    if s.draft_tokens is not None and s.draft_tokens < 1:
-        raise UsageError(f"--draft_tokens={s.draft_tokens}: a draft proposes at least 1 token a round")
+    if s.draft_tokens is not None and not 1 <= s.draft_tokens <= DRAFT_TOKENS_LIMIT:
+        raise UsageError(f"--draft_tokens={s.draft_tokens}: a draft proposes 1 to {DRAFT_TOKENS_LIMIT} tokens a round")
     check_memory(s, batches, len(dtypes) - 1 + len(quantized), len(drafts) if dev.type == "cpu" else 0,
                  available_memory(dev))
     return batches, slow, dtypes, quantized, drafts

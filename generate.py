@@ -245,6 +245,7 @@ def compiled_phases(model: GPT, batch: int, dtype: torch.dtype,
 
 
 MOST_DRAFT_TOKENS = 8  # the most proposals draft_length chooses a round (README: bench.py's measurements)
+DRAFT_TOKENS_LIMIT = 64  # the most a caller may ask for: more would only be checked and thrown away
 
 
 def draft_length(accepted: int, proposed: int, draft_step: float, check: float, plain_step: float, most: int) -> int:
@@ -408,7 +409,7 @@ def generate_stream(model: GPT, prompts: Prompts, max_new_tokens: int, temperatu
         raise ValueError("give one of seed, generator and generators, not several")
     if draft is not None:
         if draft_tokens is not None:
-            check_int("draft_tokens", draft_tokens, 1)
+            check_int("draft_tokens", draft_tokens, 1, DRAFT_TOKENS_LIMIT)
         if not use_kv_cache or compile:
             raise ValueError("a draft runs with the KV cache, eagerly: give use_kv_cache=True and compile=False")
         draft = draft_model(model, draft)

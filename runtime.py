@@ -136,6 +136,7 @@ CPU_WEIGHTS = "fp16"
 def check_draft(name: Optional[str], draft_tokens: Optional[int], dev: torch.device, quantize_mode: Optional[str],
                 compile: bool) -> None:
     """--draft and --draft_tokens checked before any model loads: UsageError for a draft that cannot serve."""
+    from generate import DRAFT_TOKENS_LIMIT
     from sampling import check_int
 
     if name is None:
@@ -145,7 +146,7 @@ def check_draft(name: Optional[str], draft_tokens: Optional[int], dev: torch.dev
         return
     if draft_tokens is not None:
         try:
-            check_int("--draft_tokens", draft_tokens, 1)
+            check_int("--draft_tokens", draft_tokens, 1, DRAFT_TOKENS_LIMIT)
         except (TypeError, ValueError) as e:
             raise UsageError(e) from None
     if compile:

@@ -53,7 +53,8 @@ def refused(result: tuple[int, str, str], script: str, message: str) -> None:
     (["--dtype=float32,float64"], "unknown dtype 'float64'"),
     (["--quantize=int4"], "quantize must be int8, fp16, int8,fp16 or None, got 'int4'"),
     (["--draft=int4"], "draft must be int8, fp16, int8,fp16 or None, got 'int4'"),
-    (["--draft_tokens=0"], "--draft_tokens=0: a draft proposes at least 1 token a round"),
+    (["--draft_tokens=0"], "--draft_tokens=0: a draft proposes 1 to 64 tokens a round"),
+    (["--draft_tokens=65"], "--draft_tokens=65: a draft proposes 1 to 64 tokens a round"),
 ])
 def test_bench_settings(run_script, args, message):
     refused(run_script("bench.py", *args), "bench.py", message)

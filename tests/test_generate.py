@@ -537,8 +537,10 @@ def test_thread_chooser_told_the_better_count_starts_there_and_tries_the_other_l
     assert used[:32] == [1] * 32 and used[32:65] == [2] * 33
 
 
-def test_parallel_waits_with_a_core_busy_and_generation_then_starts_at_one_thread(monkeypatch):
-    # The probe's two cases differ 40x (milliseconds against ~0.1 ms); a pinned spinner makes the busy case.
+def test_parallel_waits_with_a_core_busy():
+    # The probe's two cases differ ~15x (8 ms against 0.5 ms); a pinned spinner makes the busy case. Now and then a
+    # thread waking from sleep runs ahead of the spinner and fools it (generation then checks with real steps), so
+    # most of five probes, not every one, must see the busy core.
     import generate
     from bench import BusyCore
 
@@ -547,20 +549,24 @@ def test_parallel_waits_with_a_core_busy_and_generation_then_starts_at_one_threa
         pytest.skip("needs two cores")
     with BusyCore():
         time.sleep(0.3)
-        assert generate.parallel_waits(threads)
-        chooser = generate.cpu_thread_chooser(torch.device("cpu"), compile=False)
-        assert (chooser.chosen, chooser.other, chooser.trials) == (1, threads, [])
-    monkeypatch.setattr(generate, "parallel_waits", lambda threads: False)  # quiet: every core, and the opening pair
-    chooser = generate.cpu_thread_chooser(torch.device("cpu"), compile=False)
-    assert (chooser.chosen, chooser.other, chooser.trials) == (threads, 1, [threads, 1])
+        assert sum(generate.parallel_waits(threads) for _ in range(5)) >= 3
     assert torch.get_num_threads() == threads
 
 
-def test_thread_chooser_is_not_moved_by_noise_with_a_core_busy():
-    # A noisy machine triples a step now and then (two in a row here, every 20 steps); a trial at two threads would
-    # cost ten steps, and is no remedy: only the scheduled trial runs.
-    used = simulate(lambda i: {2: 10.0, 1: 3.0 if i % 20 in (0, 1) else 1.0}, 300, counts=(1, 2), opening=False)
-    assert steps_at(used, 2) == [32]
+def test_generation_starts_at_the_count_the_probe_favours(monkeypatch):
+    # Busy: one thread at once, the other count tried after `interval` steps. Quiet: every core, checked by the
+    # opening pair of steps (which also catches a probe fooled by a busy core).
+    import generate
+
+    threads = 4
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(generate, "parallel_waits", lambda count: True)
+    chooser = generate.cpu_thread_chooser(torch.device("cpu"), compile=False)
+    assert (chooser.chosen, chooser.other, chooser.trials, chooser.next_trial) == (1, threads, [], 32)
+    monkeypatch.setattr(generate, "parallel_waits", lambda count: False)
+    chooser = generate.cpu_thread_chooser(torch.device("cpu"), compile=False)
+    assert (chooser.chosen, chooser.other, chooser.trials) == (threads, 1, [threads, 1])
+    assert generate.cpu_thread_chooser(torch.device("cpu"), compile=True) is None
 
 
 def test_thread_chooser_restores_the_thread_count_when_the_step_fails():

@@ -249,7 +249,8 @@ def test_quantized_draft_is_made_once_and_shares_the_embeddings(trained):
 
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(draft="int4"), ValueError, "draft must be 'int8', 'fp16' or a GPT"),
-    (dict(draft="int8", draft_tokens=0), ValueError, "draft_tokens must be >= 1"),
+    (dict(draft="int8", draft_tokens=0), ValueError, "draft_tokens must be in 1..64, got 0"),
+    (dict(draft="int8", draft_tokens=10**18), ValueError, "draft_tokens must be in 1..64, got 1000000000000000000"),
     (dict(draft="int8", draft_tokens=2.5), TypeError, "draft_tokens must be an int"),
     (dict(draft="int8", use_kv_cache=False), ValueError, "a draft runs with the KV cache"),
     (dict(draft=GPT(GPTConfig(block_size=16, vocab_size=7, n_layer=1, n_head=1, n_embd=8))), ValueError,
@@ -287,7 +288,8 @@ def test_sample_py_with_a_draft_writes_the_models_own_samples(run_script, traine
 
 @pytest.mark.parametrize("args, message", [
     (["--draft=int8", "--quantize=fp16"], "leaves no float model to copy"),
-    (["--draft=int8", "--draft_tokens=0"], "--draft_tokens must be >= 1, got 0"),
+    (["--draft=int8", "--draft_tokens=0"], "--draft_tokens must be in 1..64, got 0"),
+    (["--draft=int8", "--draft_tokens=1000000000000000000"], "--draft_tokens must be in 1..64, got 1000000000000000000"),
     (["--draft_tokens=3"], "--draft_tokens=3 without --draft"),
     (["--draft=no/such/model"], "--draft=no/such/model: "),
     (["--draft=int8", "--prompts=p.jsonl", "--out=o.jsonl"], "--draft is for sample.py's own samples"),
