@@ -261,21 +261,13 @@ def draft_length(accepted: int, proposed: int, draft_step: float, check: float, 
     return max(range(most + 1), key=tokens_per_time)
 
 
-def next_draft_length(model: GPT, draft: GPT, stats: dict, most: int, timed: bool) -> int:
-    """draft_length with the costs known so far. timed (greedy on a CPU, whose steps run as they are called): the
-    seconds measured in this generation for a draft step, a check and a plain step (the first turn is a plain step
-    and the next a round of one proposal, to time each kind once). Otherwise the weight bytes each step reads (a
-    check of several positions reads them once, as a plain step does): sampled tokens depend on the lengths, which
-    must then not depend on timings for a seed to repeat a run, and a GPU's steps are timed only by waiting."""
-    if not timed:
-        costs = (decode_bytes(draft), decode_bytes(model), decode_bytes(model))
-    elif not stats.get("plain_steps"):
-        return 0
-    elif not stats.get("checks"):
-        return 1
-    else:
-        costs = tuple(stats[f"{kind}_seconds"] / stats[f"{kind}s"] for kind in ("draft_step", "check", "plain_step"))
-    return draft_length(stats.get("accepted", 0), stats.get("proposed", 0), *costs, most)
+def next_draft_length(model: GPT, draft: GPT, stats: dict, most: int) -> int:
+    """draft_length with the acceptance so far and, for the costs, the weight bytes each step reads (a check of
+    several positions reads them once, as a plain step does). Not timings: sampled tokens depend on the lengths,
+    and a seed must repeat a run."""
+    model_bytes = decode_bytes(model)
+    return draft_length(stats.get("accepted", 0), stats.get("proposed", 0), decode_bytes(draft), model_bytes,
+                        model_bytes, most)
 
 
 def draft_model(model: GPT, draft: Union[str, GPT]) -> GPT:
@@ -317,7 +309,6 @@ def speculate(decoder: Decoder, drafter: Decoder, history: TokenHistory, k: int,
     to k + 1, but at most room[i]: a row far ahead of the others waits for them; 0 leaves it as it was)."""
     # The draft: k steps over its own cache. The first feeds each row's previous token again beside its newest: a
     # row that accepted every proposal last round holds a last proposal that the draft itself was never fed.
-    started = time.perf_counter()
     drafter.cache.lengths = decoder.cache.lengths - 1
     fed = torch.stack([history.back(2), history.back(1)], dim=1)  # [B, 2]
     proposed, draft_probs = [], []
@@ -331,7 +322,6 @@ def speculate(decoder: Decoder, drafter: Decoder, history: TokenHistory, k: int,
             fed = sampling.draw(draft_probs[-1])[:, None]
         proposed.append(fed)
     proposed = torch.cat(proposed, dim=1)  # [B, k]
-    drafted = time.perf_counter()
     # The model: each row's newest token and its k proposals in one step; logits after each of them.
     logits = decoder.feed(torch.cat([history.back(1)[:, None], proposed], dim=1))  # [B, k + 1, V]
     if sampling.greedy:  # accepted while the proposal is the model's own choice, which then follows them
@@ -343,8 +333,7 @@ def speculate(decoder: Decoder, drafter: Decoder, history: TokenHistory, k: int,
     made = torch.minimum(accepted.cpu() + 1, room)
     decoder.keep(made)  # the model's cache drops the rejected positions; the draft's is reset by the next round
     for name, count in (("rounds", 1), ("proposed", proposed.numel()), ("accepted", int(accepted.sum())),
-                        ("tokens", int(made.sum())), ("draft_steps", k), ("draft_step_seconds", drafted - started),
-                        ("checks", 1), ("check_seconds", time.perf_counter() - drafted)):
+                        ("tokens", int(made.sum()))):
         stats[name] = stats.get(name, 0) + count
     return tokens, made
 
@@ -397,7 +386,7 @@ def generate_stream(model: GPT, prompts: Prompts, max_new_tokens: int, temperatu
     own: the same greedy tokens (up to float rounding between a step of one position and one of several), the same
     distribution when sampling, though not the same draws for a seed (seeded runs repeat with the same draft) and, with
     generators, a row's draws then depend on its batch. stats, a dict, receives its counts: rounds, proposed, accepted
-    and tokens (made in rounds), and the steps and seconds that draft_length weighs (draft steps, checks, plain steps).
+    and tokens (made in rounds).
 
     Past block_size positions a row conditions on its last block_size tokens, as nanoGPT does; each such step
     costs that row a full forward pass over block_size tokens (see Decoder.step), and speculation stops.
@@ -448,15 +437,14 @@ def generate_stream(model: GPT, prompts: Prompts, max_new_tokens: int, temperatu
                 drafter = Decoder(draft, B, draft_len, device, compile=False)
         ahead = torch.zeros(B, dtype=torch.long)  # each row's tokens made but not yet yielded, on the host
         token = previous = None
-        tally = stats if stats is not None else {}  # speculation's counts and times, from which draft_length judges
-        timed_lengths = sampling.greedy and device.type == "cpu"
+        tally = stats if stats is not None else {}  # speculation's counts, from which draft_length judges
 
         def turn() -> None:
             """Everything one turn does: a speculative round, or the prompts' pass or a step and its draw; the
             new tokens go to the history."""
-            proposals, started = 0, time.perf_counter()
+            proposals = 0
             if token is not None and drafter is not None:
-                proposals = draft_tokens or next_draft_length(model, draft, tally, k, timed=timed_lengths)
+                proposals = draft_tokens or next_draft_length(model, draft, tally, k)
             if proposals and int(decoder.cache.lengths.max()) + proposals < drafter.cache.max_len:  # a round fits
                 new, made = speculate(decoder, drafter, history, proposals, most_ahead - ahead, sampling, tally)
             else:
@@ -469,9 +457,6 @@ def generate_stream(model: GPT, prompts: Prompts, max_new_tokens: int, temperatu
                 else:
                     logits = decoder.step(token, history)
                 new, made = sampling.next_token(logits)[:, None], 1
-                if token is not None and drafter is not None:
-                    tally["plain_steps"] = tally.get("plain_steps", 0) + 1
-                    tally["plain_step_seconds"] = tally.get("plain_step_seconds", 0) + time.perf_counter() - started
             history.append(new, made)
             ahead.add_(made)
 

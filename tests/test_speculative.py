@@ -90,17 +90,16 @@ def test_draft_length_makes_the_most_tokens_per_time_in_a_simulation():
     assert draft_length(89, 100, 1.0, 1.6, 1.0, 8) == 0 and draft_length(89, 100, 0.25, 1.6, 1.0, 8) > 0
 
 
-def test_the_draft_length_is_timed_greedy_on_a_cpu_and_by_weight_bytes_otherwise(trained):
-    """Greedy on a CPU: one plain step, then one round of one proposal, then the lengths the measured seconds give.
-    Sampling (where the lengths change the draws, and a seed must repeat a run) or on a GPU: the weight bytes."""
+def test_the_draft_length_weighs_the_acceptance_against_the_weight_bytes(trained):
+    """The costs are the bytes each step reads (an int8 copy: about a quarter of float32's), never timings, so that
+    a seed repeats a sampled run: the same stats give the same length."""
     draft = draft_model(trained, "int8")
-    assert next_draft_length(trained, draft, {}, 8, timed=True) == 0
-    assert next_draft_length(trained, draft, dict(plain_steps=1, plain_step_seconds=1.0), 8, timed=True) == 1
-    stats = dict(plain_steps=4, plain_step_seconds=4.0, checks=2, check_seconds=3.0, draft_steps=4,
-                 draft_step_seconds=1.0, accepted=900, proposed=1000)
-    assert next_draft_length(trained, draft, stats, 8, timed=True) == draft_length(900, 1000, 0.25, 1.5, 1.0, 8)
     ratio = decode_bytes(trained) / decode_bytes(draft)
-    assert next_draft_length(trained, draft, {}, 8, timed=False) == draft_length(0, 0, 1.0, ratio, ratio, 8) > 0
+    assert 3 < ratio < 4.1
+    for accepted, proposed in ((0, 0), (900, 1000), (10, 1000)):
+        assert next_draft_length(trained, draft, dict(accepted=accepted, proposed=proposed), 8) == draft_length(
+            accepted, proposed, 1.0, ratio, ratio, 8)
+    assert next_draft_length(trained, draft, dict(accepted=10, proposed=1000), 8) == 0
 
 
 def test_a_draft_that_is_never_accepted_falls_back_to_plain_steps(trained):
@@ -289,7 +288,7 @@ def test_sample_py_with_a_draft_writes_the_models_own_samples(run_script, traine
 @pytest.mark.parametrize("args, message", [
     (["--draft=int8", "--quantize=fp16"], "leaves no float model to copy"),
     (["--draft=int8", "--draft_tokens=0"], "--draft_tokens must be in 1..64, got 0"),
-    (["--draft=int8", "--draft_tokens=1000000000000000000"], "--draft_tokens must be in 1..64, got 1000000000000000000"),
+    (["--draft=int8", "--draft_tokens=10000000000"], "--draft_tokens must be in 1..64, got 10000000000"),
     (["--draft_tokens=3"], "--draft_tokens=3 without --draft"),
     (["--draft=no/such/model"], "--draft=no/such/model: "),
     (["--draft=int8", "--prompts=p.jsonl", "--out=o.jsonl"], "--draft is for sample.py's own samples"),
