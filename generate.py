@@ -524,8 +524,9 @@ def parallel_waits(threads: int) -> bool:
     """Whether an operation split over `threads` threads is slower right now than on one: the mark of a core that
     another program keeps busy, where each parallel region waits milliseconds for its descheduled thread. A multiply
     of 1M floats, the median of five at each count: measured 0.3 ms split against 0.6 ms on one thread on a quiet
-    2-core machine, and 8 ms against 0.5 ms with one core busy. (Shorter, the probe was fooled one time in twelve
-    and more: a thread that wakes after sleeping runs at once for a few milliseconds, ahead of the busy program.)"""
+    2-core machine, and 8 ms against 0.5 ms with one core busy. It is often fooled by a busy core (9 of 20 probes in a
+    row saw it): a thread that wakes after sleeping runs at once for a few milliseconds, ahead of the busy program.
+    So a quiet verdict is checked by generation's opening steps; a busy one is worth taking at once."""
     x = torch.ones(1 << 20)
     previous, typical = torch.get_num_threads(), {}
     try:

