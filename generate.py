@@ -261,13 +261,12 @@ def draft_length(accepted: int, proposed: int, draft_step: float, check: float, 
     return max(range(most + 1), key=tokens_per_time)
 
 
-def next_draft_length(model: GPT, draft: GPT, stats: dict, most: int) -> int:
-    """draft_length with the acceptance so far and, for the costs, the weight bytes each step reads (a check of
-    several positions reads them once, as a plain step does). Not timings: sampled tokens depend on the lengths,
-    and a seed must repeat a run."""
+def draft_costs(model: GPT, draft: GPT) -> tuple[int, int, int]:
+    """draft_length's costs: the weight bytes a draft step, a check and a plain step read (a check of several
+    positions reads them once, as a plain step does). Not timings: sampled tokens depend on the lengths, and a seed
+    must repeat a run."""
     model_bytes = decode_bytes(model)
-    return draft_length(stats.get("accepted", 0), stats.get("proposed", 0), decode_bytes(draft), model_bytes,
-                        model_bytes, most)
+    return decode_bytes(draft), model_bytes, model_bytes
 
 
 def draft_model(model: GPT, draft: Union[str, GPT]) -> GPT:
@@ -382,7 +381,7 @@ def generate_stream(model: GPT, prompts: Prompts, max_new_tokens: int, temperatu
     draft turns on speculative decoding (see speculate): "int8" or "fp16" (the model's own weights quantized, CPU only)
     or a smaller GPT with the same vocabulary proposes draft_tokens tokens a round (None: as many as pay, chosen each
     round by draft_length from the acceptance so far, up to MOST_DRAFT_TOKENS; none, plain steps, when the draft is
-    accepted too rarely to pay; see next_draft_length), which the model checks in one step. The tokens are the model's
+    accepted too rarely to pay; see draft_costs), which the model checks in one step. The tokens are the model's
     own: the same greedy tokens (up to float rounding between a step of one position and one of several), the same
     distribution when sampling, though not the same draws for a seed (seeded runs repeat with the same draft) and, with
     generators, a row's draws then depend on its batch. stats, a dict, receives its counts: rounds, proposed, accepted
@@ -438,13 +437,14 @@ def generate_stream(model: GPT, prompts: Prompts, max_new_tokens: int, temperatu
         ahead = torch.zeros(B, dtype=torch.long)  # each row's tokens made but not yet yielded, on the host
         token = previous = None
         tally = stats if stats is not None else {}  # speculation's counts, from which draft_length judges
+        costs = draft_costs(model, draft) if draft is not None else None
 
         def turn() -> None:
             """Everything one turn does: a speculative round, or the prompts' pass or a step and its draw; the
             new tokens go to the history."""
             proposals = 0
             if token is not None and drafter is not None:
-                proposals = draft_tokens or next_draft_length(model, draft, tally, k)
+                proposals = draft_tokens or draft_length(tally.get("accepted", 0), tally.get("proposed", 0), *costs, k)
             if proposals and int(decoder.cache.lengths.max()) + proposals < drafter.cache.max_len:  # a round fits
                 new, made = speculate(decoder, drafter, history, proposals, most_ahead - ahead, sampling, tally)
             else:

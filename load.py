@@ -3,7 +3,7 @@ Loading GPT-2 checkpoints: names, folders and files in; GPTConfig's arguments an
 
 Every checkpoint format lives here: hub names and repo ids (through huggingface_hub's cache), Hugging Face folders
 (safetensors, sharded or not, and pytorch_model.bin), and nanoGPT's ckpt.pt. Nothing here knows the network's
-math, and nothing imports model.py: GPT.from_pretrained builds the network from what this module returns.
+math, and nothing imports model.py: GPT.from_pretrained hands build_pretrained the way to make its network.
 
 Nothing in a checkpoint is trusted. The config's values are checked for type and range, then against the shapes
 of the weights, before anything is built; each weight file is checked for what it really is (a git-LFS pointer, a
@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple, Optional
 
 import torch
+import torch.nn as nn
 
 from errors import UsageError
+from linear import quantized_from
 
 
 HUB_NAMES = {
@@ -50,6 +52,29 @@ LFS_POINTER = b"version https://git-lfs"  # a git-LFS pointer file, what a clone
 
 class LoadError(UsageError):
     """A checkpoint could not be loaded; the message says why and what to do instead."""
+
+
+def build_pretrained(name_or_path: str, override_args: Optional[dict], make_model: Callable[[dict], nn.Module],
+                     quantize: Optional[str]) -> nn.Module:
+    """GPT.from_pretrained's building: the model that make_model(config_args) makes on the meta device (no memory,
+    no init), then its tensors read from the checkpoint one at a time, each in the layout the model holds it in:
+    with quantize ("int8" or "fp16"), every Linear rounded as its weight is read (linear.quantized_from), so the
+    float32 model is never whole in memory. The head is tied to the token embedding, as GPT-2's is."""
+    config_args, checkpoint = read_pretrained(name_or_path, override_args)
+    with torch.device("meta"):
+        model = make_model(config_args)
+    read = set()
+    if quantize is not None:
+        read = quantized_from(model, lambda name, rows: checkpoint.read(name, rows), quantize)
+    # The rest in float32 (a tied pair read once).
+    state = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if t.is_meta and name not in read and name != "lm_head.weight":
+            state[name] = checkpoint.read(name, like=t)
+    model.load_state_dict(state, assign=True, strict=False)
+    if quantize is None:  # assign=True left the head on the meta device: tie it again
+        model.lm_head.weight = model.transformer.wte.weight
+    return model
 
 
 def read_pretrained(name_or_path: str, override_args: Optional[dict] = None) -> tuple[dict, "Checkpoint"]:

@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import load
-from linear import Linear, quantize_fp16, quantize_int8, quantized_from, transposed_layout
+from linear import Linear, quantize_fp16, quantize_int8, transposed_layout
 from sampling import check_int, check_token_ids
 
 
@@ -262,13 +262,11 @@ class GPT(nn.Module):
         self._compiled.clear()  # its static cache was shaped for the old context
 
     def quantize_int8(self) -> "GPT":
-        """Int8 weights with per-output-channel scales for every Linear, in place (CPU only; see
-        linear.py)."""
+        """Int8 weights, per-row scales, for every Linear, in place (CPU only; linear.py)."""
         return quantize_int8(self)
 
     def quantize_fp16(self) -> "GPT":
-        """Float16 weights for every Linear, multiplied in float32, in place (CPU only; see
-        linear.py)."""
+        """Float16 weights for every Linear, summed in float32, in place (CPU only; linear.py)."""
         return quantize_fp16(self)
 
     def _hidden(self, idx: torch.Tensor, input_pos: torch.Tensor,
@@ -320,37 +318,20 @@ class GPT(nn.Module):
                         quantize: Optional[str] = None) -> "GPT":
         """Load GPT-2 weights, in eval mode and float32, from any of:
 
-        - 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', 'distilgpt2', or a hub repo id of a GPT-2
-          model ('openai-community/gpt2'), fetched once through huggingface_hub's cache and then
-          read offline;
+        - 'gpt2' ... 'gpt2-xl', 'distilgpt2', or a hub repo id of a GPT-2 model, fetched once
+          through huggingface_hub's cache and then read offline;
         - a local folder in the Hugging Face layout (config.json with model.safetensors or
           pytorch_model.bin);
         - a nanoGPT training checkpoint (ckpt.pt, or a folder holding one). override_args may set
           dropout only. Raises load.LoadError with what went wrong and what to do.
-
-        quantize="int8" or "fp16" (CPU) rounds each weight as it is read, as quantize_int8 and
-        quantize_fp16 would after loading, without ever holding the float32 model.
+        quantize="int8" or "fp16" (CPU) rounds each weight as it is read (load.build_pretrained).
         """
         if quantize not in (None, "int8", "fp16"):
             raise ValueError(f"quantize must be None, 'int8' or 'fp16', got {quantize!r}")
-        config_args, checkpoint = load.read_pretrained(model_type, override_args)
-        with torch.device("meta"):  # no memory, no init: every tensor comes from the checkpoint
-            model = cls(GPTConfig(**config_args))
-        read = set()
-        if quantize is not None:
-            read = quantized_from(model, lambda name, rows: checkpoint.read(name, rows), quantize)
-        # The rest in float32, each in the layout the model holds it in (a tied pair read once).
-        state = {}
-        for name, t in model.state_dict(keep_vars=True).items():
-            if t.is_meta and name not in read and name != "lm_head.weight":
-                state[name] = checkpoint.read(name, like=t)
-        model.load_state_dict(state, assign=True, strict=False)
-        if quantize is None:  # assign=True left the head on the meta device: tie it again
-            model.lm_head.weight = model.transformer.wte.weight
-        return model.eval()
+        return load.build_pretrained(model_type, override_args, lambda args: cls(GPTConfig(**args)),
+                                     quantize).eval()
 
     # ----------------------------------------------------------------------------------------------
-    # --------------
     # The two passes of generation (driven by generate.py): a prompt from position 0, then new
     # positions per row.
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from generate import draft_length, draft_model, next_draft_length
+from generate import draft_costs, draft_length, draft_model
 from linear import Int8Linear, decode_bytes
 from model import GPT, GPTConfig
 
@@ -97,9 +97,9 @@ def test_the_draft_length_weighs_the_acceptance_against_the_weight_bytes(trained
     ratio = decode_bytes(trained) / decode_bytes(draft)
     assert 3 < ratio < 4.1
     for accepted, proposed in ((0, 0), (900, 1000), (10, 1000)):
-        assert next_draft_length(trained, draft, dict(accepted=accepted, proposed=proposed), 8) == draft_length(
+        assert draft_length(accepted, proposed, *draft_costs(trained, draft), 8) == draft_length(
             accepted, proposed, 1.0, ratio, ratio, 8)
-    assert next_draft_length(trained, draft, dict(accepted=10, proposed=1000), 8) == 0
+    assert draft_length(10, 1000, *draft_costs(trained, draft), 8) == 0
 
 
 def test_a_draft_that_is_never_accepted_falls_back_to_plain_steps(trained):
