@@ -556,7 +556,8 @@ class ThreadChooser:
     other program may have paused for one step), the interval doubling up to `max_interval` each time it loses and
     starting over when it wins; and two steps in a row at the chosen count that take over twice the recent median and
     longer than the other count's last step (the load changed, not one step that was interrupted or the machine's
-    noise) try the other count at once. A trial costs what the losing count is
+    noise) try the other count at once, judged on fresh steps (the other count, the chosen, the other again: a burst
+    of the host's noise that has passed loses it). A trial costs what the losing count is
     slower, so the next trial also waits at least `interval` times that excess (a count 10x slower is tried again 288
     steps on, not 32): trials cost at most about 1/32 of the time. Quiet, that is one step at one thread at steps ~32,
     96, 224, 480, ... The thread count is set for each step and restored after it, so nothing else sees it changed.
@@ -583,7 +584,9 @@ class ThreadChooser:
     def run(self, step: Callable[..., T], *args, timed: bool = True) -> T:
         """step(*args), at the thread count this step should use; its time decides the counts to come (unless
         timed=False: a step unlike the others, such as the prompt's)."""
-        count = self.trials[0] if self.trials else self.chosen
+        # A step that is not timed cannot settle a trial: it runs at the chosen count, and the trial waits for the
+        # next timed step (else a run of admissions would all run at the count on trial, unjudged).
+        count = self.trials[0] if self.trials and timed else self.chosen
         previous = torch.get_num_threads()
         torch.set_num_threads(count)
         try:
@@ -610,8 +613,10 @@ class ThreadChooser:
         self.recent = (self.recent + [seconds])[-self.window:]
         if self.steps >= self.next_trial:
             self.trials = [self.other]
-        elif slow and self.slow_before:  # the load changed
-            self.trials, self.interval, self.recent = [self.other], self.first_interval, [seconds]
+        elif slow and self.slow_before:  # the load changed, or a burst of the machine's noise passed by
+            # Judged on fresh steps: the other count, the chosen one, the other again. A burst that is over by then
+            # shows in the chosen count's step, and no recent median taken before it is the yardstick.
+            self.trials, self.interval = [self.other, self.chosen, self.other], self.first_interval
         self.slow_before = slow
 
     def _decide(self) -> None:
@@ -623,13 +628,13 @@ class ThreadChooser:
                 return
             won = b < a
             self.recent = list(other if won else chosen)
-        else:  # a step of the other count against the chosen count's recent median
-            a, b = statistics.median(self.recent), max(other)
+        else:  # the other count's steps against the chosen count's, fresh ones if any, else the recent median
+            a, b = statistics.median(chosen or self.recent), max(other)
             won = b < a
             if won and len(other) == 1:  # one fast step may be the other program pausing: confirm with a second
                 self.trials = [self.other]
                 return
-            self.recent = list(other) if won else self.recent
+            self.recent = list(other) if won else list(chosen) or self.recent
             self.interval = self.first_interval if won else min(2 * self.interval, self.max_interval)
         if won:
             self.chosen, self.other = self.other, self.chosen

@@ -515,12 +515,21 @@ def test_thread_chooser_follows_load_that_comes_and_goes():
         return {2: 6.0, 1: 1.0} if 100 <= i < 300 else {2: 1.0, 1: 1.8}
 
     used = simulate(cost_at, steps=1500)
-    assert used[100:104] == [2, 2, 1, 1]  # two slow steps in a row (over twice the recent median): one thread
-    assert steps_at(used[100:300], 2) == [0, 1, 164]  # then two threads only on a retry, 160 steps on
+    # Two slow steps in a row (over twice the recent median): one thread, two threads, one thread, judged on those
+    # fresh steps; one thread wins.
+    assert used[100:106] == [2, 2, 1, 2, 1, 1]
+    assert steps_at(used[100:300], 2) == [0, 1, 3, 165]  # then two threads only on a retry, 160 steps on
     # Load gone: the next retry wins, confirmed by a second step, and two threads stay.
-    assert used[300:425] == [1] * 125 and used[425:459] == [2] * 34
+    assert used[300:426] == [1] * 126 and used[426:460] == [2] * 34
     spent = sum(cost_at(i)[c] for i, c in enumerate(used))
     assert spent < 1.1 * sum(min(cost_at(i).values()) for i in range(len(used)))  # within 10% of the best count
+
+
+def test_thread_chooser_is_not_moved_by_a_burst_of_noise():
+    # Two steps slow at either count (the host busy elsewhere for a moment), then quiet again. The trial's fresh step
+    # at two threads shows the burst over: two steps at one thread, not the 32 of judging against the slow steps.
+    used = simulate(lambda i: {2: 3.0, 1: 3.0} if i in (100, 101) else {2: 1.0, 1: 1.8}, steps=250)
+    assert steps_at(used, 1) == [1, 34, 99, 102, 104, 169]
 
 
 def test_thread_chooser_is_not_moved_by_one_interrupted_step():
@@ -568,6 +577,23 @@ def test_generation_starts_at_the_count_the_probe_favours(monkeypatch):
     chooser = generate.cpu_thread_chooser(torch.device("cpu"), compile=False)
     assert (chooser.chosen, chooser.other, chooser.trials) == (threads, 1, [threads, 1])
     assert generate.cpu_thread_chooser(torch.device("cpu"), compile=True) is None
+
+
+def test_thread_chooser_runs_untimed_steps_at_the_chosen_count_while_a_trial_waits():
+    # A prompts file admits prompts in most steps, and those steps are not timed. They ran at the count on trial,
+    # unjudged, until a timed step came: on bench.py's spread file, 39 of 144 steps at one thread on a quiet machine.
+    now = 0.0
+    chooser = ThreadChooser((2, 1), clock=lambda: now)
+
+    def step(seconds: dict = {2: 1.0, 1: 1.8}) -> int:
+        nonlocal now
+        now += seconds[torch.get_num_threads()]
+        return torch.get_num_threads()
+
+    assert chooser.run(step) == 2  # the opening pair's first step
+    assert [chooser.run(step, timed=False) for _ in range(5)] == [2] * 5  # one thread is on trial: not here
+    assert chooser.run(step) == 1  # the trial, at the next timed step
+    assert chooser.run(step) == 2 and chooser.run(step, timed=False) == 2
 
 
 def test_thread_chooser_restores_the_thread_count_when_the_step_fails():
