@@ -13,7 +13,6 @@ generation at a time.
 """
 
 import copy
-import math
 import statistics
 import threading
 import time
@@ -512,12 +511,12 @@ def cpu_thread_chooser(device: torch.device, compile: bool) -> Optional["ThreadC
     threads = torch.get_num_threads()
     if device.type != "cpu" or compile or threads == 1:
         return None
-    # Start at the count the machine favours now, so that the prompts' pass (untimed) runs there too. A core busy:
-    # one thread, as a step at every core would cost ten. Quiet: every core, and the opening pair of steps checks
-    # it at the price of one step at one thread (the probe, a few microseconds long, now and then misses the load).
-    if parallel_waits(threads):
-        return ThreadChooser((1, threads), opening=False)
-    return ThreadChooser((threads, 1))
+    # Start at the count the machine favours now, so that the prompts' pass (untimed) runs there too: a core busy,
+    # one thread, as a pass at every core would cost ten. The opening pair of steps then checks the verdict at the
+    # price of one step at the other count: the probe, a few milliseconds long, misses a busy core about half the
+    # time, and the host's noise now and then makes a quiet machine look busy (taken on trust, that cost 32 steps at
+    # one thread).
+    return ThreadChooser((1, threads) if parallel_waits(threads) else (threads, 1))
 
 
 def parallel_waits(threads: int) -> bool:
@@ -526,7 +525,7 @@ def parallel_waits(threads: int) -> bool:
     of 1M floats, the median of five at each count: measured 0.3 ms split against 0.6 ms on one thread on a quiet
     2-core machine, and 8 ms against 0.5 ms with one core busy. It is often fooled by a busy core (9 of 20 probes in a
     row saw it): a thread that wakes after sleeping runs at once for a few milliseconds, ahead of the busy program.
-    So a quiet verdict is checked by generation's opening steps; a busy one is worth taking at once."""
+    Either verdict is checked by generation's opening steps."""
     x = torch.ones(1 << 20)
     previous, typical = torch.get_num_threads(), {}
     try:
@@ -547,39 +546,38 @@ class ThreadChooser:
     """Runs each step (a turn of generation: see cpu_thread_chooser) at whichever of two thread counts (torch's
     default and 1) is faster now, judged by timing the steps themselves.
 
-    On a quiet machine every core helps. When another program keeps a core busy, a multi-threaded operation waits for
-    its descheduled thread at every barrier, and one thread can be ten times faster (the README's speed section). Which
-    case holds can change during a generation, so: the first steps run once at each count (a second pair when the two
-    are within 1.5x of each other) and the faster count is chosen (or, opening=False, the first count given is taken as
-    the faster: cpu_thread_chooser asks parallel_waits, which costs far less than a step at the wrong count with a core
-    busy); afterwards the other count is tried for one step after `interval` steps (a second when the first wins: the
-    other program may have paused for one step), the interval doubling up to `max_interval` each time it loses and
-    starting over when it wins; and two steps in a row at the chosen count that take over twice the recent median and
-    longer than the other count's last step (the load changed, not one step that was interrupted or the machine's
-    noise) try the other count at once, judged on fresh steps (the other count, the chosen, the other again: a burst
-    of the host's noise that has passed loses it). A trial costs what the losing count is
-    slower, so the next trial also waits at least `interval` times that excess (a count 10x slower is tried again 288
-    steps on, not 32): trials cost at most about 1/32 of the time. Quiet, that is one step at one thread at steps ~32,
-    96, 224, 480, ... The thread count is set for each step and restored after it, so nothing else sees it changed.
+    On a quiet machine every core helps. When another program keeps a core busy, a multi-threaded operation waits
+    for its descheduled thread at every barrier, and one thread can be ten times faster (the README's speed
+    section). Which case holds can change during a generation, so: the first steps run once at each count (a second
+    pair when the two are within 1.5x of each other) and the faster count is chosen (the first count given runs the
+    untimed steps until then, such as the prompts' pass: cpu_thread_chooser puts first the count parallel_waits
+    favours); afterwards the other count is tried for one step after `interval` steps (a second when the first wins:
+    the other program may have paused for one step), the interval doubling up to `max_interval` each time it loses
+    and starting over when it wins; and two steps in a row at the chosen count that take over twice the recent
+    median and longer than the other count's last step (the load changed, not one step that was interrupted or the
+    machine's noise) try the other count at once, judged on fresh steps (the other count, the chosen, the other
+    again: a burst of the host's noise that has passed loses it). A trial costs what the losing count is slower, so
+    the next trial also waits at least `interval` times that excess (a count 10x slower is tried again 288 steps on,
+    not 32): trials cost at most about 1/32 of the time. Quiet, that is one step at one thread at steps ~32, 96,
+    224, 480, ... The thread count is set for each step and restored after it, so nothing else sees it changed.
     """
 
     window = 32  # the chosen count's recent steps, whose median a step is judged against
 
     def __init__(self, counts: tuple[int, int] | None = None, clock: Callable[[], float] = time.perf_counter,
-                 interval: int = 32, max_interval: int = 512, opening: bool = True):
+                 interval: int = 32, max_interval: int = 512):
         self.chosen, self.other = counts or (torch.get_num_threads(), 1)
         self.clock = clock
         self.first_interval, self.interval, self.max_interval = interval, interval, max_interval
         self.steps = 0
-        # Counts to run next, one step each, before the chosen one again: the opening pair, or (opening=False, the
-        # first count already judged the better) none until the first trial.
-        self.trials = [self.chosen, self.other] if opening else []
+        # Counts to run next, one step each, before the chosen one again: first the opening pair.
+        self.trials = [self.chosen, self.other]
         self.trial_times = {self.chosen: [], self.other: []}
         self.recent = []  # the chosen count's step times since it was chosen, the last `window` of them
         # The step at which the other count is tried again; None during the opening.
-        self.next_trial = None if opening else interval
+        self.next_trial = None
         self.slow_before = False  # whether the last step at the chosen count was slow (see record)
-        self.other_seconds = 0.0 if opening else math.inf  # the other count's step when last timed (never: inf)
+        self.other_seconds = 0.0  # the other count's step when last timed
 
     def run(self, step: Callable[..., T], *args, timed: bool = True) -> T:
         """step(*args), at the thread count this step should use; its time decides the counts to come (unless

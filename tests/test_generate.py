@@ -469,10 +469,10 @@ def test_rows_admitted_mid_run_generate_as_each_prompt_alone(short_context_model
 # count it runs at, so the decisions are checked exactly and nothing is timed.
 
 
-def simulate(cost_at, steps: int = 500, counts: tuple[int, int] = (2, 1), opening: bool = True) -> list[int]:
+def simulate(cost_at, steps: int = 500, counts: tuple[int, int] = (2, 1)) -> list[int]:
     """The thread count each step ran at; cost_at(step) gives {count: seconds} for that step."""
     now = 0.0
-    chooser = ThreadChooser(counts, clock=lambda: now, opening=opening)
+    chooser = ThreadChooser(counts, clock=lambda: now)
     threads = torch.get_num_threads()
     used = []
     for i in range(steps):
@@ -537,13 +537,14 @@ def test_thread_chooser_is_not_moved_by_one_interrupted_step():
     assert steps_at(used, 2) == [0, 162, 323]
 
 
-def test_thread_chooser_told_the_better_count_starts_there_and_tries_the_other_later():
-    # cpu_thread_chooser asks parallel_waits first: with a core busy it starts at one thread, so that neither the
-    # prompts' pass nor an opening step runs at two threads, each ten times slower.
-    assert steps_at(simulate(lambda i: {2: 10.0, 1: 1.0}, 300, counts=(1, 2), opening=False), 2) == [32]
-    # Told wrong (quiet, two threads faster), it finds out at the first trial.
-    used = simulate(lambda i: {2: 1.0, 1: 1.8}, 300, counts=(1, 2), opening=False)
-    assert used[:32] == [1] * 32 and used[32:65] == [2] * 33
+def test_thread_chooser_checks_the_count_it_starts_at_with_the_opening_pair():
+    # cpu_thread_chooser asks parallel_waits first: with a core busy it starts at one thread, and the opening pair's
+    # step at two threads (ten times slower) is the only one until the retry 288 steps on.
+    assert steps_at(simulate(lambda i: {2: 10.0, 1: 1.0}, 300, counts=(1, 2)), 2) == [1, 290]
+    # Told wrong (quiet, two threads faster: the host's noise fooled the probe), the opening pair finds out at once;
+    # taking the verdict on trust cost 32 steps at one thread.
+    used = simulate(lambda i: {2: 1.0, 1: 1.8}, 300, counts=(1, 2))
+    assert used[:3] == [1, 2, 2] and steps_at(used, 1) == [0, 34, 99, 228]
 
 
 def test_parallel_waits_with_a_core_busy():
@@ -564,15 +565,15 @@ def test_parallel_waits_with_a_core_busy():
 
 
 def test_generation_starts_at_the_count_the_probe_favours(monkeypatch):
-    # Busy: one thread at once, the other count tried after `interval` steps. Quiet: every core, checked by the
-    # opening pair of steps (which also catches a probe fooled by a busy core).
+    # Busy: one thread first, so the prompts' pass runs there. Quiet: every core. Either is checked by the opening
+    # pair of steps (the probe is fooled both ways now and then).
     import generate
 
     threads = 4
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     monkeypatch.setattr(generate, "parallel_waits", lambda count: True)
     chooser = generate.cpu_thread_chooser(torch.device("cpu"), compile=False)
-    assert (chooser.chosen, chooser.other, chooser.trials, chooser.next_trial) == (1, threads, [], 32)
+    assert (chooser.chosen, chooser.other, chooser.trials) == (1, threads, [1, threads])
     monkeypatch.setattr(generate, "parallel_waits", lambda count: False)
     chooser = generate.cpu_thread_chooser(torch.device("cpu"), compile=False)
     assert (chooser.chosen, chooser.other, chooser.trials) == (threads, 1, [threads, 1])
