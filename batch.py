@@ -620,6 +620,50 @@ def admission_order(samples: list[Sample], slots: int) -> list[Sample]:
     return [by_size[i] for i in np.argsort(plan, kind="stable")]
 
 
+def row_groups(slots: int) -> int:
+    """Runs of rows a decode step's attention takes apart (KVCache.groups), each over its own keys: one run per 8
+    slots, at most 4 (more cost an attention call each and save less)."""
+    return max(1, min(4, slots // 8))
+
+
+def place(lengths: list[Optional[int]], new: list[int], groups: int) -> list[tuple[list[tuple[int, int]], int]]:
+    """Rows for new rows of these lengths (the order given), among rows kept ordered by length from run to run of
+    `groups` (the shortest first; KVCache.visible's runs): for each, the moves (src, dst) that keep the order, in
+    order, and the row it then takes, each the free row needing the fewest moves. Rows grow alike, so the order holds
+    until rows start or end; a move costs a copy of one row's cached keys, far less than every step's attention over
+    stale keys. lengths: each row's, None where free (not changed)."""
+    B, lengths, plans = len(lengths), list(lengths), []
+    bounds = [(B * g // groups, B * (g + 1) // groups) for g in range(groups)]
+
+    def plan(row: int, length: int) -> tuple[list[tuple[int, int]], int]:
+        """From the free row `row`: a longer row comes up from the run below, or a shorter one down from above, until
+        the new row fits where it stands."""
+        g, moves, now = next(i for i, (_, end) in enumerate(bounds) if row < end), [], list(lengths)
+
+        def held(h: int) -> list[int]:  # the rows run h holds, as the moves so far leave them
+            return [r for r in range(*bounds[h]) if now[r] is not None] if 0 <= h < groups else []
+
+        while True:
+            below, above = held(g - 1), held(g + 1)
+            if below and length < max(now[r] for r in below):
+                src, g = max(below, key=now.__getitem__), g - 1
+            elif above and length > min(now[r] for r in above):
+                src, g = min(above, key=now.__getitem__), g + 1
+            else:
+                return moves, row
+            moves.append((src, row))
+            now[row], now[src], row = now[src], None, src
+
+    for length in new:
+        free = [r for r in range(B) if lengths[r] is None]
+        moves, row = min((plan(r, length) for r in free), key=lambda p: len(p[0]))
+        for src, dst in moves:
+            lengths[dst], lengths[src] = lengths[src], None
+        lengths[row] = length
+        plans.append((moves, row))
+    return plans
+
+
 def run_slots(model: GPT, samples: list[Sample], slots: int,
               compile: bool) -> Iterator[tuple[list[tuple[Sample, list[int], str]], int]]:
     """Continuous batching over `slots` rows of one generate.Decoder, the samples taking free rows in their order.
@@ -644,9 +688,26 @@ def run_slots(model: GPT, samples: list[Sample], slots: int,
     generators = [torch.Generator(device=device) for _ in range(slots)]
     with COMPILED_TURN if compile else nullcontext():
         decoder = Decoder(model, slots, min(longest, block_size), device, compile)
+        decoder.cache.groups = 1 if compile else row_groups(slots)  # a captured step has one run
         history = TokenHistory.for_slots(slots, longest, block_size, device)
         chooser = cpu_thread_chooser(device, compile)
         token = None
+
+        def take(new: list[Sample]) -> list[int]:
+            """Free rows for the new samples, which are put in the order of their rows; rows that make way (place)
+            move with all they hold."""
+            new.sort(key=lambda s: len(s.ids))
+            lengths = [None if s is None else int(n) for s, n in zip(running, decoder.cache.lengths)]
+            rows = []
+            for moves, row in place(lengths, [len(s.ids) for s in new], decoder.cache.groups):
+                for src, dst in moves:
+                    decoder.move(src, dst, history)
+                    running[dst], made[dst], settings[dst] = running[src], made[src], settings[src]
+                    running[src], made[src], settings[src] = None, [], idle
+                    generators[dst], generators[src] = generators[src], generators[dst]
+                    token[dst] = token[src]
+                rows.append(row)
+            return rows
 
         def turn(free: list[int], new: list[Sample]) -> tuple[torch.Tensor, int]:
             """One step: the network's pass, with the new samples' prompts prefilled into the free rows, and
@@ -672,8 +733,8 @@ def run_slots(model: GPT, samples: list[Sample], slots: int,
             return drawn, len(parked)
 
         while queue or any(s is not None for s in running):
-            free = [row for row, s in enumerate(running) if s is None][:len(queue)]
-            new = [queue.popleft() for _ in free]
+            new = [queue.popleft() for _ in range(min(len(queue), running.count(None)))]
+            free = take(new)
             if chooser is None:
                 token, parked = turn(free, new)
             else:  # a step that prefills prompts too, or slides a row's window, is not timed as a plain step

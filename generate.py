@@ -98,6 +98,11 @@ class TokenHistory:
             self.seq[row, :prompt.numel()] = prompt
             self.kept[row] = prompt.numel()
 
+    def move(self, src: int, dst: int) -> None:
+        """Row src's tokens to row dst (a row moved in the batch: Decoder.move)."""
+        self.seq[dst, :self.kept[src]] = self.seq[src, :self.kept[src]]
+        self.kept[dst] = self.kept[src]
+
     def windows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The last block_size tokens (or all, if fewer) of each row in `rows` (host indices), padded on the
         right as one batch [R, T], with their lengths [R]."""
@@ -203,6 +208,13 @@ class Decoder:
         one) but never grow into a window slide or past the history's columns."""
         self.cache.lengths[rows] = 0
         history.kept[rows] = 0
+        self.input_pos = self.cache.positions(1)
+
+    def move(self, src: int, dst: int, history: TokenHistory) -> None:
+        """Row src, its cached keys and values and its tokens, to row dst; src is left to take a new prompt (the
+        prompts-file job keeps its rows ordered by length this way: KVCache.groups)."""
+        self.cache.move(src, dst)
+        history.move(src, dst)
         self.input_pos = self.cache.positions(1)
 
     def slide(self, rows: torch.Tensor, history: TokenHistory) -> torch.Tensor:

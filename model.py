@@ -55,6 +55,9 @@ class KVCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.long)
         self.all_rows = torch.arange(batch_size, device=device)
         self.static = static
+        # Runs of rows a decode step's attention takes apart, each over the keys up to its own longest row: a
+        # batch whose rows are kept ordered by length (continuous batching: batch.py) reads far fewer stale keys.
+        self.groups = 1
         if static:
             for t in self.k + self.v:
                 torch._dynamo.mark_static_address(t)  # a captured graph writes here: keep it
@@ -70,10 +73,24 @@ class KVCache:
         pos = self.lengths[:, None] + torch.arange(new)
         return pos.clamp(max=self.max_len - 1).to(self.all_rows.device, non_blocking=True)
 
-    def visible(self, new: int) -> int:
-        """Keys a step of `new` positions per row may see: the whole buffer in a static cache, else
-        up to the end of the longest row."""
-        return self.max_len if self.static else min(int(self.lengths.max()) + new, self.max_len)
+    def visible(self, new: int) -> list[tuple[int, int, int]]:
+        """Keys a step of `new` positions per row may see, for each of the `groups` runs of rows:
+        (first row, end row, keys): the whole buffer in a static cache, else up to the end of the
+        run's longest row."""
+        B = self.lengths.numel()
+        if self.static:
+            return [(0, B, self.max_len)]
+        ends = [B * (g + 1) // self.groups for g in range(self.groups)]
+        return [(a, b, min(int(self.lengths[a:b].max()) + new, self.max_len))
+                for a, b in zip([0] + ends[:-1], ends) if b > a]
+
+    def move(self, src: int, dst: int) -> None:
+        """Row src's keys and values (the positions it has filled) to row dst, which takes its
+        length; src is left to be written over."""
+        n = int(self.lengths[src])
+        for t in self.k + self.v:
+            t[dst, :, :n] = t[src, :, :n]
+        self.lengths[dst] = n
 
     def write(self, layer: int, rows: torch.Tensor, input_pos: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor) -> None:
@@ -91,11 +108,12 @@ class CacheStep(NamedTuple):
     """What one pass over new positions does with the cache: write rows' keys and values at
     input_pos. A prompt (mask None) sees its own; in a decode step each query sees its row's keys
     where mask is 0 (an additive mask, -inf elsewhere, made once a step rather than converted in
-    every layer)."""
+    every layer), each run of rows in `groups` up to its own keys (KVCache.visible)."""
     cache: KVCache
     rows: torch.Tensor  # [R] the cache rows being written
     input_pos: torch.Tensor  # [R or 1, S]
-    mask: Optional[torch.Tensor] = None  # [B, 1, S, visible], or None for a prompt
+    mask: Optional[torch.Tensor] = None  # [B, 1, S, visible of the longest run], or None for a prompt
+    groups: list[tuple[int, int, int]] = []  # (first row, end row, keys seen) in a decode step
 
 
 class Packed(NamedTuple):
@@ -135,20 +153,20 @@ class CausalSelfAttention(nn.Module):
         """[B, S, 3C] queries, keys and values to attention's output [B, S, C] (before the
         projection), writing the keys and values into the cache if there is one."""
         q, k, v = self._heads(qkv)  # [B, H, S, D]
-        mask, is_causal = None, False
-        if step is None or step.mask is None:
-            if step is not None:
-                step.cache.write(self.layer_idx, step.rows, step.input_pos, k, v)
-            # A prompt from position 0 over its own keys: causal (flash kernels where the device has
-            # them). An `if`, so that a compiled prefill of any length gets a plain bool.
-            if q.size(2) > 1:
-                is_causal = True
-        else:  # a decode step: a query sees its row up to itself
+        if step is not None:
             step.cache.write(self.layer_idx, step.rows, step.input_pos, k, v)
-            mask = step.mask
-            k = step.cache.k[self.layer_idx][:, :, :mask.size(-1)]  # [B, H, visible, D]
-            v = step.cache.v[self.layer_idx][:, :, :mask.size(-1)]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+        if step is not None and step.mask is not None:  # a decode step: a query sees its row up to itself
+            keys, values = step.cache.k[self.layer_idx], step.cache.v[self.layer_idx]  # [B, H, max_len, D]
+            runs = [F.scaled_dot_product_attention(q[a:b], keys[a:b, :, :seen], values[a:b, :, :seen],
+                                                   attn_mask=step.mask[a:b, ..., :seen])
+                    for a, b, seen in step.groups]  # each run of rows over its own keys
+            return self._merge_heads(runs[0] if len(runs) == 1 else torch.cat(runs))
+        # A prompt from position 0 over its own keys: causal (flash kernels where the device has them).
+        # An `if`, so that a compiled prefill of any length gets a plain bool.
+        is_causal = False
+        if q.size(2) > 1:
+            is_causal = True
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self._merge_heads(y)
 
@@ -361,11 +379,12 @@ class GPT(nn.Module):
         """A decode step's CacheStep: an additive mask, -inf past each query's own position in its
         row, made once a step. (Its writes are index_put, as a prompt's: Inductor turns a scatter_
         into a copy of the cache and back, the index_put it does in place.)"""
-        keys = torch.arange(kv_cache.visible(idx.size(1)), device=idx.device)
+        groups = kv_cache.visible(idx.size(1))
+        keys = torch.arange(max(seen for _, _, seen in groups), device=idx.device)
         hidden = keys > input_pos[:, None, :, None]  # [B, 1, S, visible]: past its row's position
         mask = torch.zeros(hidden.shape, dtype=kv_cache.k[0].dtype, device=idx.device)
         mask.masked_fill_(hidden, float("-inf"))
-        return CacheStep(kv_cache, kv_cache.all_rows, input_pos, mask)
+        return CacheStep(kv_cache, kv_cache.all_rows, input_pos, mask, groups)
 
     def decode_and_prefill(self, idx: Optional[torch.Tensor], input_pos: Optional[torch.Tensor],
                            kv_cache: KVCache, prompts: list[tuple[torch.Tensor, torch.Tensor]]

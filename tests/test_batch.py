@@ -388,6 +388,52 @@ def test_spread_file_greedy_is_the_same_at_batch_sizes_32_and_1_and_as_each_prom
         assert text == enc.decode(alone.tolist()), s.prompt.id
 
 
+def test_rows_kept_ordered_by_length_across_runs_of_rows():
+    """batch.place on a simulated run of 32 slots in 4 runs (and 7 slots in 3 uneven ones): rows grow one a step,
+    random rows end, new rows of random lengths take free rows (the shortest first, as run_slots gives them). After
+    every step each run's longest row is no longer than the next run's shortest; moves only go from held rows to
+    free ones, and each new row takes a row free after its moves."""
+    import random
+
+    from batch import place
+
+    for slots, groups in ((32, 4), (7, 3)):
+        rng = random.Random(slots)
+        lengths, moved = [None] * slots, 0
+        bounds = [(slots * g // groups, slots * (g + 1) // groups) for g in range(groups)]
+        for step in range(400):
+            new = sorted(rng.randrange(2, 80) for _ in range(lengths.count(None)))
+            for (moves, row), length in zip(place(lengths, new, groups), new):
+                for src, dst in moves:
+                    assert lengths[src] is not None and lengths[dst] is None
+                    lengths[dst], lengths[src] = lengths[src], None
+                assert lengths[row] is None
+                lengths[row], moved = length, moved + len(moves)
+            runs = [[n for n in lengths[a:b] if n is not None] for a, b in bounds]
+            assert all(max(low) <= min(high) for low, high in zip(runs, runs[1:]) if low and high), (step, lengths)
+            lengths = [None if n is None or rng.random() < 0.05 else n + 1 for n in lengths]
+        assert moved > 50
+
+
+def test_moved_rows_keep_their_samples(trained, trained_dir, tmp_path, monkeypatch):
+    """At 16 slots (two runs of rows), sampling at temperature 0.8: rows move as prompts join, and each sample's
+    text is still its own model.generate with its seed."""
+    import generate
+    from batch import SampleJob, make_samples, sample_prompts
+    from bench import spread_file
+
+    moves, original = [], generate.Decoder.move
+    monkeypatch.setattr(generate.Decoder, "move", lambda self, *a: moves.append(a[:2]) or original(self, *a))
+    enc = load_tokenizer(trained_dir)
+    prompts = spread_file(enc, seed=7)[:40]
+    job = SampleJob(prompts, "spread", str(tmp_path / "out.jsonl"), 16, 2048)
+    assert sample_prompts(job, trained, enc, Ranks()) == 0
+    assert len(moves) >= 5
+    for s, r in zip(make_samples(job, enc, trained), lines(tmp_path / "out.jsonl")):
+        alone = trained.generate(torch.tensor([s.ids]), s.steps, 0.8, 200, seed=s.seed)[0, len(s.ids):]
+        assert r["text"] == enc.decode(alone.tolist()), s.prompt.id
+
+
 def test_the_prompts_file_job_draws_at_the_chosen_thread_count(trained, trained_dir, tmp_path, monkeypatch):
     import generate
     import sampling

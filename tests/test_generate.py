@@ -303,10 +303,12 @@ def test_a_new_static_cache_is_taken_only_once_the_old_one_is_freed(monkeypatch,
 # The decode step over the KV cache: rows at their own positions, several new positions a step, positions taken back.
 
 
-def decode_positions(model: GPT, prompt_rows: list, new: list) -> torch.Tensor:
-    """Prefill ragged prompts, then feed each row its `new` tokens in one decode step; logits [B, S, V]."""
+def decode_positions(model: GPT, prompt_rows: list, new: list, groups: int = 1) -> torch.Tensor:
+    """Prefill ragged prompts, then feed each row its `new` tokens in one decode step, its attention in `groups`
+    runs of rows; logits [B, S, V]."""
     from generate import padded
     cache = KVCache(model.config, len(prompt_rows), model.config.block_size, torch.float32, torch.device("cpu"))
+    cache.groups = groups
     idx, lengths = padded(prompt_rows)
     with torch.no_grad():
         model.prefill(idx, lengths, cache)
@@ -315,18 +317,40 @@ def decode_positions(model: GPT, prompt_rows: list, new: list) -> torch.Tensor:
         return model.decode_step(tokens, cache.positions(tokens.size(1)), cache)
 
 
-@pytest.mark.parametrize("batch", [1, 10])
-def test_decode_step_logits_equal_the_plain_forward(trained, batch):
-    """Each row at its own length, 1 and 4 new positions a step: logits within 1e-5 of the forward pass over the
-    whole sequence (no cache)."""
+@pytest.mark.parametrize("batch, groups", [(1, 1), (10, 1), (10, 3)])
+def test_decode_step_logits_equal_the_plain_forward(trained, batch, groups):
+    """Each row at its own length, 1 and 4 new positions a step, attention in one run of rows or in three (each
+    over the keys up to its own longest row): logits within 1e-5 of the forward pass over the whole sequence (no
+    cache)."""
     g = torch.Generator().manual_seed(batch)
     rows = [torch.randint(0, 50257, (int(n),), generator=g) for n in torch.randint(1, 60, (batch,), generator=g)]
     for steps in (1, 4):
         new = [torch.randint(0, 50257, (steps,), generator=g) for _ in rows]
-        got = decode_positions(trained, rows, new)
+        got = decode_positions(trained, rows, new, groups)
         for b, (p, n) in enumerate(zip(rows, new)):
             expected = trained(torch.cat([p, n])[None], all_logits=True)[0][0, -steps:]
             torch.testing.assert_close(got[b], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_runs_of_rows_see_up_to_their_longest_and_a_moved_row_decodes_as_before(trained):
+    """KVCache.visible: three runs of rows over 8 rows, each up to its own longest row plus the new positions; a
+    row moved to another (KVCache.move) gives there the logits it gave where it was."""
+    from generate import padded
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randint(0, 50257, (n,), generator=g) for n in (3, 5, 4, 20, 21, 30, 9, 1)]
+    cache = KVCache(trained.config, 8, 64, torch.float32, torch.device("cpu"))
+    cache.groups = 3
+    new = torch.randint(0, 50257, (8, 1), generator=g)
+    with torch.no_grad():
+        trained.prefill(*padded(rows), cache)
+        cache.lengths[:] = torch.tensor([r.numel() for r in rows])
+        assert cache.visible(1) == [(0, 2, 6), (2, 5, 22), (5, 8, 31)]
+        before = trained.decode_step(new, cache.positions(1), cache)
+        cache.move(5, 0)
+        assert cache.lengths[0] == 30
+        moved = trained.decode_step(new[[5, 1, 2, 3, 4, 5, 6, 7]], cache.positions(1), cache)
+    torch.testing.assert_close(moved[0], before[5], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(moved[1:5], before[1:5], atol=1e-5, rtol=1e-5)
 
 
 def test_decode_and_prefill_in_one_pass_equal_each_apart(trained):
