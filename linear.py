@@ -90,6 +90,30 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row scales"
 
 
+class TiedInt8Linear(Int8Linear):
+    """An int8 head tied to a token table (RowTable), multiplying the table's own int8 rows, so that they are held
+    once: fbgemm's product would keep a packed copy of its own (39 MB for GPT-2). Each call rounds its input rows to
+    int8 (symmetric, one scale a row: 7 bits and a sign) and multiplies int8 by int8 into int32 (torch._int_mm,
+    oneDNN's kernels), then scales by both. CPU only."""
+
+    def _pack(self, q: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], device: torch.device) -> None:
+        if device.type != "cpu":
+            raise ValueError(f"int8 weights run on the CPU only; this Linear is on {device}")
+        self.out_features, self.in_features = q.shape
+        self._rows, self._scale = q, scale.float()  # the table's tensors, shared, not copied
+        self._bias = None if bias is None else bias.detach().float()
+        self.nbytes = q.numel() + 4 * self.out_features * (1 if bias is None else 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in_features]
+        rows = x.reshape(-1, self.in_features).float()
+        step = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-30) / 127  # [M, 1]
+        y = torch._int_mm(torch.round(rows / step).to(torch.int8), self._rows.t()).float()  # [M, out]
+        y.mul_(step).mul_(self._scale)
+        if self._bias is not None:
+            y.add_(self._bias)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
 @functools.cache
 def full_range_activations() -> bool:
     """Whether fbgemm's int8 product takes activations of all 8 bits on this CPU without saturating.
@@ -205,7 +229,7 @@ def quantized_from(model: nn.Module, read: Reader, kind: str) -> set[str]:
             table_name, embedding = tied
             rows, scale = rounded_rows(read, f"{table_name}.weight", embedding.weight.shape, kind)
             done.add(f"{table_name}.weight")
-            head = make.from_rows(rows, scale, bias) if kind == "int8" else make.from_rows(rows, bias)
+            head = TiedInt8Linear.from_rows(rows, scale, bias) if kind == "int8" else make.from_rows(rows, bias)
             swaps.append((module, child_name, head))
             parent = model.get_submodule(table_name.rpartition(".")[0]) if "." in table_name else model
             swaps.append((parent, table_name.rpartition(".")[2], RowTable(rows, scale)))

@@ -11,6 +11,7 @@ web page, a truncated download) before it is parsed; tensors must be floating po
 a LoadError naming the file, what is wrong with it and what to do.
 """
 
+import ctypes
 import functools
 import json
 import math
@@ -74,6 +75,7 @@ def build_pretrained(name_or_path: str, override_args: Optional[dict], make_mode
     model.load_state_dict(state, assign=True, strict=False)
     if quantize is None:  # assign=True left the head on the meta device: tie it again
         model.lm_head.weight = model.transformer.wte.weight
+    hand_back_freed_memory()
     return model
 
 
@@ -653,6 +655,7 @@ class Checkpoint:
     def read(self, name: str, rows: Optional[slice] = None, like: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The tensor `name` (the head is the token embedding), or its rows `rows`, in float32 memory of its own:
         contiguous, or in the layout of `like` (a tensor of the same shape, e.g. on the meta device)."""
+        hand_back_freed_memory()  # what reading (and rounding) the tensors before this one left freed
         stored = self.stored["transformer.wte.weight" if name == "lm_head.weight" else name]
         t = stored.read(rows)
         if like is not None and stored.fresh and t.dtype == torch.float32 and t.stride() == like.stride():
@@ -673,6 +676,25 @@ class Checkpoint:
         if "transformer.wte.weight" in state_dict:
             state_dict["lm_head.weight"] = state_dict["transformer.wte.weight"]
         return state_dict
+
+
+@functools.cache
+def glibc() -> Optional[ctypes.CDLL]:
+    """The C library this process runs on, where it is glibc (it has malloc_trim); None elsewhere."""
+    try:
+        libc = ctypes.CDLL(None)  # the process's own symbols, the C library's among them
+    except (OSError, TypeError):  # Windows takes no None
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None
+
+
+def hand_back_freed_memory() -> None:
+    """Return the heap memory freed so far to the system. glibc keeps freed blocks for later use, and a model read
+    tensor by tensor (each read, copied, rounded, freed) left GPT-2 124M's int8 load holding about 80 MB of them for
+    the process's whole life, a third of the model. Nothing to do where the C library is not glibc."""
+    libc = glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def all_finite(t: torch.Tensor) -> bool:
