@@ -534,11 +534,12 @@ def cpu_thread_chooser(device: torch.device, compile: bool) -> Optional["ThreadC
 def parallel_waits(threads: int) -> bool:
     """Whether an operation split over `threads` threads is slower right now than on one: the mark of a core that
     another program keeps busy, where each parallel region waits milliseconds for its descheduled thread. A multiply
-    of 1M floats, the median of five at each count: measured 0.3 ms split against 0.6 ms on one thread on a quiet
-    2-core machine, and 8 ms against 0.5 ms with one core busy. It is often fooled by a busy core (9 of 20 probes in a
+    of 256K floats in place (1 MB, held only while it runs: this counts in a small model's peak memory), the median
+    of five at each count: measured 11 us split against 18 us on one thread on a quiet 2-core machine (200 of 200
+    probes said quiet), against milliseconds split with one core busy. It is often fooled by a busy core (9 of 20 probes in a
     row saw it): a thread that wakes after sleeping runs at once for a few milliseconds, ahead of the busy program.
     Either verdict is checked by generation's opening steps."""
-    x = torch.ones(1 << 20)
+    x = torch.ones(1 << 18)
     previous, typical = torch.get_num_threads(), {}
     try:
         for count in (threads, 1):
@@ -546,7 +547,7 @@ def parallel_waits(threads: int) -> bool:
             times = []
             for _ in range(5):
                 start = time.perf_counter()
-                x.mul_(1.0)  # in place: the probe allocates nothing more
+                x.mul_(1.0)
                 times.append(time.perf_counter() - start)
             typical[count] = statistics.median(times)
     finally:

@@ -113,7 +113,7 @@ class CacheStep(NamedTuple):
     rows: torch.Tensor  # [R] the cache rows being written
     input_pos: torch.Tensor  # [R or 1, S]
     mask: Optional[torch.Tensor] = None  # [B, 1, S, visible of the longest run], or None for a prompt
-    groups: list[tuple[int, int, int]] = []  # (first row, end row, keys seen) in a decode step
+    groups: tuple[tuple[int, int, int], ...] = ()  # (first row, end row, keys seen) in a decode step
 
 
 class Packed(NamedTuple):
@@ -384,7 +384,7 @@ class GPT(nn.Module):
         hidden = keys > input_pos[:, None, :, None]  # [B, 1, S, visible]: past its row's position
         mask = torch.zeros(hidden.shape, dtype=kv_cache.k[0].dtype, device=idx.device)
         mask.masked_fill_(hidden, float("-inf"))
-        return CacheStep(kv_cache, kv_cache.all_rows, input_pos, mask, groups)
+        return CacheStep(kv_cache, kv_cache.all_rows, input_pos, mask, tuple(groups))
 
     def decode_and_prefill(self, idx: Optional[torch.Tensor], input_pos: Optional[torch.Tensor],
                            kv_cache: KVCache, prompts: list[tuple[torch.Tensor, torch.Tensor]]
