@@ -655,8 +655,11 @@ def place(lengths: list[Optional[int]], new: list[int], groups: int) -> list[tup
             now[row], now[src], row = now[src], None, src
 
     for length in new:
-        free = [r for r in range(B) if lengths[r] is None]
-        moves, row = min((plan(r, length) for r in free), key=lambda p: len(p[0]))
+        firsts = {}  # the first free row of each run: any other of the run plans the same moves
+        for r in range(B):
+            if lengths[r] is None:
+                firsts.setdefault(next(g for g, (_, end) in enumerate(bounds) if r < end), r)
+        moves, row = min((plan(r, length) for r in firsts.values()), key=lambda p: len(p[0]))
         for src, dst in moves:
             lengths[dst], lengths[src] = lengths[src], None
         lengths[row] = length
