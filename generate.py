@@ -525,9 +525,9 @@ def cpu_thread_chooser(device: torch.device, compile: bool) -> Optional["ThreadC
         return None
     # Start at the count the machine favours now, so that the prompts' pass (untimed) runs there too: a core busy,
     # one thread, as a pass at every core would cost ten. The opening pair of steps then checks the verdict at the
-    # price of one step at the other count: the probe, a few milliseconds long, misses a busy core about half the
-    # time, and the host's noise now and then makes a quiet machine look busy (taken on trust, that cost 32 steps at
-    # one thread).
+    # price of one step at the other count: the probe, under a millisecond on a quiet machine, misses a busy core
+    # about half the time, and the host's noise now and then makes a quiet machine look busy (taken on trust, that
+    # cost 32 steps at one thread).
     return ThreadChooser((1, threads) if parallel_waits(threads) else (threads, 1))
 
 
@@ -536,9 +536,9 @@ def parallel_waits(threads: int) -> bool:
     another program keeps busy, where each parallel region waits milliseconds for its descheduled thread. A multiply
     of 256K floats in place (1 MB, held only while it runs: this counts in a small model's peak memory), the median
     of five at each count: measured 11 us split against 18 us on one thread on a quiet 2-core machine (200 of 200
-    probes said quiet), against milliseconds split with one core busy. It is often fooled by a busy core (9 of 20 probes in a
-    row saw it): a thread that wakes after sleeping runs at once for a few milliseconds, ahead of the busy program.
-    Either verdict is checked by generation's opening steps."""
+    probes said quiet), against milliseconds split with one core busy. It is often fooled by a busy core (5 of 20
+    probes in a row saw it, 19 of 20 taken 50 ms apart): a thread that wakes after sleeping runs at once for a few
+    milliseconds, ahead of the busy program. Either verdict is checked by generation's opening steps."""
     x = torch.ones(1 << 18)
     previous, typical = torch.get_num_threads(), {}
     try:
