@@ -43,6 +43,7 @@ from configurator import configure
 from errors import UsageError
 from model import GPT, GPTConfig
 from runtime import MEMORY_SHARE, available_memory, check_sampling, model_from, open_checkpoint
+from sampling import check_token_ids
 from tokenizer import EOT, EOT_ID, load_tokenizer
 
 if TYPE_CHECKING:
@@ -122,8 +123,28 @@ def describe_source(text: Optional[str], temperature: float, top_k: Optional[int
 
 def attention_probs(model: GPT, ids: torch.Tensor) -> np.ndarray:
     """Attention probabilities of one sequence, (n_layer, n_head, T, T), through the manual attention path."""
-    _, probs = model.forward_with_attention(ids)
+    _, probs = forward_with_attention(model, ids)
     return probs[:, 0].float().numpy()
+
+
+@torch.no_grad()
+def forward_with_attention(model: GPT, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits for every position and the attention probabilities [n_layer, B, n_head, T, T]: the model's forward
+    pass with each layer's attention written out (softmax of the scaled scores under the causal mask), where the
+    fused kernel of the model's own pass never holds them."""
+    check_token_ids(idx, model.config.vocab_size)
+    T = idx.size(1)
+    x = model.transformer.wte(idx) + model.transformer.wpe(model._positions(idx))
+    future = torch.ones(T, T, dtype=torch.bool, device=idx.device).triu(diagonal=1)
+    probs = []
+    for block in model.transformer.h:
+        attn = block.attn
+        q, k, v = attn._heads(attn.c_attn(block.ln_1(x)))  # [B, H, T, D]
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        probs.append(torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1))
+        x = x + attn.c_proj(attn._merge_heads(probs[-1] @ v))
+        x = x + block.mlp(block.ln_2(x))
+    return model.lm_head(model.transformer.ln_f(x)), torch.stack(probs)
 
 
 def frame_size(n_panels: int) -> tuple[int, int]:

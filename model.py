@@ -170,16 +170,6 @@ class CausalSelfAttention(nn.Module):
                                            dropout_p=self.dropout if self.training else 0.0)
         return self._merge_heads(y)
 
-    def forward_with_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The output and the attention probabilities [B, H, T, T], written out (for attention
-        pictures)."""
-        q, k, v = self._heads(self.c_attn(x))
-        T = q.size(2)
-        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(diagonal=1)
-        probs = F.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
-        return self.resid_dropout(self.c_proj(self._merge_heads(probs @ v))), probs
-
     def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
         B, T, C3 = qkv.size()
         qkv = qkv.view(B, T, 3, self.n_head, C3 // (3 * self.n_head))
@@ -214,11 +204,6 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, step: Union[CacheStep, Packed, None] = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), step)
         return x + self.mlp(self.ln_2(x))
-
-    def forward_with_probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        y, probs = self.attn.forward_with_probs(self.ln_1(x))
-        x = x + y
-        return x + self.mlp(self.ln_2(x)), probs
 
 
 class Embedding(nn.Embedding):
@@ -318,18 +303,6 @@ class GPT(nn.Module):
                                    ignore_index=-1)
             return logits, loss
         return self.lm_head(x if all_logits else x[:, [-1], :]), None
-
-    @torch.no_grad()
-    def forward_with_attention(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits for every position and the attention probabilities, shape [n_layer, B, n_head, T,
-        T]."""
-        check_token_ids(idx, self.config.vocab_size)
-        x = self.transformer.wte(idx) + self.transformer.wpe(self._positions(idx))
-        probs = []
-        for block in self.transformer.h:
-            x, layer_probs = block.forward_with_probs(x)
-            probs.append(layer_probs)
-        return self.lm_head(self.transformer.ln_f(x)), torch.stack(probs)
 
     @classmethod
     def from_pretrained(cls, model_type: str, override_args: Optional[dict] = None, *,

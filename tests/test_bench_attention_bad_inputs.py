@@ -143,7 +143,8 @@ def test_attention_longer_than_the_memory_holds(draw, monkeypatch):
 
 def test_attention_memory_running_out(draw, monkeypatch):
     failed = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1827545548 bytes.")
-    monkeypatch.setattr(GPT, "forward_with_attention", lambda self, idx: (_ for _ in ()).throw(failed))
+    # The probabilities pass is the one of attention.py's passes that takes its positions from GPT._positions
+    monkeypatch.setattr(GPT, "_positions", lambda self, idx: (_ for _ in ()).throw(failed))
     status, out, err = draw("--length=16", "--layers=1,2")
     assert status == 1 and out == "" and "Traceback" not in err
     assert "attention.py: error: out of memory (an allocation of 1,828 MB failed): lower --length (now 16), or draw " \

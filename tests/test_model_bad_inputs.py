@@ -9,6 +9,7 @@ import torch
 
 import model as model_module
 import sampling
+from attention import forward_with_attention
 from model import GPT, GPTConfig
 
 VOCAB = 97
@@ -103,7 +104,7 @@ def test_forward_checks_its_ids(tiny, idx, error, message):
     with pytest.raises(error, match=message):
         tiny(idx)
     with pytest.raises(error, match=message):
-        tiny.forward_with_attention(idx)
+        forward_with_attention(tiny, idx)
 
 
 def test_ids_are_checked_once_per_call_not_per_decoding_step(monkeypatch):
