@@ -632,16 +632,19 @@ def place(lengths: list[Optional[int]], new: list[int], groups: int) -> list[tup
     order, and the row it then takes, each the free row needing the fewest moves. Rows grow alike, so the order holds
     until rows start or end; a move costs a copy of one row's cached keys, far less than every step's attention over
     stale keys. lengths: each row's, None where free (not changed)."""
+    from model import row_runs
+
     B, lengths, plans = len(lengths), list(lengths), []
-    bounds = [(B * g // groups, B * (g + 1) // groups) for g in range(groups)]
+    bounds = row_runs(B, groups)
+    run_of = [g for g, (a, b) in enumerate(bounds) for _ in range(a, b)]  # each row's run
 
     def plan(row: int, length: int) -> tuple[list[tuple[int, int]], int]:
         """From the free row `row`: a longer row comes up from the run below, or a shorter one down from above, until
         the new row fits where it stands."""
-        g, moves, now = next(i for i, (_, end) in enumerate(bounds) if row < end), [], list(lengths)
+        g, moves, now = run_of[row], [], list(lengths)
 
         def held(h: int) -> list[int]:  # the rows run h holds, as the moves so far leave them
-            return [r for r in range(*bounds[h]) if now[r] is not None] if 0 <= h < groups else []
+            return [r for r in range(*bounds[h]) if now[r] is not None] if 0 <= h < len(bounds) else []
 
         while True:
             below, above = held(g - 1), held(g + 1)
@@ -658,7 +661,7 @@ def place(lengths: list[Optional[int]], new: list[int], groups: int) -> list[tup
         firsts = {}  # the first free row of each run: any other of the run plans the same moves
         for r in range(B):
             if lengths[r] is None:
-                firsts.setdefault(next(g for g, (_, end) in enumerate(bounds) if r < end), r)
+                firsts.setdefault(run_of[r], r)
         moves, row = min((plan(r, length) for r in firsts.values()), key=lambda p: len(p[0]))
         for src, dst in moves:
             lengths[dst], lengths[src] = lengths[src], None

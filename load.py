@@ -66,7 +66,11 @@ def build_pretrained(name_or_path: str, override_args: Optional[dict], make_mode
         model = make_model(config_args)
     read = set()
     if quantize is not None:
-        read = quantized_from(model, lambda name, rows: checkpoint.read(name, rows), quantize)
+        def read_to_round(name: str, rows: Optional[slice]) -> torch.Tensor:
+            hand_back_freed_memory()  # the float32 copies of the tensors rounded before this one
+            return checkpoint.read(name, rows)
+
+        read = quantized_from(model, read_to_round, quantize)
     # The rest in float32 (a tied pair read once).
     state = {}
     for name, t in model.state_dict(keep_vars=True).items():
@@ -655,7 +659,6 @@ class Checkpoint:
     def read(self, name: str, rows: Optional[slice] = None, like: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The tensor `name` (the head is the token embedding), or its rows `rows`, in float32 memory of its own:
         contiguous, or in the layout of `like` (a tensor of the same shape, e.g. on the meta device)."""
-        hand_back_freed_memory()  # what reading (and rounding) the tensors before this one left freed
         stored = self.stored["transformer.wte.weight" if name == "lm_head.weight" else name]
         t = stored.read(rows)
         if like is not None and stored.fresh and t.dtype == torch.float32 and t.stride() == like.stride():

@@ -77,12 +77,10 @@ class KVCache:
         """Keys a step of `new` positions per row may see, for each of the `groups` runs of rows:
         (first row, end row, keys): the whole buffer in a static cache, else up to the end of the
         run's longest row."""
-        B = self.lengths.numel()
         if self.static:
-            return [(0, B, self.max_len)]
-        ends = [B * (g + 1) // self.groups for g in range(self.groups)]
+            return [(0, self.lengths.numel(), self.max_len)]
         return [(a, b, min(int(self.lengths[a:b].max()) + new, self.max_len))
-                for a, b in zip([0] + ends[:-1], ends) if b > a]
+                for a, b in row_runs(self.lengths.numel(), self.groups)]
 
     def move(self, src: int, dst: int) -> None:
         """Row src's keys and values (the positions it has filled) to row dst, which takes its
@@ -102,6 +100,12 @@ class KVCache:
             v = v.repeat_interleave(rows.size(0) // v.size(0), dim=0)
         self.k[layer][rows[:, None], :, input_pos] = k.transpose(1, 2)  # indexed view: [R, S, H, D]
         self.v[layer][rows[:, None], :, input_pos] = v.transpose(1, 2)
+
+
+def row_runs(rows: int, groups: int) -> list[tuple[int, int]]:
+    """`rows` rows cut into `groups` runs of about equal size: (first row, end row) of each, the empty left out."""
+    ends = [rows * (g + 1) // groups for g in range(groups)]
+    return [(a, b) for a, b in zip([0] + ends[:-1], ends) if b > a]
 
 
 class CacheStep(NamedTuple):
