@@ -100,8 +100,10 @@ def test_low_precision_agrees_with_float32_on_most_greedy_steps(trained, heldout
 def test_an_int8_load_hands_back_its_freed_reading_buffers(tmp_path, random_checkpoint):
     """Read tensor by tensor, copied to float32, rounded and freed: glibc kept those buffers (about 80 MB for GPT-2
     124M, a third of its int8 model) until load.hand_back_freed_memory returned them as the load goes. A fresh
-    process loading a 4-layer checkpoint with GPT-2's vocabulary in int8 (67 MB of int8 weights) peaks lower with it
-    than without it, by at least a tenth of the weights (measured 121 against 135 MB above `import torch`)."""
+    process that loads a 4-layer checkpoint with GPT-2's vocabulary in int8 (64 MiB of int8 weights) holds at most
+    1.6x its weights above `import torch` once loaded. Measured: 1.33x, every time; without the hand-back 1.95x to
+    2.8x in 15 runs (which threads' heaps the buffers were freed to varies from run to run, so the test bounds the
+    run with the hand-back rather than comparing it with one without)."""
     import subprocess
     import sys
 
@@ -111,19 +113,15 @@ def test_an_int8_load_hands_back_its_freed_reading_buffers(tmp_path, random_chec
         pytest.skip("glibc's malloc on Linux")
     folder = random_checkpoint(tmp_path / "ckpt", n_layer=4, n_head=12, n_embd=768, n_positions=256)
     code = ("import sys, torch\n"
-            "def peak(): return next(int(l.split()[1]) * 1024 for l in open('/proc/self/status')"
-            " if l.startswith('VmHWM'))\n"
-            "start = peak()\n"
-            "import load\n"
+            "def resident(): return next(int(l.split()[1]) * 1024 for l in open('/proc/self/status')"
+            " if l.startswith('VmRSS'))\n"
+            "start = resident()\n"
             "from linear import decode_bytes\n"
             "from model import GPT\n"
-            "if sys.argv[2] == 'kept': load.hand_back_freed_memory = lambda: None\n"
             "model = GPT.from_pretrained(sys.argv[1], quantize='int8')\n"
-            "print(peak() - start, decode_bytes(model))")
-    grown = {}
-    for case in ("handed back", "kept"):
-        done = subprocess.run([sys.executable, "-c", code, str(folder), case], capture_output=True, text=True,
-                              cwd=Path(__file__).parent.parent)
-        assert done.returncode == 0, done.stderr
-        grown[case], weights = map(int, done.stdout.split())
-    assert grown["handed back"] < grown["kept"] - 0.1 * weights, (grown, weights)
+            "print(resident() - start, decode_bytes(model))")
+    done = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr
+    grown, weights = map(int, done.stdout.split())
+    assert grown < 1.6 * weights, (grown, weights)
