@@ -440,7 +440,7 @@ def safetensors_tensors(file: Path) -> Iterator[tuple[str, "Stored"]]:
             part = f.get_slice(name)
             shape = tuple(part.get_shape())
             dtype = (part[0:0] if shape else part[...]).dtype  # no data read but a scalar's
-            yield name, Stored(file, shape, dtype, functools.partial(read, name), True)
+            yield name, Stored(file, shape, dtype, functools.partial(read, name))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -550,7 +550,6 @@ class Stored(NamedTuple):
     shape: tuple[int, ...]  # in our layout
     dtype: torch.dtype
     read: Callable[[Optional[slice]], torch.Tensor]  # read(rows): the tensor, or those rows of it, in our layout
-    fresh: bool  # read gives memory of its own (a copy out of the file), not a view of the file's mapping
     storage: Optional[tuple] = None  # (data pointer, shape) of an already mapped tensor: a tied pair shares it
 
 
@@ -574,8 +573,7 @@ def hf_tensors(files: list[Path]) -> Iterator[tuple[str, Stored]]:
 
 def mapped(file: Path, t: torch.Tensor) -> Stored:
     """A tensor torch.load has mapped from (or read into) memory."""
-    return Stored(file, tuple(t.shape), t.dtype, lambda rows: t if rows is None else t[rows], False,
-                  (t.data_ptr(), t.shape))
+    return Stored(file, tuple(t.shape), t.dtype, lambda rows: t if rows is None else t[rows], (t.data_ptr(), t.shape))
 
 
 def transposed(read: Callable[[Optional[slice]], torch.Tensor]) -> Callable[[Optional[slice]], torch.Tensor]:
@@ -660,12 +658,9 @@ class Checkpoint:
         """The tensor `name` (the head is the token embedding), or its rows `rows`, in float32 memory of its own:
         contiguous, or in the layout of `like` (a tensor of the same shape, e.g. on the meta device)."""
         stored = self.stored["transformer.wte.weight" if name == "lm_head.weight" else name]
-        t = stored.read(rows)
-        if like is not None and stored.fresh and t.dtype == torch.float32 and t.stride() == like.stride():
-            out = t  # already a copy of its own, laid out as asked
-        else:
-            out = torch.empty_strided(like.shape, like.stride()) if like is not None else torch.empty(t.shape)
-            out.copy_(t)
+        t = stored.read(rows)  # a view of the file's mapping (safetensors and torch.load's mmap alike)
+        out = torch.empty_strided(like.shape, like.stride()) if like is not None else torch.empty(t.shape)
+        out.copy_(t)
         del t  # the last reference to the file's mapping of this tensor: it closes before the next read
         if not all_finite(out):
             raise LoadError(f"{stored.file}: the tensor {name} holds {int((~torch.isfinite(out)).sum()):,} NaN or "
