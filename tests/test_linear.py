@@ -41,6 +41,20 @@ def test_quantize_swaps_every_linear_and_warns_nobody(kind, cls):
     assert not any(p.numel() > 32 * 32 for p in model.parameters())  # what is left: norms, positions, biases
 
 
+def test_quantize_rows_is_symmetric_per_row_across_its_blocks():
+    """Each row's scale is its largest magnitude over 127 and its values round to the nearest step, in every block
+    of QUANTIZE_ROWS rows alike (an all-zero row included, which must not divide by zero)."""
+    torch.manual_seed(0)
+    w = torch.randn(600, 48) * torch.rand(600, 1)  # 600 rows: two whole blocks and a part
+    w[300] = 0
+    q, scale = quantize_rows(w)
+    assert q.dtype == torch.int8 and scale.shape == (600,)
+    expected_scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    torch.testing.assert_close(scale, expected_scale, rtol=0, atol=0)
+    assert torch.equal(q, torch.round(w / expected_scale[:, None]).to(torch.int8))
+    assert int(q.abs().amax(dim=1)[torch.arange(600) != 300].min()) == 127 and not q[300].any()
+
+
 @pytest.mark.parametrize("cls,bound", [(Int8Linear, 3e-2), (TiedInt8Linear, 3e-2), (Fp16Linear, 1e-3)])
 def test_low_precision_linear_is_close_to_the_float_product(cls, bound):  # measured: 1e-2, 1e-2, 2e-4
     torch.manual_seed(0)
