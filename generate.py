@@ -235,8 +235,10 @@ class Decoder:
 
 
 def cache_dtype(model: GPT) -> torch.dtype:
-    """The KV cache's dtype: the activations' (float32 under fp16 weights on a CPU), except that int8 weights keep their keys and values in float16, as
-    llama.cpp keeps its own. That halves the cache (GPT-2 124M's int8 run of 192 positions: 14 to 7 MB) at a rounding (2^-11 of a value) far finer than the int8 products' own, for a few percent of a step."""
+    """The KV cache's dtype: the activations' (float32 under fp16 weights on a CPU), except that int8 weights keep
+    their keys and values in float16, as llama.cpp keeps its own. That halves the cache (GPT-2 124M's int8 run of
+    192 positions: 14 to 7 MB) at a rounding (2^-11 of a value) far finer than the int8 products' own, for a few
+    percent of a step."""
     if any(isinstance(m, Int8Linear) for m in model.modules()):
         return torch.float16
     return model.transformer.wpe.weight.dtype
