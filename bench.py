@@ -64,7 +64,7 @@ from generate import DRAFT_TOKENS_LIMIT
 from linear import decode_bytes
 from load import CONV1D_WEIGHTS, config_from_hf
 from model import GPT, GPTConfig
-from peers import missing, open_peers
+from peers import llama_instructions, missing, open_peers
 from runtime import MEMORY_SHARE, available_memory, bytes_per_sample, native_bf16, pick_device, prompt_ids
 
 # -----------------------------------------------------------------------------
@@ -133,6 +133,12 @@ class Result:
 # Machine
 
 
+# What caps the instruction set below the CPU's (an AVX2-only machine's kernels, on an AVX-512 one): torch's own,
+# oneDNN's, fbgemm's, MKL's and CTranslate2's. llama.cpp's is chosen when it is built.
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS", "MKL_ENABLE_INSTRUCTIONS",
+            "CT2_FORCE_CPU_ISA")
+
+
 def cpu_description(device: str) -> dict:
     """CPU model and the instruction-set flags that decide which kernels are fast."""
     model, flags = platform.processor() or platform.machine(), set()
@@ -148,7 +154,8 @@ def cpu_description(device: str) -> dict:
     if device.startswith("cuda"):
         model = f"{torch.cuda.get_device_name(device)} (host: {model})"
     return dict(model=model, cores=os.cpu_count(), threads=torch.get_num_threads(),
-                flags=[f for f in wanted if f in flags],
+                flags=[f for f in wanted if f in flags], kernels=torch.backends.cpu.get_cpu_capability(),
+                isa_caps={k: v for k, v in os.environ.items() if k in ISA_CAPS},
                 bf16_instructions=bool({"avx512_bf16", "amx_bf16"} & flags),
                 load_average=os.getloadavg() if hasattr(os, "getloadavg") else None)
 
@@ -889,6 +896,9 @@ def tables(report: dict) -> str:
     bw = report["bandwidth_gb_s"]
     lines = [f"machine: {m['model']}, {m['cores']} cores, torch threads {m['threads']}, flags "
              f"{' '.join(m['flags']) or '-'}; bf16 instructions: {'yes' if m['bf16_instructions'] else 'no'}; "
+             f"torch's kernels {m['kernels']}"
+             f"{''.join(f', {k}={v}' for k, v in m['isa_caps'].items())}; "
+             f"{'llama.cpp built for ' + m['llama_cpp'] + '; ' if m.get('llama_cpp') else ''}"
              f"load average at start {' '.join(f'{x:.2f}' for x in m['load_average'] or [])}",
              f"torch {torch.__version__}, transformers {report['transformers']}; model {report['model']}; "
              f"prompt {report['prompt_len']} tokens, {report['new_tokens']} greedy new tokens per row; median of "
@@ -1208,6 +1218,8 @@ def main() -> int:
     transformers.logging.set_verbosity_error()
 
     machine = cpu_description(s.device)  # the load average before this run adds its own
+    if s.peers:
+        machine["llama_cpp"] = llama_instructions()
     bandwidth = read_bandwidth(s.bandwidth_mb * 2 ** 20, s.device)
     shape = GPTConfig(block_size=s.block_size, vocab_size=s.vocab_size, n_layer=s.n_layer, n_head=s.n_head,
                       n_embd=s.n_embd)

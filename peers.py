@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 if TYPE_CHECKING:  # torch is imported where it is used: bench.py's memory figure runs llama.cpp without it
     import torch
@@ -137,6 +137,18 @@ def amx_int8() -> bool:
         return "amx_int8" in Path("/proc/cpuinfo").read_text().split()
     except OSError:
         return False
+
+
+def llama_instructions() -> Optional[str]:
+    """The instruction sets the installed llama.cpp was built to use (fixed when it is built: GGML_NATIVE, or
+    GGML_AVX2 and the like), as its system info lists them; None where it is not installed."""
+    if "llama.cpp" in missing():
+        return None
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode(errors="replace")
+    return " ".join(part.split("=")[0].split(":")[-1].strip() for part in info.split("|")
+                    if part.strip().endswith("= 1"))
 
 
 _silence = None  # llama.cpp's log callback, kept alive while llama.cpp may call it

@@ -34,3 +34,16 @@ def test_bench_peers_skips_absent_engines_in_one_line_each(root_dir, monkeypatch
             assert f"(p) {engine}" not in done.stdout
         else:
             assert f"(p) {engine}" in done.stdout
+
+
+def test_llama_instructions_lists_what_its_build_uses(monkeypatch):
+    """bench.py's machine line says which instruction sets llama.cpp was built for (an AVX2-only build measured on an
+    AVX-512 machine must say so): the features its system info marks 1, none where it is not installed."""
+    import types
+
+    monkeypatch.setattr(peers, "find_spec", lambda name: None)
+    assert peers.llama_instructions() is None
+    monkeypatch.setattr(peers, "find_spec", lambda name: object())
+    info = b"CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | AVX512 = 0 | AVX512_VNNI = 0 | F16C = 1 | OPENMP = 1 | "
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(llama_print_system_info=lambda: info))
+    assert peers.llama_instructions() == "SSE3 AVX AVX2 F16C OPENMP"
