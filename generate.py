@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar, Union
 import torch
 from torch.nn import functional as F
 
-from linear import Fp16Linear, Int8Linear, decode_bytes
+from linear import decode_bytes, rounded_kind
 from model import GPT, KVCache
 from sampling import Sampling, check_generation_args, check_int
 
@@ -239,7 +239,7 @@ def cache_dtype(model: GPT) -> torch.dtype:
     their keys and values in float16, as llama.cpp keeps its own. That halves the cache (GPT-2 124M's int8 run of
     192 positions: 14 to 7 MB) at a rounding (2^-11 of a value) far finer than the int8 products' own, for a few
     percent of a step."""
-    if any(isinstance(m, Int8Linear) for m in model.modules()):
+    if rounded_kind(model) == "int8":
         return torch.float16
     return model.transformer.wpe.weight.dtype
 
@@ -247,7 +247,7 @@ def cache_dtype(model: GPT) -> torch.dtype:
 def compiled_phases(model: GPT, batch: int, dtype: torch.dtype,
                     device: torch.device) -> tuple[KVCache, Callable, Callable]:
     """A static cache of block_size positions (one shape for every call) and the compiled prefill and decode step."""
-    if any(isinstance(m, (Int8Linear, Fp16Linear)) for m in model.modules()):
+    if rounded_kind(model) is not None:
         raise ValueError("compile=True does not take int8 weights or fp16 weights (torch.compile cannot trace "
                          "fbgemm's packed products): use compile=False, where their decoding is already fast")
     cache = model._compiled.get("kv_cache")
@@ -307,7 +307,7 @@ def draft_model(model: GPT, draft: Union[str, GPT]) -> GPT:
     if device.type != "cpu":
         raise ValueError(f"draft={draft!r} runs on the CPU only (fbgemm's products), but the model is on {device}: "
                          "give a smaller GPT as the draft instead")
-    if any(isinstance(m, (Int8Linear, Fp16Linear)) for m in model.modules()):
+    if rounded_kind(model) is not None:
         raise ValueError(f"draft={draft!r} is a quantized copy of a float model's weights, but this model's are "
                          "already int8 or fp16: speculate for its float32 original, or give no draft")
     key = f"{draft} draft"  # kept beside the compiled steps, made from the same weights (crop_block_size clears it)

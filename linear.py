@@ -113,10 +113,9 @@ class TiedInt8Linear(Int8Linear):
         self.nbytes = q.numel() + 4 * self.out_features * (1 if bias is None else 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in_features]
-        rows = x.reshape(-1, self.in_features).float()
-        step = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-30) / 127  # [M, 1]
-        y = torch._int_mm(torch.round(rows / step).to(torch.int8), self._rows.t()).float()  # [M, out]
-        y.mul_(step).mul_(self._scale)
+        rows, step = quantize_rows(x.reshape(-1, self.in_features).float())  # [M, in] int8, [M]
+        y = torch._int_mm(rows, self._rows.t()).float()  # [M, out]
+        y.mul_(step[:, None]).mul_(self._scale)
         if self._bias is not None:
             y.add_(self._bias)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -277,6 +276,15 @@ def quantize_fp16(model: nn.Module) -> nn.Module:
     """Every Linear inside model as an Fp16Linear, in place; a token table tied to one as float16 rows."""
     quantized_from(model, in_memory_reader(model), "fp16")
     return model
+
+
+def rounded_kind(model: nn.Module) -> Optional[str]:
+    """"int8" or "fp16" where model's products hold rounded weights (quantize_int8, quantize_fp16 or a quantizing
+    load), else None."""
+    for m in model.modules():
+        if isinstance(m, (Int8Linear, Fp16Linear)):
+            return "int8" if isinstance(m, Int8Linear) else "fp16"
+    return None
 
 
 def decode_bytes(model: nn.Module) -> int:
