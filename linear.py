@@ -1,8 +1,8 @@
 """
-How the network's weights are stored for its products on a CPU: float32 weights laid out for products of a few
-rows, and int8 and float16 weights (the token table of a tied head in the same precision, read a row at a time).
+How the network's products run on a CPU: float32 weights through oneDNN, and int8 and float16 weights (the token
+table of a tied head in the same precision, read a row at a time).
 
-model.py builds every projection as a `Linear`, nn.Linear with its weight stored transposed. `quantize_int8` and
+model.py builds every projection as a `Linear`, nn.Linear routed to oneDNN where it can be. `quantize_int8` and
 `quantize_fp16` swap each of them for an `Int8Linear` or an `Fp16Linear`, and a token embedding tied to one of them
 for a `RowTable` of the same rounded weights; `quantized_from` builds the same modules straight from a
 checkpoint's tensors, one tensor at a time. None of this knows anything of GPT-2; the measurements behind the
@@ -22,22 +22,28 @@ Reader = Callable[[str, Optional[slice]], torch.Tensor]
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose weight [out, in] is stored transposed: [in, out] in memory, as GPT-2's checkpoints store it.
+    """nn.Linear (its [out, in] weight, its values and names) whose float32 products on a CPU run on oneDNN.
 
-    F.linear computes x @ weight.T, and weight.T is then a contiguous matrix that the product reads row after row:
-    one pass over memory in the order it lies, which is what a product of a few rows (decoding) is bound by. With
-    nn.Linear's layout the same product reads the weight across its rows, slower on every CPU measured here (the
-    README's speed section). The values, the shape and the name are nn.Linear's; only the strides differ.
+    F.linear on a CPU runs MKL's sgemm, which on AMD CPUs reads the weights at a fraction of the memory bandwidth:
+    a decode step's products took 1.2x oneDNN's time for one row and 1.8x for ten on an AMD EPYC (the README's speed
+    section). oneDNN reads nn.Linear's own layout fastest, so the weight is stored as nn.Linear stores it.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
-        super().__init__(in_features, out_features, bias, device, dtype)
-        self.weight = nn.Parameter(transposed_layout(self.weight.detach()))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in_features]
+        if onednn_route(x, self.weight):
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
 
 
-def transposed_layout(t: torch.Tensor) -> torch.Tensor:
-    """t's values in the transposed memory layout (a [out, in] view of an [in, out] contiguous tensor)."""
-    return t.t().contiguous().t()
+ONEDNN = torch.backends.mkldnn.is_available()  # torch's CPU builds for x86 and ARM have it
+
+
+def onednn_route(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a product goes to oneDNN: float32 on a CPU, outside autograd (oneDNN's op has no backward) and outside
+    torch.compile (which lowers only its packed form, a second copy of the weights). Anything else takes F.linear."""
+    return (x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu" and x.dim() >= 2
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and not torch.compiler.is_compiling() and ONEDNN)
 
 
 QUANTIZE_ROWS = 256  # rows rounded at a time: float32 temporaries of a few MB, not two copies of the matrix

@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import load
-from linear import Linear, quantize_fp16, quantize_int8, transposed_layout
+from linear import Linear, quantize_fp16, quantize_int8
 from sampling import check_int, check_token_ids
 
 
@@ -233,10 +233,7 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
-        # Tied, as in GPT-2, and stored as the head's product reads it fastest (linear.Linear): a
-        # token's row is then read with a stride, which costs nothing beside the head.
-        wte = self.transformer.wte
-        wte.weight = self.lm_head.weight = nn.Parameter(transposed_layout(wte.weight.detach()))
+        self.transformer.wte.weight = self.lm_head.weight  # tied, as in GPT-2
         self._compiled = {}
         if self.lm_head.weight.is_meta:  # to be filled from a checkpoint: random values are wasted
             return

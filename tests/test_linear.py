@@ -1,6 +1,7 @@
-"""linear.py's int8 and float16 weights, and bfloat16 weights: what quantize_int8 and quantize_fp16 swap, that they
-warn nobody, and that each agrees with float32 on the trained model's greedy steps (loose bounds: every one of them
-rounds every product)."""
+"""linear.py: float32 products routed to oneDNN (the same values as F.linear, autograd and torch.compile kept on
+F.linear); int8 and float16 weights, and bfloat16 weights: what quantize_int8 and quantize_fp16 swap, that they warn
+nobody, and that each agrees with float32 on the trained model's greedy steps (loose bounds: every one of them rounds
+every product)."""
 
 import copy
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from linear import Fp16Linear, Int8Linear, RowTable, TiedInt8Linear, quantize_rows
+from linear import Fp16Linear, Int8Linear, Linear, RowTable, TiedInt8Linear, onednn_route, quantize_rows
 from model import GPT, GPTConfig
 from tokenizer import load_tokenizer
 
@@ -19,6 +20,52 @@ from tokenizer import load_tokenizer
 def heldout_ids(root_dir, trained_dir) -> torch.Tensor:
     text = (root_dir / "assets" / "heldout.txt").read_text(encoding="utf-8")
     return torch.tensor(load_tokenizer(trained_dir).encode_ordinary(text))
+
+
+@pytest.mark.parametrize("shape", [(768,), (1, 768), (1, 1, 768), (10, 1, 768), (3, 17, 768), (0, 768)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_gives_f_linears_values_on_the_onednn_route(shape, bias):
+    """Every input shape (one row, a decode step's rows, a prompt, none), with and without a bias: the route taken
+    without autograd gives F.linear's values to float32's rounding, and its shape."""
+    torch.manual_seed(0)
+    layer = Linear(768, 2304, bias=bias)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        assert onednn_route(x, layer.weight) == (len(shape) >= 2)
+        got = layer(x)
+    expected = torch.nn.functional.linear(x.double(), layer.weight.double(),
+                                          None if layer.bias is None else layer.bias.double())
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=1e-5)
+
+
+def test_linear_keeps_f_linear_where_onednn_cannot_serve():
+    """Autograd (oneDNN's op has no backward: gradients must be F.linear's), other dtypes, and torch.compile."""
+    torch.manual_seed(0)
+    layer, x = Linear(64, 32), torch.randn(5, 64, requires_grad=True)
+    assert not onednn_route(x, layer.weight)
+    reference = nn.Linear(64, 32)
+    reference.load_state_dict(layer.state_dict())
+    layer(x).square().sum().backward()
+    x_grad = x.grad.clone()
+    x.grad = None
+    reference(x).square().sum().backward()
+    torch.testing.assert_close(x_grad, x.grad)
+    torch.testing.assert_close(layer.weight.grad, reference.weight.grad)
+    with torch.no_grad():
+        assert onednn_route(x, layer.weight)
+        assert not onednn_route(x.bfloat16(), layer.weight.bfloat16())
+        assert not onednn_route(x.double(), layer.weight.double())
+        compiled = torch.compile(layer, fullgraph=True)  # oneDNN's op on a plain weight does not lower: F.linear
+        torch.testing.assert_close(compiled(x), layer(x), atol=1e-5, rtol=1e-5)
+
+
+def test_the_model_stores_each_weight_once_in_nn_linears_layout(trained):
+    """The layout oneDNN reads fastest is nn.Linear's own [out, in], contiguous; the head is the token table."""
+    for name, module in trained.named_modules():
+        if isinstance(module, Linear):
+            assert module.weight.is_contiguous(), name
+    assert trained.lm_head.weight is trained.transformer.wte.weight
 
 
 @pytest.mark.parametrize("kind,cls", [("int8", Int8Linear), ("fp16", Fp16Linear)])
