@@ -10,6 +10,7 @@ choices here are in the README's speed section.
 """
 
 import functools
+import time
 import warnings
 from typing import Callable, Optional
 
@@ -108,7 +109,8 @@ class TiedInt8Linear(Int8Linear):
     """An int8 head tied to a token table (RowTable), multiplying the table's own int8 rows, so that they are held
     once: fbgemm's product would keep a packed copy of its own (39 MB for GPT-2). Each call rounds its input rows to
     int8 (symmetric, one scale a row: 7 bits and a sign) and multiplies int8 by int8 into int32 (torch._int_mm,
-    oneDNN's kernels), then scales by both. CPU only."""
+    oneDNN's kernels), then scales by both. Used where those kernels are fast (int8_table_products_fast). CPU
+    only."""
 
     def _pack(self, q: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor], device: torch.device) -> None:
         if device.type != "cpu":
@@ -125,6 +127,30 @@ class TiedInt8Linear(Int8Linear):
         if self._bias is not None:
             y.add_(self._bias)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+@functools.cache
+def int8_table_products_fast() -> bool:
+    """Whether a tied int8 head may multiply its token table's own rows (TiedInt8Linear) at about fbgemm's speed.
+
+    torch._int_mm runs oneDNN's int8 kernels on CPUs with VNNI; on others (AVX2 alone) it falls back to a generic
+    loop, 16x fbgemm's time for GPT-2's head on an AVX2 EPYC (22 ms against 1.4 for one row). Which one a CPU gets
+    is oneDNN's choice, and an instruction-set cap in the environment can change it, so it is measured, once: the
+    same product both ways, the best of five each (a few milliseconds in all where _int_mm is slow)."""
+    q = torch.ones(3072, 768, dtype=torch.int8)
+    packed, x, rows = int8_prepack(q, torch.ones(3072), None), torch.ones(1, 768), torch.ones(1, 768, dtype=torch.int8)
+
+    def best(product: Callable[[], torch.Tensor]) -> float:
+        product()  # the first call builds the kernel
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            product()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(lambda: torch._int_mm(rows, q.t())) < 4 * best(
+        lambda: torch.ops.quantized.linear_dynamic(x, packed, not full_range_activations()))
 
 
 @functools.cache
@@ -197,8 +223,9 @@ class Fp16Linear(nn.Module):
 
 class RowTable(nn.Module):
     """A token embedding tied to an int8 or float16 head, holding the head's rounded weights in rows: int8 with the
-    head's per-row scales, or float16. A lookup widens its rows to float32 (the products read the head's packed
-    copy, which cannot be read a row at a time), so the model keeps no float32 copy of the table."""
+    head's per-row scales, or float16. A lookup widens its rows to float32, so the model keeps no float32 copy of the
+    table. An int8 head multiplies these same rows where oneDNN's int8 kernels are fast (TiedInt8Linear); an fp16
+    head, and an int8 one elsewhere, reads fbgemm's packed copy, which cannot be read a row at a time."""
 
     def __init__(self, rows: torch.Tensor, scale: Optional[torch.Tensor] = None):
         super().__init__()
@@ -242,7 +269,12 @@ def quantized_from(model: nn.Module, read: Reader, kind: str) -> set[str]:
             table_name, embedding = tied
             rows, scale = rounded_rows(read, f"{table_name}.weight", embedding.weight.shape, kind)
             done.add(f"{table_name}.weight")
-            head = TiedInt8Linear.from_rows(rows, scale, bias) if kind == "int8" else make.from_rows(rows, bias)
+            if kind == "fp16":
+                head = Fp16Linear.from_rows(rows, bias)
+            elif int8_table_products_fast():
+                head = TiedInt8Linear.from_rows(rows, scale, bias)  # the table's own rows: held once
+            else:
+                head = Int8Linear.from_rows(rows, scale, bias)  # fbgemm's packed copy: more memory, far faster
             swaps.append((module, child_name, head))
             parent = model.get_submodule(table_name.rpartition(".")[0]) if "." in table_name else model
             swaps.append((parent, table_name.rpartition(".")[2], RowTable(rows, scale)))

@@ -98,9 +98,8 @@ class KVCache:
         if k.size(0) != rows.size(0):
             k = k.repeat_interleave(rows.size(0) // k.size(0), dim=0)
             v = v.repeat_interleave(rows.size(0) // v.size(0), dim=0)
-        dtype = self.k[layer].dtype  # an int8 model's float16 cache holds float32 activations rounded
-        self.k[layer][rows[:, None], :, input_pos] = k.transpose(1, 2).to(dtype)  # indexed view: [R, S, H, D]
-        self.v[layer][rows[:, None], :, input_pos] = v.transpose(1, 2).to(dtype)
+        self.k[layer][rows[:, None], :, input_pos] = k.transpose(1, 2)  # indexed view: [R, S, H, D]
+        self.v[layer][rows[:, None], :, input_pos] = v.transpose(1, 2)
 
 
 def row_runs(rows: int, groups: int) -> list[tuple[int, int]]:
@@ -162,11 +161,10 @@ class CausalSelfAttention(nn.Module):
             step.cache.write(self.layer_idx, step.rows, step.input_pos, k, v)
         if step is not None and step.mask is not None:  # a decode step: a query sees its row up to itself
             keys, values = step.cache.k[self.layer_idx], step.cache.v[self.layer_idx]  # [B, H, max_len, D]
-            q = q.to(keys.dtype)  # attention in the cache's dtype: reading it widened would cost a copy a layer
             runs = [F.scaled_dot_product_attention(q[a:b], keys[a:b, :, :seen], values[a:b, :, :seen],
                                                    attn_mask=step.mask[a:b, ..., :seen])
                     for a, b, seen in step.groups]  # each run of rows over its own keys
-            return self._merge_heads(runs[0] if len(runs) == 1 else torch.cat(runs)).to(qkv.dtype)
+            return self._merge_heads(runs[0] if len(runs) == 1 else torch.cat(runs))
         # A prompt from position 0 over its own keys: causal (flash kernels where the device has them).
         # An `if`, so that a compiled prefill of any length gets a plain bool.
         is_causal = False
