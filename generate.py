@@ -123,7 +123,7 @@ class Decoder:
     def __init__(self, model: GPT, batch: int, max_len: int, device: torch.device, compile: bool):
         self.model = model
         # The cache in the activations' dtype (float32 under int8 and fp16 weights on a CPU): attention over a float16
-        # cache ran 5-10x slower on CPUs without AVX512_FP16 (an AVX2 EPYC: 5.2 ms a layer for 10 rows of 192 keys)
+        # cache runs several times slower on CPUs without AVX512_FP16 (the README's speed section)
         dtype = model.transformer.wpe.weight.dtype
         if not compile:
             self.cache = KVCache(model.config, batch, max_len, dtype, device)

@@ -25,9 +25,9 @@ Reader = Callable[[str, Optional[slice]], torch.Tensor]
 class Linear(nn.Linear):
     """nn.Linear (its [out, in] weight, its values and names) whose float32 products on a CPU run on oneDNN.
 
-    F.linear on a CPU runs MKL's sgemm, which on AMD CPUs reads the weights at a fraction of the memory bandwidth:
-    a decode step's products took 1.2x oneDNN's time for one row and 1.8x for ten on an AMD EPYC (the README's speed
-    section). oneDNN reads nn.Linear's own layout fastest, so the weight is stored as nn.Linear stores it.
+    F.linear on a CPU runs MKL's sgemm, which on AMD CPUs reads the weights at a fraction of the memory bandwidth,
+    most of all for a few rows at once (the README's speed section). oneDNN reads nn.Linear's own layout fastest, so
+    the weight is stored as nn.Linear stores it.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in_features]
@@ -134,9 +134,9 @@ def int8_table_products_fast() -> bool:
     """Whether a tied int8 head may multiply its token table's own rows (TiedInt8Linear) at about fbgemm's speed.
 
     torch._int_mm runs oneDNN's int8 kernels on CPUs with VNNI; on others (AVX2 alone) it falls back to a generic
-    loop, 16x fbgemm's time for GPT-2's head on an AVX2 EPYC (22 ms against 1.4 for one row). Which one a CPU gets
-    is oneDNN's choice, and an instruction-set cap in the environment can change it, so it is measured, once: the
-    same product both ways, the best of five each (a few milliseconds in all where _int_mm is slow)."""
+    loop, over ten times fbgemm's time (the README's speed section). Which one a CPU gets is oneDNN's choice, and an
+    instruction-set cap in the environment can change it, so it is measured, once: the same product both ways, the
+    best of five each (a few milliseconds in all where _int_mm is slow)."""
     q = torch.ones(3072, 768, dtype=torch.int8)
     packed, x, rows = int8_prepack(q, torch.ones(3072), None), torch.ones(1, 768), torch.ones(1, 768, dtype=torch.int8)
 
