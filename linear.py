@@ -249,7 +249,6 @@ def quantized_from(model: nn.Module, read: Reader, kind: str) -> set[str]:
     read(name), and an Embedding tied to one of them for a RowTable of the same rounded weights, whose float32
     rows are read ROW_CHUNK at a time. Works on a model built on the meta device (weights from a checkpoint, one
     tensor at a time) as on a loaded one. Returns the names of the tensors it read."""
-    make = {"int8": Int8Linear, "fp16": Fp16Linear}[kind]
     tables = {id(m.weight): (name, m) for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
     done, swaps = set(), []
     for name, module in model.named_modules():
@@ -262,25 +261,27 @@ def quantized_from(model: nn.Module, read: Reader, kind: str) -> set[str]:
             tied = tables.get(id(child.weight))
             if tied is None:
                 weight = read(f"{path}.weight", None)
-                swaps.append((module, child_name, make.from_rows(*quantize_rows(weight), bias) if kind == "int8"
-                              else make.from_rows(weight.half(), bias)))
-                del weight
+                rows, scale = quantize_rows(weight) if kind == "int8" else (weight.half(), None)
+                swaps.append((module, child_name, packed_linear(rows, scale, bias)))
+                del weight, rows
                 continue
             table_name, embedding = tied
             rows, scale = rounded_rows(read, f"{table_name}.weight", embedding.weight.shape, kind)
             done.add(f"{table_name}.weight")
-            if kind == "fp16":
-                head = Fp16Linear.from_rows(rows, bias)
-            elif int8_table_products_fast():
-                head = TiedInt8Linear.from_rows(rows, scale, bias)  # the table's own rows: held once
-            else:
-                head = Int8Linear.from_rows(rows, scale, bias)  # fbgemm's packed copy: more memory, far faster
+            # The table's own rows, held once, where oneDNN's int8 product is fast; else fbgemm's packed copy
+            tie = kind == "int8" and int8_table_products_fast()
+            head = TiedInt8Linear.from_rows(rows, scale, bias) if tie else packed_linear(rows, scale, bias)
             swaps.append((module, child_name, head))
             parent = model.get_submodule(table_name.rpartition(".")[0]) if "." in table_name else model
             swaps.append((parent, table_name.rpartition(".")[2], RowTable(rows, scale)))
     for module, child_name, new in swaps:
         setattr(module, child_name, new)
     return done
+
+
+def packed_linear(rows: torch.Tensor, scale: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> nn.Module:
+    """fbgemm's product over rounded weights: int8 rows with their scales (scale given), else float16 rows."""
+    return Int8Linear.from_rows(rows, scale, bias) if scale is not None else Fp16Linear.from_rows(rows, bias)
 
 
 def rounded_rows(read: Reader, name: str, shape: torch.Size, kind: str) -> tuple[torch.Tensor,
